@@ -1,0 +1,48 @@
+"""Content-defined chunking (FastCDC via pyfastcdc) and the chunk hash (blake3-256).
+
+Sizes are tuned by the benchmark; the store records the ones it was created
+with, because changing them would stop new chunks deduplicating against old ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import blake3
+import pyfastcdc
+
+MIN_SIZE = 16 * 1024
+AVG_SIZE = 64 * 1024
+MAX_SIZE = 256 * 1024
+
+DIGEST_SIZE = 32
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    """blake3-256 of the plain bytes: the chunk's key."""
+    # max_threads=1: callers already run several chunks on several threads.
+    return blake3.blake3(data).digest()
+
+
+@dataclass(frozen=True)
+class Chunker:
+    min_size: int = MIN_SIZE
+    avg_size: int = AVG_SIZE
+    max_size: int = MAX_SIZE
+
+    def _cdc(self) -> pyfastcdc.FastCDC:
+        # pyfastcdc's avg_size is added to min_size (cut-point skipping), so
+        # ask for avg - min to get the average we mean.
+        return pyfastcdc.FastCDC(
+            max(256, self.avg_size - self.min_size),
+            min_size=self.min_size,
+            max_size=self.max_size,
+        )
+
+    def cuts(self, buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, int]]:
+        """(offset, length) of each chunk of `buf`; the last one ends at len(buf)."""
+        if len(buf) == 0:
+            return
+        for c in self._cdc().cut_buf(buf):
+            yield c.offset, c.length

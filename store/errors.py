@@ -1,0 +1,101 @@
+"""Every error the store raises, each with the errno a filesystem call maps it
+to and, for the ones a user sees, the exit code a command exits with.
+
+The FUSE adapter turns `OpError` into `FUSEError(e.errno)` in one place; the
+CLI prints `str(e)` of a `FerryError` on one line and exits with `e.exit_code`.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class FerryError(Exception):
+    """An error a user may see: one line saying what is wrong and what to do."""
+
+    exit_code: int = 1
+    errno: int = _errno.EIO
+
+
+class OpError(FerryError):
+    """A filesystem operation that fails the POSIX way."""
+
+
+class NotFound(OpError):
+    errno = _errno.ENOENT
+
+
+class Exists(OpError):
+    errno = _errno.EEXIST
+
+
+class NotEmpty(OpError):
+    errno = _errno.ENOTEMPTY
+
+
+class NotADir(OpError):
+    errno = _errno.ENOTDIR
+
+
+class IsADir(OpError):
+    errno = _errno.EISDIR
+
+
+class NameTooLong(OpError):
+    errno = _errno.ENAMETOOLONG
+
+
+class Invalid(OpError):
+    errno = _errno.EINVAL
+
+
+class NoSpace(OpError):
+    errno = _errno.ENOSPC
+
+
+class NoData(OpError):
+    """A missing extended attribute."""
+
+    errno = _errno.ENODATA
+
+
+class TooManyLinks(OpError):
+    errno = _errno.EMLINK
+
+
+class ReadOnly(OpError):
+    """The store is in failsafe mode or opened read-only."""
+
+    errno = _errno.EROFS
+
+
+class CorruptChunk(OpError):
+    """A chunk whose bytes do not hash to its key: the read gets EIO, never the bytes."""
+
+    errno = _errno.EIO
+
+    def __init__(self, digest: bytes) -> None:
+        super().__init__(f"chunk {digest.hex()[:16]} fails its hash")
+        self.digest = digest
+
+
+class SourceError(OpError):
+    """A Phase 3 file could not be read safely (unreadable, vanished, changed, not regular)."""
+
+    errno = _errno.EIO
+
+
+class StoreLocked(FerryError):
+    exit_code = 8
+
+
+class SchemaMismatch(FerryError):
+    exit_code = 8
+
+
+class StoreMissing(FerryError):
+    exit_code = 8
+
+
+class UsageError(FerryError):
+    exit_code = 2

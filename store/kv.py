@@ -1,0 +1,298 @@
+"""The key-value layer under the store: named, ordered databases in transactions.
+
+Two backends honour one contract (the store's contract tests run on both):
+`LmdbBackend` (the real one) and `MemoryBackend` (for tests). Everything above
+this module speaks only `Txn`, so no LMDB handle leaks into the rest of the store.
+
+A transaction is used inside one function call and never across an `await`:
+LMDB write transactions belong to the thread that began them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+import lmdb
+
+DBS = (
+    "meta",
+    "inodes",
+    "dirents",
+    "extents",
+    "chunks",
+    "refs",
+    "pending",
+    "legacy",
+    "p3ino",
+    "xattrs",
+    "index",
+    "points",
+    "errors",
+)
+
+Buf = bytes | memoryview
+
+
+class MapFull(Exception):
+    """The LMDB map is full; the backend grows it and the caller retries."""
+
+
+class Txn(Protocol):
+    def get(self, db: str, key: bytes) -> Buf | None: ...
+    def put(self, db: str, key: bytes, value: Buf) -> None: ...
+    def delete(self, db: str, key: bytes) -> bool: ...
+    def range(
+        self, db: str, start: bytes, stop: bytes | None = None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, Buf]]:
+        """Items with start <= key < stop (stop None: to the end), in key order,
+        or in reverse order from the greatest key below `stop` down to `start`."""
+        ...
+
+
+class Backend(Protocol):
+    def read(self) -> contextlib.AbstractContextManager[Txn]: ...
+    def write(self) -> contextlib.AbstractContextManager[Txn]: ...
+    def grow(self) -> None: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+    def disk_bytes(self) -> int: ...
+
+
+class _LmdbTxn:
+    __slots__ = ("_dbs", "_txn")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
+        self._txn = txn
+        self._dbs = dbs
+
+    def get(self, db: str, key: bytes) -> Buf | None:
+        v: Buf | None = self._txn.get(key, db=self._dbs[db])
+        return v
+
+    def put(self, db: str, key: bytes, value: Buf) -> None:
+        try:
+            self._txn.put(key, value, db=self._dbs[db])
+        except lmdb.MapFullError as e:
+            raise MapFull() from e
+
+    def delete(self, db: str, key: bytes) -> bool:
+        ok: bool = self._txn.delete(key, db=self._dbs[db])
+        return ok
+
+    def range(
+        self, db: str, start: bytes, stop: bytes | None = None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, Buf]]:
+        with self._txn.cursor(db=self._dbs[db]) as cur:
+            if not reverse:
+                if not cur.set_range(start):
+                    return
+                for k, v in cur:
+                    kb = bytes(k)
+                    if stop is not None and kb >= stop:
+                        return
+                    yield kb, v
+            else:
+                if stop is None:
+                    ok = cur.last()
+                else:
+                    ok = cur.set_range(stop)
+                    ok = cur.prev() if ok else cur.last()
+                while ok:
+                    kb = bytes(cur.key())
+                    if kb < start:
+                        return
+                    yield kb, cur.value()
+                    ok = cur.prev()
+
+
+class LmdbBackend:
+    """One LMDB environment in `path` with the named databases of DBS.
+
+    Durability: `metasync=False` keeps the database intact on a system crash
+    (data pages are synced, the meta page is not); a system crash may undo the
+    last transactions, which `sync()` (called on fsync) makes durable.
+    """
+
+    INITIAL_MAP = 1 << 30
+
+    def __init__(self, path: str, readonly: bool = False, map_size: int | None = None) -> None:
+        self.path = path
+        self.readonly = readonly
+        size = map_size or self.INITIAL_MAP
+        data = os.path.join(path, "data.mdb")
+        if os.path.exists(data):
+            size = max(size, os.path.getsize(data) * 2)
+        self._env = lmdb.open(
+            path,
+            map_size=size,
+            max_dbs=len(DBS) + 1,
+            readonly=readonly,
+            metasync=False,
+            sync=not readonly,
+            readahead=False,
+            max_readers=256,
+            lock=True,
+        )
+        self._lock = threading.Lock()
+        self._dbs: dict[str, lmdb._Database] = {}
+        if readonly:
+            with self._env.begin() as t:
+                for name in DBS:
+                    try:
+                        self._dbs[name] = self._env.open_db(name.encode(), txn=t, create=False)
+                    except lmdb.NotFoundError:
+                        pass
+        else:
+            for name in DBS:
+                self._dbs[name] = self._env.open_db(name.encode())
+
+    def has_db(self, name: str) -> bool:
+        return name in self._dbs
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Txn]:
+        try:
+            txn = self._env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)
+            txn = self._env.begin(buffers=True)
+        try:
+            yield _LmdbTxn(txn, self._dbs)
+        finally:
+            txn.abort()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Txn]:
+        with self._lock:
+            txn = self._env.begin(write=True, buffers=True)
+            try:
+                yield _LmdbTxn(txn, self._dbs)
+            except BaseException:
+                txn.abort()
+                raise
+            try:
+                txn.commit()
+            except lmdb.MapFullError as e:
+                raise MapFull() from e
+
+    def grow(self) -> None:
+        """Double the map. Called between transactions of this process."""
+        with self._lock:
+            self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    def map_size(self) -> int:
+        size: int = self._env.info()["map_size"]
+        return size
+
+    def sync(self) -> None:
+        self._env.sync(True)
+
+    def close(self) -> None:
+        self._env.close()
+
+    def disk_bytes(self) -> int:
+        st = os.stat(os.path.join(self.path, "data.mdb"))
+        return st.st_blocks * 512
+
+
+class _MemTxn:
+    """A transaction on MemoryBackend; writes keep an undo log for abort."""
+
+    def __init__(self, be: MemoryBackend, write: bool) -> None:
+        self._be = be
+        self._write = write
+        self.undo: list[tuple[str, bytes, bytes | None]] = []
+
+    def get(self, db: str, key: bytes) -> Buf | None:
+        return self._be.data[db].get(key)
+
+    def put(self, db: str, key: bytes, value: Buf) -> None:
+        assert self._write, "put in a read transaction"
+        d = self._be.data[db]
+        old = d.get(key)
+        if old is None:
+            bisect.insort(self._be.keys[db], key)
+        self.undo.append((db, key, old))
+        d[key] = bytes(value)
+
+    def delete(self, db: str, key: bytes) -> bool:
+        assert self._write, "delete in a read transaction"
+        d = self._be.data[db]
+        old = d.pop(key, None)
+        if old is None:
+            return False
+        ks = self._be.keys[db]
+        del ks[bisect.bisect_left(ks, key)]
+        self.undo.append((db, key, old))
+        return True
+
+    def range(
+        self, db: str, start: bytes, stop: bytes | None = None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, Buf]]:
+        ks = self._be.keys[db]
+        lo = bisect.bisect_left(ks, start)
+        hi = len(ks) if stop is None else bisect.bisect_left(ks, stop)
+        snapshot = ks[lo:hi]
+        if reverse:
+            snapshot.reverse()
+        d = self._be.data[db]
+        for k in snapshot:
+            v = d.get(k)
+            if v is not None:
+                yield k, v
+
+    def rollback(self) -> None:
+        for db, key, old in reversed(self.undo):
+            d = self._be.data[db]
+            ks = self._be.keys[db]
+            if old is None:
+                if d.pop(key, None) is not None:
+                    del ks[bisect.bisect_left(ks, key)]
+            else:
+                if key not in d:
+                    bisect.insort(ks, key)
+                d[key] = old
+
+
+class MemoryBackend:
+    """Sorted dicts in memory: the same contract as LMDB, for tests.
+
+    Readers see committed and in-flight writes alike (no snapshot isolation);
+    tests drive it from one thread.
+    """
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[bytes, bytes]] = {n: {} for n in DBS}
+        self.keys: dict[str, list[bytes]] = {n: [] for n in DBS}
+        self._lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Txn]:
+        yield _MemTxn(self, write=False)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Txn]:
+        with self._lock:
+            txn = _MemTxn(self, write=True)
+            try:
+                yield txn
+            except BaseException:
+                txn.rollback()
+                raise
+
+    def grow(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def disk_bytes(self) -> int:
+        return sum(len(k) + len(v) for d in self.data.values() for k, v in d.items())
