@@ -58,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (mod.__doc__ or "").strip().splitlines()
         p = sub.add_parser(name, help=doc[0] if doc else None, description=doc[0] if doc else None)
         p.set_defaults(_module=mod)
-        mod.add_arguments(p) if not hasattr(mod, "add_arguments_for") else mod.add_arguments_for(
-            name, p
-        )
+        mod.add_arguments(p)
     return parser
 
 
