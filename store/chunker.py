@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import blake3
 import pyfastcdc
@@ -46,3 +47,19 @@ class Chunker:
             return
         for c in self._cdc().cut_buf(buf):
             yield c.offset, c.length
+
+    def stream(self, f: BinaryIO) -> Iterator[bytes]:
+        """The chunks of a stream, as bytes that stay valid."""
+        for c in self._cdc().cut_stream(_Reader(f)):
+            yield bytes(c.data)
+
+
+class _Reader:
+    """Adapts a raw file to pyfastcdc's readinto()."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+
+    def readinto(self, b: memoryview) -> int:
+        n: int | None = self.f.readinto(b)  # type: ignore[attr-defined]
+        return n or 0

@@ -53,7 +53,7 @@ def encode(plain: bytes | memoryview, level: int = 3) -> bytes:
 def decode(record: bytes | memoryview, key: bytes, length: int | None = None) -> bytes:
     """The plain bytes of `record`, checked against `key`; CorruptChunk if they differ."""
     try:
-        codec, dict_id = _HEADER.unpack_from(record, 0)
+        codec, _dict_id = _HEADER.unpack_from(record, 0)
         body = memoryview(record)[HEADER_SIZE:]
         if codec == RAW:
             plain = bytes(body)

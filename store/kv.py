@@ -143,10 +143,8 @@ class LmdbBackend:
         if readonly:
             with self._env.begin() as t:
                 for name in DBS:
-                    try:
+                    with contextlib.suppress(lmdb.NotFoundError):
                         self._dbs[name] = self._env.open_db(name.encode(), txn=t, create=False)
-                    except lmdb.NotFoundError:
-                        pass
         else:
             for name in DBS:
                 self._dbs[name] = self._env.open_db(name.encode())

@@ -1,0 +1,107 @@
+"""The content-addressed chunk store: records keyed by blake3, reference counts,
+freeing at zero in the same transaction, and a small cache of plain chunks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from . import codec
+from .kv import Txn
+from .records import HOLE, U64
+
+
+class MissingChunk(Exception):
+    """A chunk a prepared change counted on was freed meanwhile: prepare it again."""
+
+
+def add_ref(txn: Txn, digest: bytes, record: bytes | None) -> bool:
+    """Count one more reference to `digest`, storing `record` if it is new.
+
+    Returns True when the chunk was new. Raises MissingChunk when it is absent
+    and no record was supplied.
+    """
+    cur = txn.get("refs", digest)
+    if cur is None:
+        if record is None:
+            if txn.get("chunks", digest) is None:
+                raise MissingChunk(digest.hex())
+        else:
+            txn.put("chunks", digest, record)
+        txn.put("refs", digest, U64.pack(1))
+        return True
+    txn.put("refs", digest, U64.pack(U64.unpack(cur)[0] + 1))
+    return False
+
+
+def drop_ref(txn: Txn, digest: bytes) -> int:
+    """Count one reference less; free the chunk at zero. Returns the bytes freed."""
+    cur = txn.get("refs", digest)
+    n = U64.unpack(cur)[0] if cur is not None else 0
+    if n <= 1:
+        txn.delete("refs", digest)
+        rec = txn.get("chunks", digest)
+        if rec is not None and txn.get("pending", digest) is None:
+            freed = len(rec)
+            txn.delete("chunks", digest)
+            return freed
+        return 0
+    txn.put("refs", digest, U64.pack(n - 1))
+    return 0
+
+
+def has(txn: Txn, digest: bytes) -> bool:
+    return digest == HOLE or txn.get("chunks", digest) is not None
+
+
+class ChunkCache:
+    """Plain bytes of recently read chunks, bounded in bytes (thread-safe)."""
+
+    def __init__(self, limit: int = 32 << 20) -> None:
+        self.limit = limit
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes) -> bytes | None:
+        with self._lock:
+            v = self._items.get(digest)
+            if v is not None:
+                self._items.move_to_end(digest)
+            return v
+
+    def put(self, digest: bytes, plain: bytes) -> None:
+        if len(plain) > self.limit // 4:
+            return
+        with self._lock:
+            if digest in self._items:
+                return
+            self._items[digest] = plain
+            self._bytes += len(plain)
+            while self._bytes > self.limit:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+    def discard(self, digest: bytes) -> None:
+        with self._lock:
+            v = self._items.pop(digest, None)
+            if v is not None:
+                self._bytes -= len(v)
+
+
+def load(txn: Txn, digest: bytes, length: int, cache: ChunkCache | None) -> bytes:
+    """The plain bytes of a chunk, verified against its digest (CorruptChunk if not)."""
+    if digest == HOLE:
+        return bytes(length)
+    if cache is not None:
+        hit = cache.get(digest)
+        if hit is not None:
+            return hit
+    rec = txn.get("chunks", digest)
+    if rec is None:
+        raise codec.CorruptChunk(digest)
+    plain = codec.decode(rec, digest, length)
+    if cache is not None:
+        cache.put(digest, plain)
+    return plain

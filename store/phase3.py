@@ -1,0 +1,133 @@
+"""Read-only access to the Phase 3 tree that never leaves it.
+
+Everything goes through a directory fd opened once (before an in-place mount
+shadows the path) and `openat` with `O_NOFOLLOW` on every component, so a
+symlink anywhere in the tree, or one swapped in later, is never followed out.
+Nothing here writes: the tree is the rollback point.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import SourceError, StoreMissing
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: bytes
+    st: os.stat_result
+    target: bytes  # symlinks only
+
+
+class Phase3Tree:
+    """The Phase 3 tree, held open by a directory fd."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self.st_dev = os.fstat(root_fd).st_dev
+
+    @classmethod
+    def open(cls, path: str | bytes) -> Phase3Tree:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreMissing(f"source {os.fsdecode(path)} does not exist") from None
+        except NotADirectoryError:
+            raise StoreMissing(f"source {os.fsdecode(path)} is not a directory") from None
+        except PermissionError:
+            raise StoreMissing(f"source {os.fsdecode(path)} is not readable") from None
+        return cls(fd)
+
+    def close(self) -> None:
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    def _walk_to(self, parts: list[bytes]) -> int:
+        """An fd of the directory at `parts`, opened component by component."""
+        fd = os.dup(self.root_fd)
+        try:
+            for part in parts:
+                if part in (b"", b".", b"..") or b"/" in part:
+                    raise SourceError(f"bad path component {part!r}")
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except OSError as e:
+            os.close(fd)
+            raise SourceError(_why(e)) from e
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def listdir(self, rel: bytes) -> Iterator[Entry]:
+        """The entries of directory `rel`, lstat'ed; entries that vanish are skipped."""
+        fd = self._walk_to(_split(rel))
+        try:
+            names = os.listdir(fd)
+            for n in names:
+                name = os.fsencode(n)
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else b""
+                except FileNotFoundError:
+                    continue
+                yield Entry(name, st, os.fsencode(target))
+        finally:
+            os.close(fd)
+
+    def open_file(self, rel: bytes) -> int:
+        """A read fd of the regular file `rel`; SourceError if it is anything else."""
+        parts = _split(rel)
+        if not parts:
+            raise SourceError("not a regular file")
+        dfd = self._walk_to(parts[:-1])
+        try:
+            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+        except OSError as e:
+            raise SourceError(_why(e)) from e
+        finally:
+            os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SourceError("not a regular file")
+        return fd
+
+    def lstat(self, rel: bytes) -> os.stat_result:
+        parts = _split(rel)
+        if not parts:
+            return os.fstat(self.root_fd)
+        dfd = self._walk_to(parts[:-1])
+        try:
+            return os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+        except OSError as e:
+            raise SourceError(_why(e)) from e
+        finally:
+            os.close(dfd)
+
+
+def _split(rel: bytes) -> list[bytes]:
+    return [p for p in rel.split(b"/") if p] if rel else []
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "is a symlink (not followed)"
+    if e.errno == errno.ENOENT:
+        return "vanished"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "unreadable"
+    return os.strerror(e.errno or errno.EIO).lower()
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name

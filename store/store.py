@@ -1,0 +1,885 @@
+"""The store facade: one store directory, one LMDB environment, every operation
+as one transaction inside one call.
+
+Writes take an exclusive lock on the store directory, so one process writes a
+store at a time; readers (`stats`, `fsck`, `search`) open it read-only beside
+a writer and see consistent snapshots. Heavy work (chunking, hashing,
+compression) happens in `prepare_*` calls under read transactions; the matching
+`commit_*` call is a short write transaction that checks nothing moved
+underneath (the inode's version) and retries otherwise.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from . import cas, content, ingest
+from . import namespace as ns
+from .chunker import Chunker
+from .errors import (
+    Exists,
+    FerryError,
+    Invalid,
+    IsADir,
+    NoData,
+    NoSpace,
+    NotADir,
+    NotEmpty,
+    NotFound,
+    ReadOnly,
+    SchemaMismatch,
+    SourceError,
+    StoreLocked,
+    StoreMissing,
+)
+from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
+from .phase3 import Phase3Tree
+from .records import (
+    CHANGED,
+    ROOT_INO,
+    SCHEMA_VERSION,
+    STORED,
+    U64,
+    Inode,
+    Legacy,
+    ino_key,
+    xattr_key,
+)
+
+T = TypeVar("T")
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+@dataclass
+class Stats:
+    files_total: int = 0
+    files_migrated: int = 0
+    files_legacy: int = 0
+    dirs_total: int = 0
+    dirs_listed: int = 0
+    bytes_logical: int = 0
+    bytes_migrated: int = 0
+    bytes_legacy: int = 0
+    bytes_unique: int = 0
+    bytes_compressed: int = 0
+    bytes_stored: int = 0
+    chunks: int = 0
+    errors: int = 0
+
+
+class Store:
+    """A Phase 4 store, optionally bound to the Phase 3 tree it imports from."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tree: Phase3Tree | None = None,
+        path: str | None = None,
+        readonly: bool = False,
+        keep_orphans: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.tree = tree
+        self.path = path
+        self.readonly = readonly
+        # The FUSE adapter keeps unlinked inodes while the kernel still knows them.
+        self.keep_orphans = keep_orphans
+        self.cache = cas.ChunkCache()
+        self.failsafe: str | None = None
+        self._lock_fd: int | None = None
+        self.chunker = Chunker()
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def memory(cls, source: str | None = None, keep_orphans: bool = False) -> Store:
+        s = cls(MemoryBackend(), keep_orphans=keep_orphans)
+        s.tree = Phase3Tree.open(source) if source else None
+        s._init_or_check(source)
+        return s
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        source: str | None = None,
+        create: bool = False,
+        readonly: bool = False,
+        keep_orphans: bool = False,
+        tree: Phase3Tree | None = None,
+    ) -> Store:
+        """Open the store at `path` (creating it from `source` if `create`)."""
+        db = os.path.join(path, "db")
+        if not os.path.isdir(db):
+            if not create or readonly:
+                raise StoreMissing(f"{path} is not a ferryfs store (no {db})")
+            os.makedirs(db, exist_ok=True)
+        elif not os.path.exists(os.path.join(db, "data.mdb")) and (not create or readonly):
+            raise StoreMissing(f"{path} is not a ferryfs store (its database is missing)")
+        lock_fd = None
+        if not readonly:
+            lock_fd = os.open(
+                os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock_fd)
+                raise StoreLocked(
+                    f"store {path} is in use by another ferryfs process (a mount or a migrate); "
+                    "stop it first"
+                ) from None
+        try:
+            backend = LmdbBackend(db, readonly=readonly)
+        except Exception as e:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise StoreMissing(f"cannot open store {path}: {e}") from None
+        s = cls(backend, path=path, readonly=readonly, keep_orphans=keep_orphans)
+        s._lock_fd = lock_fd
+        try:
+            if tree is None and source is not None:
+                tree = Phase3Tree.open(source)
+            s.tree = tree
+            s._init_or_check(source)
+            if s.tree is None and not readonly:
+                src = s.source_path()
+                if src and os.path.isdir(src):
+                    s.tree = Phase3Tree.open(src)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def _init_or_check(self, source: str | None) -> None:
+        with self.backend.read() as txn:
+            v = txn.get("meta", b"schema") if self._has_meta() else None
+            existing = None if v is None else U64.unpack(v)[0]
+        if existing is None:
+            if self.readonly:
+                raise StoreMissing("the store is empty (never initialised)")
+            self._create(source)
+            return
+        if existing != SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"store has schema version {existing}; this ferryfs reads version "
+                f"{SCHEMA_VERSION} only"
+            )
+        if not self.readonly:
+            self._write(ingest.free_pending)
+            if True:
+                self._write(self._purge_orphans)
+
+    def _has_meta(self) -> bool:
+        if isinstance(self.backend, LmdbBackend):
+            return self.backend.has_db("meta")
+        return True
+
+    def _create(self, source: str | None) -> None:
+        st = os.fstat(self.tree.root_fd) if self.tree is not None else os.stat(".")
+        t = now_ns()
+
+        def init(txn: Txn) -> None:
+            txn.put("meta", b"schema", U64.pack(SCHEMA_VERSION))
+            txn.put("meta", b"created_ns", U64.pack(t))
+            c = self.chunker
+            txn.put("meta", b"chunker", f"{c.min_size},{c.avg_size},{c.max_size}".encode())
+            if source is not None:
+                txn.put("meta", b"source", os.fsencode(os.path.abspath(source)))
+            root = Inode(
+                ROOT_INO,
+                stat.S_IFDIR | stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                2,
+                4096,
+                st.st_atime_ns,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            )
+            if self.tree is None:
+                root.flags |= STORED
+            ns.put(txn, root)
+            if self.tree is not None:
+                ns.put_legacy(
+                    txn,
+                    ROOT_INO,
+                    Legacy(
+                        0,
+                        st.st_mtime_ns,
+                        st.st_ctime_ns,
+                        st.st_ino,
+                        st.st_dev,
+                        False,
+                        b"\0" * 32,
+                        b"",
+                    ),
+                )
+            txn.put("meta", b"next_ino", U64.pack(ROOT_INO + 1))
+
+        self._write(init)
+
+    def source_path(self) -> str | None:
+        with self.backend.read() as txn:
+            v = txn.get("meta", b"source")
+            return os.fsdecode(bytes(v)) if v is not None else None
+
+    def close(self) -> None:
+        self.backend.close()
+        if self.tree is not None:
+            self.tree.close()
+            self.tree = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions ----------------------------------------------------------
+
+    def _write(self, fn: Callable[[Txn], T]) -> T:
+        if self.readonly:
+            raise ReadOnly("store opened read-only")
+        if self.failsafe is not None:
+            raise ReadOnly(self.failsafe)
+        for _ in range(16):
+            try:
+                with self.backend.write() as txn:
+                    return fn(txn)
+            except MapFull:
+                self.backend.grow()
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise NoSpace("no space left for the store") from e
+                raise
+        raise NoSpace("the store's map cannot grow further")
+
+    def sync(self) -> None:
+        """Make every committed transaction durable (fsync)."""
+        self.backend.sync()
+
+    # -- namespace ---------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Inode:
+        with self.backend.read() as txn:
+            return ns.get(txn, ino)
+
+    def _listed(self, txn: Txn, ino: int) -> Inode:
+        d = ns.get(txn, ino)
+        if not d.is_dir:
+            raise NotADir(f"inode {ino} is not a directory")
+        if not d.stored:
+            d = ns.import_dir(txn, self.tree, d)
+        return d
+
+    def ensure_listed(self, ino: int) -> Inode:
+        d = self.getattr(ino)
+        if d.is_dir and not d.stored:
+            return self._write(lambda txn: self._listed(txn, ino))
+        return d
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        ns.check_name(name)
+        self.ensure_listed(parent)
+        with self.backend.read() as txn:
+            c = ns.child(txn, parent, name)
+            if c is None:
+                raise NotFound(name.decode(errors="replace"))
+            return ns.get(txn, c)
+
+    def readdir(
+        self, ino: int, after: int = 0, limit: int = 1024
+    ) -> list[tuple[int, bytes, Inode]]:
+        """Up to `limit` entries after cookie `after`: (cookie, name, inode)."""
+        self.ensure_listed(ino)
+        out: list[tuple[int, bytes, Inode]] = []
+        with self.backend.read() as txn:
+            for cookie, name, c in ns.entries(txn, ino, after):
+                out.append((cookie, name, ns.get(txn, c)))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def _touch_dir(self, d: Inode, t: int) -> None:
+        d.mtime_ns = d.ctime_ns = t
+        d.flags |= CHANGED
+
+    def _new_node(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> Inode:
+        ns.check_name(name)
+        t = now_ns()
+
+        def op(txn: Txn) -> Inode:
+            d = self._listed(txn, parent)
+            if ns.child(txn, parent, name) is not None:
+                raise Exists(name.decode(errors="replace"))
+            ino = ns.alloc(txn)
+            node = Inode(ino, mode, uid, gid, 1, 0, t, t, t, rdev, STORED | CHANGED)
+            if stat.S_ISDIR(mode):
+                node.nlink, node.parent, node.size = 2, parent, 4096
+                d.nlink += 1
+            if stat.S_ISLNK(mode):
+                node.target, node.size = target, len(target)
+            ns.put(txn, node)
+            ns.add_entry(txn, parent, name, ino)
+            self._touch_dir(d, t)
+            ns.put(txn, d)
+            return node
+
+        return self._write(op)
+
+    def mknod(
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0
+    ) -> Inode:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise Invalid("mknod of a directory or symlink")
+        return self._new_node(parent, name, mode, uid, gid, rdev)
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        return self._new_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        return self._new_node(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        return self._new_node(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.getattr(ino)
+        if not node.is_link:
+            raise Invalid("not a symlink")
+        return node.target
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        ns.check_name(name)
+        t = now_ns()
+
+        def op(txn: Txn) -> Inode:
+            node = ns.get(txn, ino)
+            if node.is_dir:
+                raise Invalid("hard link to a directory")  # EPERM in the adapter
+            d = self._listed(txn, parent)
+            if ns.child(txn, parent, name) is not None:
+                raise Exists(name.decode(errors="replace"))
+            if node.nlink >= 65000:
+                from .errors import TooManyLinks
+
+                raise TooManyLinks("too many links")
+            node.nlink += 1
+            node.ctime_ns = t
+            node.flags |= CHANGED
+            txn.delete("meta", b"orphan:" + ino_key(ino))
+            ns.put(txn, node)
+            ns.add_entry(txn, parent, name, ino)
+            self._touch_dir(d, t)
+            ns.put(txn, d)
+            return node
+
+        return self._write(op)
+
+    def _drop_link(self, txn: Txn, node: Inode, t: int) -> None:
+        """One directory entry of `node` is gone: count it, and purge at zero."""
+        node.nlink -= 1 if not node.is_dir else node.nlink
+        node.ctime_ns = t
+        node.flags |= CHANGED
+        if node.nlink <= 0:
+            if self.keep_orphans:
+                ns.put(txn, node)
+                txn.put("meta", b"orphan:" + ino_key(node.ino), b"")
+            else:
+                self._purge(txn, node.ino)
+        else:
+            ns.put(txn, node)
+
+    def _purge(self, txn: Txn, ino: int) -> None:
+        content.delete_all(txn, ino)
+        txn.delete("inodes", ino_key(ino))
+        txn.delete("legacy", ino_key(ino))
+        txn.delete("errors", ino_key(ino))
+        for k, _ in list(txn.range("xattrs", ino_key(ino), ino_key(ino + 1))):
+            txn.delete("xattrs", k)
+        txn.delete("meta", b"orphan:" + ino_key(ino))
+
+    def _purge_orphans(self, txn: Txn) -> int:
+        n = 0
+        for k, _ in list(txn.range("meta", b"orphan:", b"orphan;")):
+            ino = U64.unpack_from(k, 7)[0]
+            self._purge(txn, ino)
+            n += 1
+        return n
+
+    def forget(self, ino: int) -> None:
+        """The kernel forgot `ino`: purge it if no directory entry names it any more."""
+
+        def op(txn: Txn) -> None:
+            if txn.get("meta", b"orphan:" + ino_key(ino)) is not None:
+                self._purge(txn, ino)
+
+        if not self.readonly:
+            self._write(op)
+
+    def unlink(self, parent: int, name: bytes) -> Inode:
+        ns.check_name(name)
+        t = now_ns()
+
+        def op(txn: Txn) -> Inode:
+            d = self._listed(txn, parent)
+            c = ns.child(txn, parent, name)
+            if c is None:
+                raise NotFound(name.decode(errors="replace"))
+            node = ns.get(txn, c)
+            if node.is_dir:
+                raise IsADir(name.decode(errors="replace"))
+            ns.remove_entry(txn, parent, name)
+            self._drop_link(txn, node, t)
+            self._touch_dir(d, t)
+            ns.put(txn, d)
+            return node
+
+        return self._write(op)
+
+    def rmdir(self, parent: int, name: bytes) -> Inode:
+        ns.check_name(name)
+        t = now_ns()
+
+        def op(txn: Txn) -> Inode:
+            d = self._listed(txn, parent)
+            c = ns.child(txn, parent, name)
+            if c is None:
+                raise NotFound(name.decode(errors="replace"))
+            node = self._listed(txn, c)
+            if not ns.is_empty(txn, c):
+                raise NotEmpty(name.decode(errors="replace"))
+            ns.remove_entry(txn, parent, name)
+            self._drop_link(txn, node, t)
+            d.nlink -= 1
+            self._touch_dir(d, t)
+            ns.put(txn, d)
+            return node
+
+        return self._write(op)
+
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
+        ns.check_name(old_name)
+        ns.check_name(new_name)
+        t = now_ns()
+
+        def op(txn: Txn) -> None:
+            src_dir = self._listed(txn, old_parent)
+            dst_dir = src_dir if new_parent == old_parent else self._listed(txn, new_parent)
+            c = ns.child(txn, old_parent, old_name)
+            if c is None:
+                raise NotFound(old_name.decode(errors="replace"))
+            node = ns.get(txn, c)
+            other_ino = ns.child(txn, new_parent, new_name)
+            if other_ino == c:
+                return  # same inode under both names: POSIX says do nothing
+            other = ns.get(txn, other_ino) if other_ino is not None else None
+            if node.is_dir:
+                self._check_not_ancestor(txn, c, new_parent)
+            if flags & RENAME_EXCHANGE:
+                if other is None:
+                    raise NotFound(new_name.decode(errors="replace"))
+                if other.is_dir:
+                    self._check_not_ancestor(txn, other.ino, old_parent)
+                ns.add_entry(txn, old_parent, old_name, other.ino)
+                ns.add_entry(txn, new_parent, new_name, c)
+                if node.is_dir != other.is_dir and old_parent != new_parent:
+                    delta = 1 if node.is_dir else -1
+                    src_dir.nlink -= delta
+                    dst_dir.nlink += delta
+                for n, p in ((node, new_parent), (other, old_parent)):
+                    if n.is_dir:
+                        n.parent = p
+                    n.ctime_ns = t
+                    n.flags |= CHANGED
+                    ns.put(txn, n)
+            else:
+                if other is not None:
+                    if flags & RENAME_NOREPLACE:
+                        raise Exists(new_name.decode(errors="replace"))
+                    if other.is_dir and not node.is_dir:
+                        raise IsADir(new_name.decode(errors="replace"))
+                    if node.is_dir and not other.is_dir:
+                        raise NotADir(new_name.decode(errors="replace"))
+                    if other.is_dir:
+                        self._listed(txn, other.ino)
+                        if not ns.is_empty(txn, other.ino):
+                            raise NotEmpty(new_name.decode(errors="replace"))
+                        dst_dir.nlink -= 1
+                    self._drop_link(txn, other, t)
+                ns.remove_entry(txn, old_parent, old_name)
+                ns.add_entry(txn, new_parent, new_name, c)
+                if node.is_dir:
+                    node.parent = new_parent
+                    if old_parent != new_parent:
+                        src_dir.nlink -= 1
+                        dst_dir.nlink += 1
+                node.ctime_ns = t
+                node.flags |= CHANGED
+                ns.put(txn, node)
+            self._touch_dir(src_dir, t)
+            ns.put(txn, src_dir)
+            if dst_dir is not src_dir:
+                self._touch_dir(dst_dir, t)
+                ns.put(txn, dst_dir)
+
+        self._write(op)
+
+    def _check_not_ancestor(self, txn: Txn, ino: int, target_parent: int) -> None:
+        p = target_parent
+        while True:
+            if p == ino:
+                raise Invalid("cannot move a directory into itself")
+            if p == ROOT_INO or p == 0:
+                return
+            p = ns.get(txn, p).parent
+
+    def setattr(
+        self,
+        ino: int,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Inode:
+        if size is not None:
+            self.truncate(ino, size)
+        t = now_ns()
+
+        def op(txn: Txn) -> Inode:
+            node = ns.get(txn, ino)
+            if mode is not None:
+                node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+            if uid is not None:
+                node.uid = uid
+            if gid is not None:
+                node.gid = gid
+            if atime_ns is not None:
+                node.atime_ns = atime_ns
+            if mtime_ns is not None:
+                node.mtime_ns = mtime_ns
+            node.ctime_ns = ctime_ns if ctime_ns is not None else t
+            node.flags |= CHANGED
+            ns.put(txn, node)
+            return node
+
+        return self._write(op)
+
+    # -- extended attributes -------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        with self.backend.read() as txn:
+            ns.get(txn, ino)
+            v = txn.get("xattrs", xattr_key(ino, name))
+            if v is None:
+                raise NoData(name.decode(errors="replace"))
+            return bytes(v)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        with self.backend.read() as txn:
+            ns.get(txn, ino)
+            return [bytes(k[8:]) for k, _ in txn.range("xattrs", ino_key(ino), ino_key(ino + 1))]
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        def op(txn: Txn) -> None:
+            node = ns.get(txn, ino)
+            k = xattr_key(ino, name)
+            exists = txn.get("xattrs", k) is not None
+            if flags & XATTR_CREATE and exists:
+                raise Exists(name.decode(errors="replace"))
+            if flags & XATTR_REPLACE and not exists:
+                raise NoData(name.decode(errors="replace"))
+            txn.put("xattrs", k, value)
+            node.ctime_ns = now_ns()
+            node.flags |= CHANGED
+            ns.put(txn, node)
+
+        self._write(op)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        def op(txn: Txn) -> None:
+            node = ns.get(txn, ino)
+            if not txn.delete("xattrs", xattr_key(ino, name)):
+                raise NoData(name.decode(errors="replace"))
+            node.ctime_ns = now_ns()
+            ns.put(txn, node)
+
+        self._write(op)
+
+    # -- contents -----------------------------------------------------------------
+
+    def read(self, ino: int, off: int, n: int) -> bytes:
+        """Bytes of a file; a LEGACY file is migrated first."""
+        node = self.getattr(ino)
+        if node.is_reg and not node.stored:
+            node = self.migrate(ino)
+        with self.backend.read() as txn:
+            node = ns.get(txn, ino)
+            return content.read(txn, ino, node.size, off, n, self.cache)
+
+    def plan_write(self, ino: int, spans: list[tuple[int, bytes]]) -> content.Rewrite:
+        with self.backend.read() as txn:
+            node = ns.get(txn, ino)
+            if node.is_dir:
+                raise IsADir("is a directory")
+            if not node.stored:
+                raise Invalid("migrate the file before writing")
+            return content.plan_write(
+                txn, ino, node.version, node.size, spans, self.chunker, self.cache
+            )
+
+    def commit(self, rw: content.Rewrite, mtime: bool = True) -> Inode | None:
+        """Apply a planned rewrite; None if the file changed since it was planned."""
+        t = now_ns()
+
+        def op(txn: Txn) -> Inode | None:
+            node = ns.get(txn, rw.ino)
+            if node.version != rw.base_version or node.size != rw.base_size:
+                return None
+            content.apply(txn, rw)
+            node.size = rw.new_size
+            node.version += 1
+            if mtime:
+                node.mtime_ns = node.ctime_ns = t
+            node.flags |= CHANGED | STORED
+            ns.put(txn, node)
+            return node
+
+        try:
+            return self._write(op)
+        except cas.MissingChunk:
+            return None
+
+    def write_spans(self, ino: int, spans: list[tuple[int, bytes]]) -> Inode:
+        """Write sorted, disjoint spans into a file in one transaction."""
+        if not spans:
+            return self.getattr(ino)
+        self._migrated(ino)
+        while True:
+            done = self.commit(self.plan_write(ino, spans))
+            if done is not None:
+                return done
+
+    def write(self, ino: int, off: int, data: bytes) -> Inode:
+        return self.write_spans(ino, [(off, data)])
+
+    def truncate(self, ino: int, size: int) -> Inode:
+        if size < 0:
+            raise Invalid("negative size")
+        node = self.getattr(ino)
+        if node.is_dir:
+            raise IsADir("is a directory")
+        if not node.is_reg:
+            raise Invalid("not a regular file")
+        if not node.stored:
+            if size == 0:
+                return self._drop_legacy_content(ino)
+            self.migrate(ino)
+        while True:
+            with self.backend.read() as txn:
+                node = ns.get(txn, ino)
+                rw = content.plan_truncate(txn, ino, node.version, node.size, size, self.cache)
+            done = self.commit(rw)
+            if done is not None:
+                return done
+
+    def _drop_legacy_content(self, ino: int) -> Inode:
+        t = now_ns()
+
+        def op(txn: Txn) -> Inode:
+            node = ns.get(txn, ino)
+            if not node.stored:
+                node.flags |= STORED | CHANGED
+                node.size = 0
+                node.version += 1
+                node.mtime_ns = node.ctime_ns = t
+                ns.put(txn, node)
+                return node
+            return node
+
+        node = self._write(op)
+        if node.size:
+            return self.truncate(ino, 0)
+        return node
+
+    def _migrated(self, ino: int) -> Inode:
+        node = self.getattr(ino)
+        if node.is_reg and not node.stored:
+            return self.migrate(ino)
+        return node
+
+    # -- migration -----------------------------------------------------------------
+
+    def prepare_migration(self, ino: int) -> ingest.Migration | None:
+        """Read and chunk a LEGACY file (no lock held); None if it is not LEGACY."""
+        with self.backend.read() as txn:
+            node = ns.get(txn, ino)
+            if not node.is_reg or node.stored:
+                return None
+            leg = ns.get_legacy(txn, ino)
+        if leg is None or self.tree is None:
+            raise SourceError("no Phase 3 origin")
+
+        def has_chunk(d: bytes) -> bool:
+            with self.backend.read() as t:
+                return cas.has(t, d)
+
+        def stage(records: dict[bytes, bytes]) -> None:
+            self._write(lambda t: ingest.stage_records(t, records))
+
+        return ingest.prepare(self.tree, ino, node.version, leg, self.chunker, has_chunk, stage)
+
+    def commit_migrations(self, ms: list[ingest.Migration]) -> list[Inode]:
+        """Commit prepared migrations in one transaction; files no longer LEGACY are skipped."""
+
+        def op(txn: Txn) -> list[Inode]:
+            done = []
+            for m in ms:
+                node = ns.get(txn, m.ino)
+                if node.stored or node.version != m.base_version:
+                    continue
+                ingest.commit_extents(txn, m)
+                node.flags |= STORED
+                node.size = m.size
+                node.mtime_ns, node.ctime_ns = m.mtime_ns, m.ctime_ns
+                ns.put(txn, node)
+                ns.put_legacy(txn, m.ino, m.legacy)
+                txn.delete("errors", ino_key(m.ino))
+                done.append(node)
+            return done
+
+        for _ in range(3):
+            try:
+                return self._write(op)
+            except cas.MissingChunk:
+                # A chunk deduplicated against was freed meanwhile: redo those files.
+                ms = [p for m in ms if (p := self.prepare_migration(m.ino)) is not None]
+        raise FerryError("migration keeps racing with writes; try again")
+
+    def migrate(self, ino: int) -> Inode:
+        """Migrate one LEGACY file now (first read); SourceError is recorded and raised."""
+        try:
+            m = self.prepare_migration(ino)
+        except SourceError as e:
+            self.record_error(ino, str(e))
+            raise
+        if m is not None:
+            self.commit_migrations([m])
+        return self.getattr(ino)
+
+    def record_error(self, ino: int, message: str) -> None:
+        if not self.readonly and self.failsafe is None:
+            self._write(lambda txn: ns.record_error(txn, ino, message))
+
+    def errors(self) -> list[tuple[int, str]]:
+        with self.backend.read() as txn:
+            return [
+                (U64.unpack(k)[0], bytes(v).decode(errors="replace"))
+                for k, v in txn.range("errors", b"")
+            ]
+
+    def legacy_files(self, after: int = 0, limit: int = 1000) -> list[int]:
+        """Inodes of LEGACY files past `after`, in inode order."""
+        out = []
+        with self.backend.read() as txn:
+            for k, v in txn.range("inodes", ino_key(after + 1)):
+                node = Inode.unpack(U64.unpack(k)[0], v)
+                if node.is_reg and not node.stored:
+                    out.append(node.ino)
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def unlisted_dirs(self, limit: int = 1000) -> list[int]:
+        out = []
+        with self.backend.read() as txn:
+            for k, v in txn.range("inodes", b""):
+                node = Inode.unpack(U64.unpack(k)[0], v)
+                if node.is_dir and not node.stored:
+                    out.append(node.ino)
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def import_all(self) -> int:
+        """List every UNLISTED directory, breadth first. Returns how many were listed."""
+        n = 0
+        while True:
+            todo = self.unlisted_dirs()
+            if not todo:
+                return n
+            for ino in todo:
+                self.ensure_listed(ino)
+                n += 1
+
+    # -- figures ------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        s = Stats()
+        with self.backend.read() as txn:
+            for k, v in txn.range("inodes", b""):
+                node = Inode.unpack(U64.unpack(k)[0], v)
+                if node.is_dir:
+                    s.dirs_total += 1
+                    s.dirs_listed += node.stored
+                elif node.is_reg:
+                    s.files_total += 1
+                    s.bytes_logical += node.size
+                    if node.stored:
+                        s.files_migrated += 1
+                        s.bytes_migrated += node.size
+                    else:
+                        s.files_legacy += 1
+                        s.bytes_legacy += node.size
+            for _, v in txn.range("chunks", b""):
+                s.chunks += 1
+                s.bytes_compressed += len(v)
+            for _ in txn.range("errors", b""):
+                s.errors += 1
+        s.bytes_stored = self.backend.disk_bytes()
+        return s
+
+    def iter_inodes(self) -> Iterator[Inode]:
+        with self.backend.read() as txn:
+            for k, v in txn.range("inodes", b""):
+                yield Inode.unpack(U64.unpack(k)[0], v)
+
+    def statfs(self) -> tuple[int, int, int, int]:
+        """(block size, total blocks, free blocks, files) of the store's filesystem."""
+        st = os.statvfs(self.path or ".")
+        return st.f_frsize, st.f_blocks, st.f_bavail, st.f_files
