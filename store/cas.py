@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 
 from . import codec
+from .errors import CorruptChunk
 from .kv import Txn
 from .records import HOLE, U64
 
@@ -100,7 +101,7 @@ def load(txn: Txn, digest: bytes, length: int, cache: ChunkCache | None) -> byte
             return hit
     rec = txn.get("chunks", digest)
     if rec is None:
-        raise codec.CorruptChunk(digest)
+        raise CorruptChunk(digest)
     plain = codec.decode(rec, digest, length)
     if cache is not None:
         cache.put(digest, plain)

@@ -90,7 +90,12 @@ class Rewrite:
 
 
 def chunk_into(
-    txn: Txn, data: bytes | memoryview, base: int, chunker: Chunker, rw: Rewrite, level: int = 3
+    txn: Txn,
+    data: bytes | bytearray | memoryview,
+    base: int,
+    chunker: Chunker,
+    rw: Rewrite,
+    level: int = 3,
 ) -> list[Extent]:
     """Cut `data` (at file offset `base`) into chunks, encoding those not stored yet."""
     out: list[Extent] = []
@@ -141,13 +146,13 @@ def plan_write(
             )
         buf, old, lo, hi = _region_bytes(txn, ino, size, s, e, spans, cache)
         new = chunk_into(txn, buf, s, chunker, rw)
-        ext: list[Extent] = []
+        out: list[Extent] = []
         if lo < s:
-            ext.append((lo, HOLE, s - lo))
-        ext.extend(new)
+            out.append((lo, HOLE, s - lo))
+        out.extend(new)
         if hi > e:
-            ext.append((e, HOLE, hi - e))
-        rw.edits.append(Edit(lo, max(hi, e), ext))
+            out.append((e, HOLE, hi - e))
+        rw.edits.append(Edit(lo, max(hi, e), out))
         covered = max(hi, e)
         del old
     return rw

@@ -141,10 +141,9 @@ class LmdbBackend:
         self._lock = threading.Lock()
         self._dbs: dict[str, lmdb._Database] = {}
         if readonly:
-            with self._env.begin() as t:
-                for name in DBS:
-                    with contextlib.suppress(lmdb.NotFoundError):
-                        self._dbs[name] = self._env.open_db(name.encode(), txn=t, create=False)
+            for name in DBS:
+                with contextlib.suppress(lmdb.NotFoundError):
+                    self._dbs[name] = self._env.open_db(name.encode(), create=False)
         else:
             for name in DBS:
                 self._dbs[name] = self._env.open_db(name.encode())

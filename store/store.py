@@ -839,13 +839,20 @@ class Store:
     def import_all(self) -> int:
         """List every UNLISTED directory, breadth first. Returns how many were listed."""
         n = 0
-        while True:
-            todo = self.unlisted_dirs()
-            if not todo:
-                return n
-            for ino in todo:
+        queue = [ROOT_INO]
+        while queue:
+            ino = queue.pop()
+            if not self.getattr(ino).stored:
                 self.ensure_listed(ino)
                 n += 1
+            after = 0
+            while True:
+                batch = self.readdir(ino, after)
+                if not batch:
+                    break
+                queue.extend(i.ino for _, _, i in batch if i.is_dir)
+                after = batch[-1][0]
+        return n
 
     # -- figures ------------------------------------------------------------------
 

@@ -1,0 +1,42 @@
+"""Show a store's logical and stored bytes, savings and counts (works beside a live mount)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from ferryfs.store.store import Store
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="the store directory")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    with Store.open(args.store, readonly=True) as store:
+        s = store.stats()
+    d = dataclasses.asdict(s)
+    saved = 1 - s.bytes_stored / s.bytes_migrated if s.bytes_migrated else 0.0
+    d["savings"] = round(saved, 4)
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    rows = [
+        ("files", f"{s.files_total} ({s.files_migrated} migrated, {s.files_legacy} legacy)"),
+        ("directories", f"{s.dirs_total} ({s.dirs_listed} listed)"),
+        ("logical bytes", _mb(s.bytes_logical)),
+        ("migrated bytes", _mb(s.bytes_migrated)),
+        ("chunks", f"{s.chunks} ({_mb(s.bytes_compressed)} compressed)"),
+        ("stored on disk", _mb(s.bytes_stored)),
+        ("savings", f"{saved:.1%} of migrated bytes"),
+        ("errors", str(s.errors)),
+    ]
+    for k, v in rows:
+        print(f"{k:>15}  {v}")
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
