@@ -49,6 +49,10 @@ class Invalid(OpError):
     errno = _errno.EINVAL
 
 
+class NotPermitted(OpError):
+    errno = _errno.EPERM
+
+
 class NoSpace(OpError):
     errno = _errno.ENOSPC
 

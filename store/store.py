@@ -33,6 +33,7 @@ from .errors import (
     NotADir,
     NotEmpty,
     NotFound,
+    NotPermitted,
     ReadOnly,
     SchemaMismatch,
     SourceError,
@@ -386,7 +387,7 @@ class Store:
         def op(txn: Txn) -> Inode:
             node = ns.get(txn, ino)
             if node.is_dir:
-                raise Invalid("hard link to a directory")  # EPERM in the adapter
+                raise NotPermitted("hard link to a directory")
             d = self._listed(txn, parent)
             if ns.child(txn, parent, name) is not None:
                 raise Exists(name.decode(errors="replace"))
