@@ -1,0 +1,60 @@
+"""The control channel: xattrs on the mount's root, answered only for the
+mount's owner or root (checked by the Operations adapter).
+
+`user.ferryfs.pid` and `user.ferryfs.store` say which daemon and store serve
+the mount; `user.ferryfs.status` is a JSON document; setting
+`user.ferryfs.control` to a command (`pause`, `resume`, `cancel`, `sync`)
+acts on the mount and returns once it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pyfuse3
+from ferryfs.store.store import Store
+
+
+class Control:
+    def __init__(self, store: Store, store_dir: str, counters: Any) -> None:
+        self.store = store
+        self.store_dir = store_dir
+        self.counters = counters
+        self.commands: dict[bytes, Callable[[], Awaitable[None]]] = {}
+        self.status_extra: Callable[[], dict[str, Any]] = dict
+
+    def get(self, name: bytes) -> bytes:
+        if name == b"pid":
+            return str(os.getpid()).encode()
+        if name == b"store":
+            return os.fsencode(os.path.abspath(self.store_dir))
+        if name == b"status":
+            return json.dumps(self.status()).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def set(self, name: bytes, value: bytes) -> None:
+        if name != b"control":
+            raise pyfuse3.FUSEError(errno.EPERM)
+        cmd = self.commands.get(value.strip())
+        if cmd is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await cmd()
+
+    def status(self) -> dict[str, Any]:
+        s = dataclasses.asdict(self.store.stats())
+        c = self.counters
+        s.update(
+            pid=os.getpid(),
+            store=os.path.abspath(self.store_dir),
+            reads=c.reads,
+            migrated_on_open=c.migrated_on_open,
+            corrupt_reads=c.corrupt_reads,
+            failsafe=self.store.failsafe,
+        )
+        s.update(self.status_extra())
+        return s

@@ -1,0 +1,122 @@
+"""Open files: handles, per-inode write buffers, and the lock that orders a
+file's reads, writes, flushes and truncations.
+
+Concurrency rule: pyfuse3 runs many handlers on one trio loop, so every
+`await` is a point where another request for the same file can run. A file's
+buffer is only touched while holding its `lock`; a flush takes the buffered
+spans out, plans the rewrite in a worker thread, and commits it (a short write
+transaction on this thread) before releasing the lock, so a read that waits
+for the lock sees either the old bytes or the new ones.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import trio
+
+# A file's buffered bytes are written out when they pass this, not only at close.
+FLUSH_BYTES = 16 << 20
+
+
+@dataclass
+class OpenFile:
+    """State shared by every handle open on one inode."""
+
+    ino: int
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    handles: int = 0
+    spans: list[tuple[int, bytearray]] = field(default_factory=list)
+    dirty_bytes: int = 0
+    dirty_end: int = 0  # end of the furthest buffered byte
+
+    def add(self, off: int, data: bytes) -> None:
+        """Buffer a write, merging it with the spans it overlaps or touches."""
+        end = off + len(data)
+        self.dirty_end = max(self.dirty_end, end)
+        spans = self.spans
+        if spans:
+            last_off, last = spans[-1]
+            if last_off <= off <= last_off + len(last) and end >= last_off + len(last):
+                # The common case: appending to (or overwriting the tail of) the last span.
+                before = len(last)
+                del last[off - last_off :]
+                last += data
+                self.dirty_bytes += len(last) - before
+                return
+        i = bisect.bisect_left(spans, off, key=lambda s: s[0])
+        if i > 0 and spans[i - 1][0] + len(spans[i - 1][1]) >= off:
+            i -= 1
+        j = i
+        new_off, new_end = off, end
+        while j < len(spans) and spans[j][0] <= end:
+            new_off = min(new_off, spans[j][0])
+            new_end = max(new_end, spans[j][0] + len(spans[j][1]))
+            j += 1
+        merged = bytearray(new_end - new_off)
+        for s_off, s in spans[i:j]:
+            merged[s_off - new_off : s_off - new_off + len(s)] = s
+        merged[off - new_off : end - new_off] = data
+        spans[i:j] = [(new_off, merged)]
+        self.dirty_bytes = sum(len(b) for _, b in spans)
+
+    def take(self) -> list[tuple[int, bytes]]:
+        """The buffered spans, leaving the buffer empty."""
+        out = [(o, bytes(b)) for o, b in self.spans]
+        self.spans = []
+        self.dirty_bytes = 0
+        self.dirty_end = 0
+        return out
+
+
+@dataclass
+class Handle:
+    fh: int
+    file: OpenFile
+    writable: bool
+
+
+class OpenFiles:
+    """File handles and the per-inode OpenFile they share."""
+
+    def __init__(self) -> None:
+        self.by_fh: dict[int, Handle] = {}
+        self.by_ino: dict[int, OpenFile] = {}
+        self._next = 1
+        # Per-inode locks for files with no open handle (setattr by path, first-open migration).
+        self._locks: dict[int, trio.Lock] = {}
+
+    def file(self, ino: int) -> OpenFile:
+        f = self.by_ino.get(ino)
+        if f is None:
+            f = OpenFile(ino, lock=self._locks.setdefault(ino, trio.Lock()))
+            self.by_ino[ino] = f
+        return f
+
+    def lock(self, ino: int) -> trio.Lock:
+        f = self.by_ino.get(ino)
+        if f is not None:
+            return f.lock
+        return self._locks.setdefault(ino, trio.Lock())
+
+    def open(self, ino: int, writable: bool) -> Handle:
+        f = self.file(ino)
+        f.handles += 1
+        h = Handle(self._next, f, writable)
+        self._next += 1
+        self.by_fh[h.fh] = h
+        return h
+
+    def get(self, fh: int) -> Handle:
+        return self.by_fh[fh]
+
+    def close(self, fh: int) -> OpenFile:
+        h = self.by_fh.pop(fh)
+        h.file.handles -= 1
+        if h.file.handles == 0 and not h.file.spans:
+            self.by_ino.pop(h.file.ino, None)
+            lk = self._locks.get(h.file.ino)
+            if lk is not None and not lk.locked() and lk.statistics().tasks_waiting == 0:
+                del self._locks[h.file.ino]
+        return h.file

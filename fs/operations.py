@@ -1,0 +1,438 @@
+"""The FUSE protocol adapter: each handler translates one request into store
+calls. What a file system looks like lives in the store; errnos in errmap.
+
+Concurrency rules (pyfuse3 runs up to 99 handlers at once on one trio loop):
+- a store call is synchronous and is one transaction: it is atomic;
+- heavy work (migrating a file, planning a rewrite) runs in a worker thread
+  through `trio.to_thread`, holding the file's lock from `OpenFiles`, and is
+  committed on this thread before the lock is released;
+- a new `await` between two store calls breaks their atomicity: take the
+  file's lock around both, or make them one store call.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+from ferryfs.store.errors import CorruptChunk, SourceError
+from ferryfs.store.records import Inode
+from ferryfs.store.store import Store
+
+from .errmap import fuse_errors
+from .handles import FLUSH_BYTES, OpenFiles
+
+log = logging.getLogger("ferryfs.fs")
+
+STATE_XATTR = b"user.ferryfs.state"
+CONTROL_PREFIX = b"user.ferryfs."
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 1.0
+
+
+@dataclass
+class Counters:
+    """What the mount has done since it started, for `status`."""
+
+    reads: int = 0
+    migrated_on_open: int = 0
+    corrupt_reads: int = 0
+    healed: int = 0
+    errors: list[str] = field(default_factory=list)
+    last_request: float = field(default_factory=time.monotonic)
+
+
+class Operations(pyfuse3.Operations):
+    """ferryfs as pyfuse3 sees it: a thin adapter over a `Store`."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store, owner_uid: int, control: Any = None) -> None:
+        super().__init__()
+        self.store = store
+        self.owner_uid = owner_uid
+        self.files = OpenFiles()
+        self.lookups: dict[int, int] = {}
+        self.counters = Counters()
+        self.control = control  # answers the user.ferryfs.* control xattrs on the root
+        self.opened_version: dict[int, int] = {}
+        self.on_request: Callable[[], None] = lambda: None
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = node.rdev
+        size = node.size
+        f = self.files.by_ino.get(node.ino)
+        if f is not None and f.dirty_end > size:
+            size = f.dirty_end
+        a.st_size = size
+        a.st_blksize = 65536
+        a.st_blocks = (size + 511) // 512
+        a.st_atime_ns = node.atime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        return a
+
+    def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
+        self.lookups[node.ino] = self.lookups.get(node.ino, 0) + 1
+        return self._attr(node)
+
+    def _touch(self) -> None:
+        self.counters.last_request = time.monotonic()
+        self.on_request()
+
+    def on_corrupt(self, e: CorruptChunk) -> None:
+        self.counters.corrupt_reads += 1
+        log.error("corrupt chunk %s: read answered EIO", e.digest.hex()[:16])
+
+    async def _flush_file(self, ino: int) -> None:
+        """Write a file's buffered spans to the store. Call with its lock held."""
+        f = self.files.by_ino.get(ino)
+        while f is not None and f.spans:
+            spans = f.take()
+            while True:
+                rw = await trio.to_thread.run_sync(self.store.plan_write, ino, spans)
+                if self.store.commit(rw) is not None:
+                    break
+
+    async def _migrate(self, ino: int) -> Inode:
+        """Make sure `ino` is not LEGACY: migrate it now (lazy first-open migration)."""
+        node = self.store.getattr(ino)
+        if not node.is_reg or node.stored:
+            return node
+        async with self.files.lock(ino):
+            node = self.store.getattr(ino)
+            if node.stored:
+                return node
+            try:
+                m = await trio.to_thread.run_sync(self.store.prepare_migration, ino)
+            except SourceError as e:
+                self.store.record_error(ino, str(e))
+                log.warning("cannot migrate inode %d: %s", ino, e)
+                raise
+            if m is not None:
+                self.store.commit_migrations([m])
+                self.counters.migrated_on_open += 1
+            return self.store.getattr(ino)
+
+    # -- namespace -----------------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._touch()
+        return self._entry(self.store.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            left = self.lookups.get(ino, 0) - n
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            if ino not in self.files.by_ino:
+                try:
+                    self.store.forget(ino)
+                except Exception:
+                    log.exception("forget of inode %d failed", ino)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(self.store.getattr(inode))
+
+    @fuse_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._touch()
+        async with self.files.lock(inode):
+            if fields.update_size:
+                await self._flush_file(inode)
+                node = self.store.getattr(inode)
+                if node.is_reg and not node.stored and attr.st_size != 0:
+                    await self._migrate_locked(inode)
+            now = time.time_ns()
+            node = self.store.setattr(
+                inode,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                size=attr.st_size if fields.update_size else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+                ctime_ns=attr.st_ctime_ns if fields.update_ctime else now,
+            )
+        return self._attr(node)
+
+    async def _migrate_locked(self, ino: int) -> None:
+        m = await trio.to_thread.run_sync(self.store.prepare_migration, ino)
+        if m is not None:
+            self.store.commit_migrations([m])
+            self.counters.migrated_on_open += 1
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.store.readlink(inode)
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._touch()
+        node = self.store.getattr(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self._touch()
+        after = start_id
+        while True:
+            batch = self.store.readdir(fh, after, limit=256)
+            if not batch:
+                return
+            for cookie, name, node in batch:
+                if not pyfuse3.readdir_reply(token, name, self._attr(node), cookie):
+                    return
+                self.lookups[node.ino] = self.lookups.get(node.ino, 0) + 1
+                after = cookie
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    @fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._touch()
+        return self._entry(
+            self.store.mknod(parent_inode, name, mode, ctx.uid, self._gid(parent_inode, ctx), rdev)
+        )
+
+    @fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._touch()
+        mode = self._inherit_sgid(parent_inode, mode, directory=True)
+        return self._entry(
+            self.store.mkdir(parent_inode, name, mode, ctx.uid, self._gid(parent_inode, ctx))
+        )
+
+    def _gid(self, parent: int, ctx: pyfuse3.RequestContext) -> int:
+        """BSD group semantics when the parent directory is set-group-ID."""
+        p = self.store.getattr(parent)
+        return p.gid if p.mode & stat.S_ISGID else ctx.gid
+
+    def _inherit_sgid(self, parent: int, mode: int, directory: bool) -> int:
+        p = self.store.getattr(parent)
+        if directory and p.mode & stat.S_ISGID:
+            return mode | stat.S_ISGID
+        return mode
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._touch()
+        self.store.unlink(parent_inode, name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._touch()
+        self.store.rmdir(parent_inode, name)
+
+    @fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._touch()
+        return self._entry(
+            self.store.symlink(parent_inode, name, target, ctx.uid, self._gid(parent_inode, ctx))
+        )
+
+    @fuse_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._touch()
+        self.store.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._touch()
+        return self._entry(self.store.link(inode, new_parent_inode, new_name))
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        bsize, blocks, free, files = self.store.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = bsize
+        s.f_frsize = bsize
+        s.f_blocks = blocks
+        s.f_bfree = free
+        s.f_bavail = free
+        s.f_files = files
+        s.f_ffree = files
+        s.f_favail = files
+        s.f_namemax = 255
+        return s
+
+    # -- contents ------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._touch()
+        node = self.store.getattr(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if node.is_reg and not node.stored and not flags & os.O_TRUNC:
+            node = await self._migrate(inode)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        h = self.files.open(inode, writable)
+        keep = self.opened_version.get(inode) == node.version
+        self.opened_version[inode] = node.version
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=keep)
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._touch()
+        node = self.store.create(parent_inode, name, mode, ctx.uid, self._gid(parent_inode, ctx))
+        h = self.files.open(node.ino, True)
+        self.opened_version[node.ino] = node.version
+        return pyfuse3.FileInfo(fh=h.fh), self._entry(node)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        self._touch()
+        h = self.files.get(fh)
+        self.counters.reads += 1
+        f = h.file
+        if f.spans:
+            async with f.lock:
+                await self._flush_file(f.ino)
+        node = self.store.getattr(f.ino)
+        if not node.stored and node.is_reg:
+            node = await self._migrate(f.ino)
+        if size >= 1 << 20:
+            return await trio.to_thread.run_sync(self.store.read, f.ino, off, size)
+        return self.store.read(f.ino, off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._touch()
+        h = self.files.get(fh)
+        f = h.file
+        async with f.lock:
+            node = self.store.getattr(f.ino)
+            if not node.stored:
+                await self._migrate_locked(f.ino)
+            f.add(off, buf)
+            if f.dirty_bytes >= FLUSH_BYTES:
+                await self._flush_file(f.ino)
+        return len(buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        f = self.files.get(fh).file
+        async with f.lock:
+            await self._flush_file(f.ino)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        f = self.files.get(fh).file
+        async with f.lock:
+            await self._flush_file(f.ino)
+        await trio.to_thread.run_sync(self.store.sync)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        f = self.files.get(fh).file
+        async with f.lock:
+            await self._flush_file(f.ino)
+        f = self.files.close(fh)
+        if f.handles == 0 and f.ino not in self.lookups:
+            self.store.forget(f.ino)
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(self.store.sync)
+
+    # -- extended attributes ---------------------------------------------------------
+
+    def _control_allowed(self, ctx: pyfuse3.RequestContext) -> bool:
+        return ctx.uid in (0, self.owner_uid)
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == STATE_XATTR:
+            return self.store.getattr(inode).state.encode()
+        if inode == pyfuse3.ROOT_INODE and name.startswith(CONTROL_PREFIX) and self.control:
+            if not self._control_allowed(ctx):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            value: bytes = self.control.get(name[len(CONTROL_PREFIX) :])
+            return value
+        return self.store.getxattr(inode, name)
+
+    @fuse_errors
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if name == STATE_XATTR:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if inode == pyfuse3.ROOT_INODE and name.startswith(CONTROL_PREFIX) and self.control:
+            if not self._control_allowed(ctx):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            await self.control.set(name[len(CONTROL_PREFIX) :], value)
+            return
+        self.store.setxattr(inode, name, value)
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.store.listxattr(inode)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name == STATE_XATTR:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        self.store.removexattr(inode, name)
+
+    # -- shutdown ------------------------------------------------------------------
+
+    async def flush_all(self) -> None:
+        """Write out every buffered file (before unmount)."""
+        for ino, f in list(self.files.by_ino.items()):
+            async with f.lock:
+                await self._flush_file(ino)

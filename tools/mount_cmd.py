@@ -1,0 +1,98 @@
+"""Mount a Phase 3 tree (in place if MNT is SRC) and migrate it as it is used.
+
+Without `--foreground` this starts the daemon and returns once the mount
+answers; its log goes to STORE/daemon.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import subprocess
+import sys
+import time
+
+from ferryfs.store.errors import FerryError, UsageError
+
+from .migrate_cmd import default_store
+from .mounts import fs_type
+
+READY_SECONDS = 60
+
+
+class MountFailed(FerryError):
+    exit_code = 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="the Phase 3 tree")
+    p.add_argument("mnt", help="where to mount (may be SRC itself)")
+    p.add_argument("--store", help="the store directory (default: SRC.ferry beside SRC)")
+    p.add_argument("--foreground", action="store_true", help="serve in this process")
+    p.add_argument("-o", dest="options", action="append", default=[], help="allow_other")
+    p.add_argument("--no-sweep", action="store_true", help="migrate only on first read")
+    p.add_argument("--debug", action="store_true", help="log every request")
+
+
+def run(args: argparse.Namespace) -> int:
+    src, mnt = os.path.abspath(args.src), os.path.abspath(args.mnt)
+    if not os.path.isdir(src):
+        raise UsageError(f"source {args.src} is not a directory")
+    if not os.path.isdir(mnt):
+        raise UsageError(f"mountpoint {args.mnt} is not a directory")
+    if fs_type(mnt) == "fuse.ferryfs":
+        raise UsageError(f"{args.mnt} is already a ferryfs mount")
+    if not os.path.exists("/dev/fuse"):
+        raise MountFailed("/dev/fuse is missing: load the fuse module or run where FUSE works")
+    opts = [o for group in args.options for o in group.split(",") if o]
+    unknown = [o for o in opts if o != "allow_other"]
+    if unknown:
+        raise UsageError(f"unknown mount option {unknown[0]} (known: allow_other)")
+    store = os.path.abspath(args.store or default_store(src))
+    cmd = [sys.executable, "-m", "ferryfs.fs.daemon", src, mnt, "--store", store]
+    if "allow_other" in opts:
+        cmd.append("--allow-other")
+    if args.no_sweep:
+        cmd.append("--no-sweep")
+    if args.debug:
+        cmd.append("--debug")
+    if args.foreground:
+        from ferryfs.fs import daemon
+
+        return daemon.main(cmd[3:])
+    os.makedirs(store, exist_ok=True)
+    r, w = os.pipe()
+    with open(os.path.join(store, "daemon.log"), "ab") as log:
+        proc = subprocess.Popen(
+            [*cmd, "--ready-fd", str(w)],
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    os.close(w)
+    line = _read_line(r, proc)
+    os.close(r)
+    if line == "ready":
+        print(f"mounted {args.src} on {args.mnt} (store {store}, pid {proc.pid})")
+        return 0
+    if proc.poll() is None:
+        proc.terminate()
+    raise MountFailed(line.removeprefix("error: ") or f"the daemon exited; see {store}/daemon.log")
+
+
+def _read_line(fd: int, proc: subprocess.Popen[bytes]) -> str:
+    buf = b""
+    deadline = time.monotonic() + READY_SECONDS
+    while b"\n" not in buf and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+        elif proc.poll() is not None:
+            break
+    return buf.decode(errors="replace").strip()
