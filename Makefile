@@ -1,0 +1,82 @@
+# Developer entry points. Commands run from .venv/bin; nothing needs activating.
+# A fresh Debian/Ubuntu machine needs only python3 (with venv), a C compiler and
+# apt-get: `make test` installs the rest.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+FUSE_DEBS := fuse3 libfuse3-dev pkg-config
+BENCH_DEBS := borgbackup restic fuse-overlayfs
+
+# $(call apt_ensure,PACKAGES,CHECK): unless the shell command CHECK succeeds,
+# install whichever PACKAGES `dpkg -s` does not report installed, as root or
+# through sudo, running `apt-get update` only when something is missing.
+define apt_ensure
+if $(2); then exit 0; fi; \
+missing=""; \
+for p in $(1); do \
+	dpkg -s "$$p" 2>/dev/null | grep '^Status: install ok installed' >/dev/null || missing="$$missing $$p"; \
+done; \
+[ -n "$$missing" ] || exit 0; \
+if ! command -v apt-get >/dev/null; then \
+	echo "make: missing$$missing, and no apt-get here to install them" >&2; exit 1; \
+fi; \
+if [ "$$(id -u)" = 0 ]; then sudo=""; \
+elif command -v sudo >/dev/null; then sudo="sudo"; \
+else echo "make: missing$$missing; install them as root (no sudo here)" >&2; exit 1; fi; \
+echo "make: installing$$missing"; \
+$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing
+endef
+
+.PHONY: help deps bench-deps venv lint test demo bench clean
+
+help:
+	@echo "make test    lint (ruff, mypy) and run the tests; installs what is missing"
+	@echo "make demo    generate a sample tree in demo/, plan, migrate it, show stats"
+	@echo "make bench   run the benchmark (installs borgbackup, restic, fuse-overlayfs)"
+	@echo "make lint    ruff check and mypy only"
+	@echo "make deps    Debian packages for FUSE; make venv: .venv with ferryfs editable"
+	@echo "make clean   remove demo/, bench-out/ and caches (not .venv)"
+
+deps:
+	@$(call apt_ensure,$(FUSE_DEBS),pkg-config --exists fuse3 2>/dev/null && command -v fusermount3 >/dev/null)
+
+bench-deps:
+	@$(call apt_ensure,$(BENCH_DEBS),command -v borg && command -v restic && command -v fuse-overlayfs)
+
+# pyfuse3 builds against libfuse3, hence deps first.
+venv: deps
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ ! -e $(STAMP) ] || [ pyproject.toml -nt $(STAMP) ] \
+		|| ! $(BIN)/python -c 'import ferryfs.tools.cli' 2>/dev/null; then \
+		$(BIN)/python -m pip install -q -e '.[test]'; \
+		touch $(STAMP); \
+	fi
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy store fs tools
+
+test: lint
+	$(BIN)/pytest -q
+
+demo: venv
+	@[ -e demo/phase3 ] || $(BIN)/ferryfs sample demo/phase3 --sessions 200 --seed 1
+	$(BIN)/ferryfs plan demo/phase3
+	$(BIN)/ferryfs migrate demo/phase3 --store demo/phase3.ferry
+	$(BIN)/ferryfs stats demo/phase3.ferry
+
+bench: venv bench-deps
+	$(BIN)/python -m ferryfs.tools.bench $(BENCH_ARGS)
+
+# --one-file-system: never delete through a mount someone left under demo/.
+clean:
+	rm -rf --one-file-system demo bench-out build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
