@@ -316,7 +316,14 @@ class Operations(pyfuse3.Operations):
         node = self.store.getattr(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if node.is_reg and not node.stored and not flags & os.O_TRUNC:
+        if flags & os.O_TRUNC and node.is_reg:
+            # libfuse asks for atomic O_TRUNC: the kernel sends no setattr.
+            async with self.files.lock(inode):
+                f = self.files.by_ino.get(inode)
+                if f is not None:
+                    f.take()
+                node = self.store.truncate(inode, 0)
+        elif node.is_reg and not node.stored:
             node = await self._migrate(inode)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         h = self.files.open(inode, writable)
