@@ -554,7 +554,7 @@ def generate(
 ) -> Summary:
     """Write a sample Phase 3 tree into `root` (created if missing; should be empty).
 
-    `sessions` session logs (about 150 KB each with their attachments, on
+    `sessions` session logs (about 190 KB each with their attachments, on
     average); `attachment_mb`, if given, rescales attachment sizes so that the
     attachment files (duplicates included) total about that many megabytes
     (10^6 bytes). Raises FileExistsError rather than overwrite a file.
