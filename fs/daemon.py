@@ -25,6 +25,7 @@ from ferryfs.store.store import Store
 
 from .control import Control
 from .operations import Operations
+from .sweep import ORDERS, Sweep, SweepConfig
 
 log = logging.getLogger("ferryfs.daemon")
 
@@ -37,9 +38,11 @@ def mount_options(allow_other: bool) -> set[str]:
     return opts
 
 
-async def serve(ops: Operations, control: Control, ready: int | None) -> None:
+async def serve(ops: Operations, control: Control, ready: int | None, sweep: Sweep | None) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, ops, nursery.cancel_scope)
+        nursery.start_soon(_signals, ops, sweep)
+        if sweep is not None:
+            await nursery.start(sweep.run)
         if ready is not None:
             os.write(ready, b"ready\n")
             os.close(ready)
@@ -47,10 +50,12 @@ async def serve(ops: Operations, control: Control, ready: int | None) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _signals(ops: Operations, scope: trio.CancelScope) -> None:
+async def _signals(ops: Operations, sweep: Sweep | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
             log.info("stopping: flushing open files")
+            if sweep is not None:
+                await sweep.cancel()
             await ops.flush_all()
             pyfuse3.terminate()
             return
@@ -62,7 +67,7 @@ def run(
     store_dir: str,
     allow_other: bool = False,
     ready: int | None = None,
-    sweep: bool = True,
+    sweep_config: SweepConfig | None = None,
 ) -> int:
     """Mount and serve until unmounted. Returns the exit code."""
     try:
@@ -78,6 +83,15 @@ def run(
     ops = Operations(store, owner_uid=os.getuid())
     control = Control(store, store_dir, ops.counters)
     ops.control = control
+    sweep = Sweep(store, sweep_config) if sweep_config is not None else None
+    if sweep is not None:
+        ops.on_request = sweep.poke
+        control.commands.update(
+            {b"pause": sweep.pause, b"resume": sweep.resume, b"cancel": sweep.cancel}
+        )
+        control.status_extra = sweep.status
+    else:
+        control.status_extra = lambda: {"sweep_state": "off"}
     try:
         pyfuse3.init(ops, mnt, mount_options(allow_other))
     except RuntimeError as e:
@@ -87,7 +101,7 @@ def run(
     log.info("mounted %s on %s (store %s, pid %d)", src, mnt, store_dir, os.getpid())
     clean = False
     try:
-        trio.run(serve, ops, control, ready)
+        trio.run(serve, ops, control, ready, sweep)
         clean = True
     finally:
         try:
@@ -115,14 +129,68 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", required=True)
     p.add_argument("--allow-other", action="store_true")
     p.add_argument("--ready-fd", type=int)
-    p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--debug", action="store_true")
+    add_sweep_arguments(p)
     a = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return run(a.src, a.mnt, a.store, a.allow_other, a.ready_fd, not a.no_sweep)
+    return run(a.src, a.mnt, a.store, a.allow_other, a.ready_fd, sweep_config(a))
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """The sweep's knobs, shared by `ferryfs mount` and the daemon."""
+    d = SweepConfig()
+    p.add_argument("--no-sweep", action="store_true", help="migrate only on first open")
+    p.add_argument(
+        "--idle-ms",
+        type=int,
+        default=d.idle_ms,
+        help=f"quiet time before the sweep runs (default {d.idle_ms})",
+    )
+    p.add_argument(
+        "--max-load",
+        type=float,
+        default=d.max_load,
+        help=f"CPUs busy with other processes above which the sweep waits (default {d.max_load})",
+    )
+    p.add_argument(
+        "--batch", type=int, default=d.batch, help=f"files per batch (default {d.batch})"
+    )
+    p.add_argument(
+        "--batch-delay-ms",
+        type=int,
+        default=d.batch_delay_ms,
+        help=f"pause between batches (default {d.batch_delay_ms})",
+    )
+    p.add_argument(
+        "--order",
+        choices=ORDERS,
+        default=d.order,
+        help=f"which files first (default {d.order}: most recently modified)",
+    )
+    p.add_argument("--jobs", type=int, default=d.jobs, help=f"worker threads (default {d.jobs})")
+
+
+def sweep_config(a: argparse.Namespace) -> SweepConfig | None:
+    if a.no_sweep:
+        return None
+    return SweepConfig(a.idle_ms, a.max_load, a.batch, a.batch_delay_ms, a.order, a.jobs)
+
+
+def sweep_argv(a: argparse.Namespace) -> list[str]:
+    """The sweep arguments of a parsed `ferryfs mount`, for the daemon's command line."""
+    if a.no_sweep:
+        return ["--no-sweep"]
+    return [
+        f"--idle-ms={a.idle_ms}",
+        f"--max-load={a.max_load}",
+        f"--batch={a.batch}",
+        f"--batch-delay-ms={a.batch_delay_ms}",
+        f"--order={a.order}",
+        f"--jobs={a.jobs}",
+    ]
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ STAGE_BYTES = 32 << 20
 READ_BLOCK = 4 << 20
 
 
+class Preempted(Exception):
+    """A background migration gave way to foreground work; nothing was committed."""
+
+
 @dataclass
 class Migration:
     ino: int
@@ -49,6 +53,7 @@ def prepare(
     has_chunk: Callable[[bytes], bool],
     stage: Callable[[dict[bytes, bytes]], None],
     level: int = 3,
+    stop: Callable[[], bool] | None = None,
 ) -> Migration:
     """Read and chunk the Phase 3 file behind `legacy`; SourceError if it cannot be
     read safely or changes while being read."""
@@ -61,8 +66,9 @@ def prepare(
         whole = blake3.blake3()
         held = 0
         with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-            for c in chunker.stream(f):
-                piece = c
+            for piece in chunker.stream(f):
+                if stop is not None and stop():
+                    raise Preempted()
                 d = digest(piece)
                 whole.update(piece)
                 n = len(piece)

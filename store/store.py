@@ -746,8 +746,12 @@ class Store:
 
     # -- migration -----------------------------------------------------------------
 
-    def prepare_migration(self, ino: int) -> ingest.Migration | None:
-        """Read and chunk a LEGACY file (no lock held); None if it is not LEGACY."""
+    def prepare_migration(
+        self, ino: int, stop: Callable[[], bool] | None = None
+    ) -> ingest.Migration | None:
+        """Read and chunk a LEGACY file (no lock held); None if it is not LEGACY.
+
+        `stop` is polled between chunks; when it says so, Preempted is raised."""
         with self.backend.read() as txn:
             node = ns.get(txn, ino)
             if not node.is_reg or node.stored:
@@ -763,7 +767,9 @@ class Store:
         def stage(records: dict[bytes, bytes]) -> None:
             self._write(lambda t: ingest.stage_records(t, records))
 
-        return ingest.prepare(self.tree, ino, node.version, leg, self.chunker, has_chunk, stage)
+        return ingest.prepare(
+            self.tree, ino, node.version, leg, self.chunker, has_chunk, stage, stop=stop
+        )
 
     def commit_migrations(self, ms: list[ingest.Migration]) -> list[Inode]:
         """Commit prepared migrations in one transaction; files no longer LEGACY are skipped."""

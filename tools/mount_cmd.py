@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from ferryfs.fs import daemon
 from ferryfs.store.errors import FerryError, UsageError
 
 from .migrate_cmd import default_store
@@ -31,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="the store directory (default: SRC.ferry beside SRC)")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("-o", dest="options", action="append", default=[], help="allow_other")
-    p.add_argument("--no-sweep", action="store_true", help="migrate only on first read")
     p.add_argument("--debug", action="store_true", help="log every request")
+    daemon.add_sweep_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,13 +54,10 @@ def run(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "ferryfs.fs.daemon", src, mnt, "--store", store]
     if "allow_other" in opts:
         cmd.append("--allow-other")
-    if args.no_sweep:
-        cmd.append("--no-sweep")
+    cmd.extend(daemon.sweep_argv(args))
     if args.debug:
         cmd.append("--debug")
     if args.foreground:
-        from ferryfs.fs import daemon
-
         return daemon.main(cmd[3:])
     os.makedirs(store, exist_ok=True)
     r, w = os.pipe()

@@ -1,0 +1,291 @@
+"""The idle sweep: migrates every file nobody has opened yet, in the background.
+
+It runs when no foreground request came for `idle_ms` and the CPUs kept busy by
+other processes are under `max_load`; it works in batches of `batch` files
+with `batch_delay_ms` between them, on `jobs` worker threads. Any foreground
+request pre-empts it: the workers poll a flag between chunks and give up the
+file they are on (nothing of it was committed), and the sweep waits for the
+next quiet period. Its progress is the store's own state (a file is LEGACY or
+MIGRATED), so a daemon killed at any moment carries on where it stopped.
+
+Concurrency rules: the todo list and counters are touched only on the trio
+thread; worker threads only run `Store.prepare_migration`; commits are one
+write transaction each on the trio thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from ferryfs.store.errors import OpError, SourceError
+from ferryfs.store.ingest import Migration, Preempted
+from ferryfs.store.store import Store
+
+from .load import OtherLoad
+
+log = logging.getLogger("ferryfs.sweep")
+
+ORDERS = ("recent", "oldest", "inode", "largest", "smallest")
+
+
+@dataclass
+class SweepConfig:
+    idle_ms: int = 500
+    # CPUs kept busy by other processes above which the sweep waits: half the machine.
+    max_load: float = field(default_factory=lambda: (os.cpu_count() or 2) / 2)
+    batch: int = 64
+    batch_delay_ms: int = 10
+    order: str = "recent"
+    jobs: int = 2
+
+
+@dataclass
+class SweepStats:
+    files: int = 0
+    bytes: int = 0
+    batches: int = 0
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+    window: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
+
+    def rate(self) -> float:
+        """Bytes per second over the recent batches."""
+        if len(self.window) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self.window[0], self.window[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class Sweep:
+    """Background migration of a mount's LEGACY files; see the module docstring."""
+
+    def __init__(self, store: Store, config: SweepConfig) -> None:
+        self.store = store
+        self.cfg = config
+        self.state = "waiting"
+        self.stats = SweepStats()
+        self.last_request = time.monotonic()
+        self._preempt = threading.Event()
+        self._paused = False
+        self._cancelled = False
+        self._wake = trio.Event()
+        self._idle = trio.Event()  # set while no batch is in flight
+        self._idle.set()
+        self._load = OtherLoad()
+        self._failed: set[int] = set()
+        self._todo: array[int] = array("Q")
+        self._pending_bytes: int | None = None  # unknown until the first scan
+
+    # -- called by the adapter and the control channel --------------------------------
+
+    def poke(self) -> None:
+        """A foreground request arrived: give way now."""
+        self.last_request = time.monotonic()
+        self._preempt.set()
+
+    async def pause(self) -> None:
+        self._paused = True
+        self._preempt.set()
+        await self._idle.wait()
+        if self.state not in ("done", "cancelled"):
+            self.state = "paused"
+
+    async def resume(self) -> None:
+        self._paused = False
+        if self.state == "paused":
+            self.state = "waiting"
+        self._wake.set()
+
+    async def cancel(self) -> None:
+        self._cancelled = True
+        self._preempt.set()
+        await self._idle.wait()
+        if self.state != "done":
+            self.state = "cancelled"
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        rate = self.stats.rate()
+        left = self._pending_bytes
+        if left == 0 or self.state == "done":
+            eta: float | None = 0.0
+        elif left is None or rate <= 0:
+            eta = None
+        else:
+            eta = left / rate
+        return {
+            "sweep_state": self.state,
+            "sweep_files": self.stats.files,
+            "sweep_bytes": self.stats.bytes,
+            "sweep_batches": self.stats.batches,
+            "sweep_errors": self.stats.errors,
+            "sweep_rate": round(rate, 1),
+            "sweep_eta_seconds": None if eta is None else round(eta, 1),
+            "other_load": round(self._load.value, 2),
+        }
+
+    # -- the task ----------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if self._cancelled:
+                self.state = "cancelled"
+                return
+            if self._paused:
+                self.state = "paused"
+                await self._wait_wake()
+                continue
+            if not await self._wait_quiet():
+                continue
+            self.state = "running"
+            more = await self._import_some()
+            if not more:
+                batch = await self._next_batch()
+                if not batch:
+                    if await self._refill():
+                        continue
+                    self.state = "done"
+                    log.info(
+                        "sweep done: %d files, %.1f MB migrated in the background, %d errors",
+                        self.stats.files,
+                        self.stats.bytes / 1e6,
+                        self.stats.errors,
+                    )
+                    await self._wait_wake()
+                    if self.state == "done":
+                        self.state = "waiting"
+                    continue
+                await self._run_batch(batch)
+            await trio.sleep(self.cfg.batch_delay_ms / 1000)
+
+    async def _wait_wake(self) -> None:
+        self._wake = trio.Event()
+        await self._wake.wait()
+
+    async def _wait_quiet(self) -> bool:
+        """Wait until the mount is idle and the machine is not busy. False to re-check state."""
+        idle = self.cfg.idle_ms / 1000
+        while not (self._paused or self._cancelled):
+            quiet_for = time.monotonic() - self.last_request
+            if quiet_for >= idle:
+                if self._load.sample() < self.cfg.max_load:
+                    self._preempt.clear()
+                    return True
+                self.state = "waiting"
+                await trio.sleep(0.5)
+                continue
+            self.state = "waiting"
+            await trio.sleep(max(0.005, idle - quiet_for))
+        return False
+
+    async def _import_some(self) -> bool:
+        """List a few UNLISTED directories. True if some were listed."""
+        dirs = self.store.unlisted_dirs(limit=16)
+        for ino in dirs:
+            if self._preempt.is_set():
+                return True
+            try:
+                self.store.ensure_listed(ino)
+            except OpError as e:
+                log.warning("cannot list directory inode %d: %s", ino, e)
+            await trio.sleep(0)
+        return bool(dirs)
+
+    async def _refill(self) -> bool:
+        """Build the todo list from the store. True if there is work."""
+        todo = await trio.to_thread.run_sync(self._scan)
+        self._todo = todo
+        return bool(todo)
+
+    def _scan(self) -> array[int]:
+        items = []
+        pending = 0
+        for node in self.store.iter_inodes():
+            if node.is_reg and not node.stored and node.ino not in self._failed:
+                items.append((node.mtime_ns, node.size, node.ino))
+                pending += node.size
+        order = self.cfg.order
+        if order == "recent":
+            items.sort(key=lambda x: -x[0])
+        elif order == "oldest":
+            items.sort(key=lambda x: x[0])
+        elif order == "largest":
+            items.sort(key=lambda x: -x[1])
+        elif order == "smallest":
+            items.sort(key=lambda x: x[1])
+        self._pending_bytes = pending
+        # Popped from the end, so keep the first to do last.
+        return array("Q", reversed([i for _, _, i in items]))
+
+    async def _next_batch(self) -> list[int]:
+        out: list[int] = []
+        while self._todo and len(out) < self.cfg.batch:
+            out.append(self._todo.pop())
+        return out
+
+    async def _run_batch(self, batch: list[int]) -> None:
+        self._idle = trio.Event()
+        t0 = time.monotonic()
+        done: list[Migration] = []
+        gave_way: list[int] = []
+        try:
+            queue = deque(batch)
+            limiter = trio.CapacityLimiter(max(1, self.cfg.jobs))
+
+            async def worker() -> None:
+                while queue:
+                    ino = queue.popleft()
+                    if self._preempt.is_set():
+                        gave_way.append(ino)
+                        continue
+                    try:
+                        m = await trio.to_thread.run_sync(
+                            self.store.prepare_migration,
+                            ino,
+                            self._preempt.is_set,
+                            limiter=limiter,
+                        )
+                    except Preempted:
+                        gave_way.append(ino)
+                        continue
+                    except (SourceError, OpError) as e:
+                        self._failed.add(ino)
+                        self.stats.errors += 1
+                        self.store.record_error(ino, str(e))
+                        log.warning("sweep: cannot migrate inode %d: %s", ino, e)
+                        continue
+                    if m is not None:
+                        done.append(m)
+
+            async with trio.open_nursery() as n:
+                for _ in range(max(1, self.cfg.jobs)):
+                    n.start_soon(worker)
+            committed = self.store.commit_migrations(done) if done else []
+        finally:
+            self._todo.extend(reversed(gave_way))
+            self._idle.set()
+        nbytes = sum(x.size for x in committed)
+        self.stats.files += len(committed)
+        self.stats.bytes += nbytes
+        self.stats.batches += 1
+        self._pending_bytes = max(0, (self._pending_bytes or 0) - nbytes)
+        self.stats.window.append((time.monotonic(), self.stats.bytes))
+        if committed or gave_way:
+            log.info(
+                "sweep: batch %d: %d files, %.1f MB in %.2f s%s; %d files left",
+                self.stats.batches,
+                len(committed),
+                nbytes / 1e6,
+                time.monotonic() - t0,
+                f", gave way on {len(gave_way)}" if gave_way else "",
+                len(self._todo),
+            )

@@ -1,0 +1,118 @@
+"""Show a live mount's migration progress: files and bytes, savings, sweep state, rate, ETA."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from .mounts import status
+
+JSON_KEYS = (
+    "files_total",
+    "files_migrated",
+    "bytes_logical",
+    "bytes_stored",
+    "sweep_state",
+    "errors",
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mnt", help="the mountpoint")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--watch", action="store_true", help="live progress bars until done")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between --watch updates")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.watch and not args.json:
+        return watch(args.mnt, args.interval)
+    s = status(args.mnt)
+    if args.json:
+        print(json.dumps(s))
+    else:
+        print(render(s))
+    return 0
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _eta(s: dict[str, Any]) -> str:
+    eta = s.get("sweep_eta_seconds")
+    if eta is None:
+        return "unknown"
+    return f"{int(eta) // 60}m{int(eta) % 60:02d}s"
+
+
+def render(s: dict[str, Any]) -> str:
+    saved = 1 - s["bytes_stored"] / s["bytes_migrated"] if s["bytes_migrated"] else 0.0
+    dedup = 1 - s["bytes_compressed"] / s["bytes_migrated"] if s["bytes_migrated"] else 0.0
+    rows = [
+        (
+            "files",
+            f"{s['files_migrated']} of {s['files_total']} migrated, {s['files_legacy']} pending",
+        ),
+        (
+            "bytes",
+            f"{_mb(s['bytes_migrated'])} of {_mb(s['bytes_logical'])} migrated, "
+            f"{_mb(s['bytes_legacy'])} pending",
+        ),
+        (
+            "stored",
+            f"{_mb(s['bytes_stored'])} on disk "
+            f"(dedup+compression save {dedup:.0%}, {saved:.0%} after overhead)",
+        ),
+        ("sweep", f"{s['sweep_state']}, {_mb(s.get('sweep_rate', 0))}/s, ETA {_eta(s)}"),
+        ("errors", f"{s['errors']} files, {s.get('corrupt_reads', 0)} corrupt reads"),
+    ]
+    if s.get("failsafe"):
+        rows.append(("FAILSAFE", f"{s['failsafe']}: run ferryfs fsck"))
+    return "\n".join(f"{k:>8}  {v}" for k, v in rows)
+
+
+def watch(mnt: str, interval: float) -> int:
+    if not sys.stdout.isatty():
+        while True:
+            s = status(mnt)
+            print(render(s), flush=True)
+            if s["sweep_state"] in ("done", "cancelled", "off") or not s["files_legacy"]:
+                return 0
+            time.sleep(interval)
+    from rich.live import Live
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    prog = Progress(
+        TextColumn("{task.description:>6}"), BarColumn(), TextColumn("{task.fields[what]}")
+    )
+    files = prog.add_task("files", total=1, what="")
+    data = prog.add_task("bytes", total=1, what="")
+    try:
+        with Live(prog, refresh_per_second=4):
+            while True:
+                s = status(mnt)
+                prog.update(
+                    files,
+                    total=max(1, s["files_total"]),
+                    completed=s["files_migrated"],
+                    what=f"{s['files_migrated']}/{s['files_total']}",
+                )
+                prog.update(
+                    data,
+                    total=max(1, s["bytes_logical"]),
+                    completed=s["bytes_migrated"],
+                    what=f"{_mb(s['bytes_migrated'])} · sweep {s['sweep_state']} · "
+                    f"{_mb(s.get('sweep_rate', 0))}/s · ETA {_eta(s)} · "
+                    f"{s['errors']} errors",
+                )
+                if s["sweep_state"] in ("done", "cancelled", "off") or not s["files_legacy"]:
+                    break
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return 130
+    print(render(status(mnt)))
+    return 0
