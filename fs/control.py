@@ -2,7 +2,7 @@
 mount's owner or root (checked by the Operations adapter).
 
 `user.ferryfs.pid` and `user.ferryfs.store` say which daemon and store serve
-the mount; `user.ferryfs.status` is a JSON document; setting
+the mount, `user.ferryfs.srcfd` which of its fds holds the Phase 3 tree; `user.ferryfs.status` is a JSON document; setting
 `user.ferryfs.control` to a command (`pause`, `resume`, `cancel`, `sync`)
 acts on the mount and returns once it has.
 """
@@ -33,6 +33,10 @@ class Control:
             return str(os.getpid()).encode()
         if name == b"store":
             return os.fsencode(os.path.abspath(self.store_dir))
+        if name == b"srcfd" and self.store.tree is not None:
+            # Lets the owner reach the shadowed Phase 3 tree of an in-place mount
+            # through /proc/PID/fd (rollback's export needs it).
+            return str(self.store.tree.root_fd).encode()
         if name == b"status":
             return json.dumps(self.status()).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

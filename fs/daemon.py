@@ -83,6 +83,12 @@ def run(
     ops = Operations(store, owner_uid=os.getuid())
     control = Control(store, store_dir, ops.counters)
     ops.control = control
+
+    async def sync() -> None:
+        await ops.flush_all()
+        store.sync()
+
+    control.commands[b"sync"] = sync
     sweep = Sweep(store, sweep_config) if sweep_config is not None else None
     if sweep is not None:
         ops.on_request = sweep.poke

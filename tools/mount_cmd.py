@@ -16,6 +16,7 @@ import time
 from ferryfs.fs import daemon
 from ferryfs.store.errors import FerryError, UsageError
 
+from . import rollbacks
 from .migrate_cmd import default_store
 from .mounts import fs_type
 
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"mountpoint {args.mnt} is not a directory")
     if fs_type(mnt) == "fuse.ferryfs":
         raise UsageError(f"{args.mnt} is already a ferryfs mount")
+    if rollbacks.lookup(mnt) is not None and fs_type(mnt) is not None:
+        raise UsageError(f"{args.mnt} shows a rolled-back Phase 3 tree; `ferryfs umount` it first")
     if not os.path.exists("/dev/fuse"):
         raise MountFailed("/dev/fuse is missing: load the fuse module or run where FUSE works")
     opts = [o for group in args.options for o in group.split(",") if o]
