@@ -2,7 +2,8 @@
 mount's owner or root (checked by the Operations adapter).
 
 `user.ferryfs.pid` and `user.ferryfs.store` say which daemon and store serve
-the mount, `user.ferryfs.srcfd` which of its fds holds the Phase 3 tree; `user.ferryfs.status` is a JSON document; setting
+the mount, `user.ferryfs.srcfd` which of its fds holds the Phase 3 tree;
+`user.ferryfs.status` is a JSON document; setting
 `user.ferryfs.control` to a command (`pause`, `resume`, `cancel`, `sync`)
 acts on the mount and returns once it has.
 """
