@@ -59,6 +59,7 @@ class Control:
             reads=c.reads,
             migrated_on_open=c.migrated_on_open,
             corrupt_reads=c.corrupt_reads,
+            healed=c.healed,
             failsafe=self.store.failsafe,
         )
         s.update(self.status_extra())

@@ -353,9 +353,26 @@ class Operations(pyfuse3.Operations):
         node = self.store.getattr(f.ino)
         if not node.stored and node.is_reg:
             node = await self._migrate(f.ino)
+        try:
+            return await self._read(f.ino, off, size)
+        except CorruptChunk as e:
+            # Never wrong bytes: heal from Phase 3 if the file is unmodified, else EIO
+            # and failsafe (writes refused until fsck has looked at the store).
+            self.on_corrupt(e)
+            if await trio.to_thread.run_sync(self.store.heal, f.ino, e.digest):
+                self.counters.healed += 1
+                log.warning("healed chunk %s from Phase 3", e.digest.hex()[:16])
+                return await self._read(f.ino, off, size)
+            self.store.failsafe = (
+                f"chunk {e.digest.hex()[:16]} of inode {f.ino} is corrupt and cannot be healed"
+            )
+            log.error("failsafe: %s; writes refused, run ferryfs fsck", self.store.failsafe)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _read(self, ino: int, off: int, size: int) -> bytes:
         if size >= 1 << 20:
-            return await trio.to_thread.run_sync(self.store.read, f.ino, off, size)
-        return self.store.read(f.ino, off, size)
+            return await trio.to_thread.run_sync(self.store.read, ino, off, size)
+        return self.store.read(ino, off, size)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

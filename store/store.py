@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from . import cas, content, ingest
+from . import cas, codec, content, ingest
 from . import namespace as ns
 from .chunker import Chunker
+from .chunker import digest as chunk_digest
 from .errors import (
     Exists,
     FerryError,
@@ -808,6 +809,31 @@ class Store:
         if m is not None:
             self.commit_migrations([m])
         return self.getattr(ino)
+
+    def heal(self, ino: int, bad: bytes) -> bool:
+        """Rewrite the chunk `bad` from the Phase 3 copy of `ino`, if the file is
+        unmodified since Phase 3 and its bytes there still hash to `bad`."""
+        with self.backend.read() as txn:
+            node = ns.get(txn, ino)
+            leg = ns.get_legacy(txn, ino)
+            spots = [(o, n) for o, d, n in content.all_extents(txn, ino) if d == bad]
+        if node.changed or leg is None or self.tree is None or not spots:
+            return False
+        try:
+            fd = self.tree.open_file(leg.path)
+        except SourceError:
+            return False
+        try:
+            for off, n in spots:
+                plain = os.pread(fd, n, off)
+                if len(plain) == n and chunk_digest(plain) == bad:
+                    rec = codec.encode(plain)
+                    self._write(lambda txn: txn.put("chunks", bad, rec))
+                    self.cache.discard(bad)
+                    return True
+        finally:
+            os.close(fd)
+        return False
 
     def record_error(self, ino: int, message: str) -> None:
         if not self.readonly and self.failsafe is None:
