@@ -828,7 +828,7 @@ class Store:
                 plain = os.pread(fd, n, off)
                 if len(plain) == n and chunk_digest(plain) == bad:
                     rec = codec.encode(plain)
-                    self._write(lambda txn: txn.put("chunks", bad, rec))
+                    self._write(lambda txn, rec=rec: txn.put("chunks", bad, rec))
                     self.cache.discard(bad)
                     return True
         finally:
