@@ -827,13 +827,15 @@ class Store:
             for off, n in spots:
                 plain = os.pread(fd, n, off)
                 if len(plain) == n and chunk_digest(plain) == bad:
-                    rec = codec.encode(plain)
-                    self._write(lambda txn, rec=rec: txn.put("chunks", bad, rec))
+                    self._put_chunk(bad, codec.encode(plain))
                     self.cache.discard(bad)
                     return True
         finally:
             os.close(fd)
         return False
+
+    def _put_chunk(self, digest: bytes, record: bytes) -> None:
+        self._write(lambda txn: txn.put("chunks", digest, record))
 
     def record_error(self, ino: int, message: str) -> None:
         if not self.readonly and self.failsafe is None:
