@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -871,23 +873,29 @@ class Store:
                         break
         return out
 
-    def import_all(self) -> int:
-        """List every UNLISTED directory, breadth first. Returns how many were listed."""
-        n = 0
-        queue = [ROOT_INO]
+    def import_all(self, batch: int = 256) -> int:
+        """List every UNLISTED directory, breadth first, `batch` directories per
+        transaction. Returns how many were listed."""
+        listed = 0
+        queue: deque[int] = deque([ROOT_INO])
+
+        def op(txn: Txn, inos: list[int]) -> list[int]:
+            nonlocal listed
+            subdirs = []
+            for ino in inos:
+                d = ns.get(txn, ino)
+                if not d.stored:
+                    ns.import_dir(txn, self.tree, d)
+                    listed += 1
+                for _, _, c in ns.entries(txn, ino):
+                    if stat.S_ISDIR(ns.get(txn, c).mode):
+                        subdirs.append(c)
+            return subdirs
+
         while queue:
-            ino = queue.pop()
-            if not self.getattr(ino).stored:
-                self.ensure_listed(ino)
-                n += 1
-            after = 0
-            while True:
-                batch = self.readdir(ino, after)
-                if not batch:
-                    break
-                queue.extend(i.ino for _, _, i in batch if i.is_dir)
-                after = batch[-1][0]
-        return n
+            inos = [queue.popleft() for _ in range(min(batch, len(queue)))]
+            queue.extend(self._write(functools.partial(op, inos=inos)))
+        return listed
 
     # -- figures ------------------------------------------------------------------
 

@@ -45,13 +45,17 @@ def _load(module: str) -> ModuleType | None:
         raise
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that subcommand's module is imported (start-up
+    time matters for a command run from scripts and status loops)."""
     parser = argparse.ArgumentParser(
         prog="ferryfs",
         description="Move a live application's files into chunked, deduplicated storage.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         mod = _load(module)
         if mod is None:
             continue
@@ -63,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    first = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(first if first in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         code: int = args._module.run(args)
