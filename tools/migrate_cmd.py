@@ -12,6 +12,7 @@ import argparse
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ferryfs.store.errors import SourceError, UsageError
@@ -66,14 +67,17 @@ def check_source(store: Store, src: str) -> None:
         raise UsageError(f"store belongs to {recorded}, not {os.path.abspath(src)}")
 
 
+def _legacy_inodes(store: Store) -> Iterator[int]:
+    """LEGACY files in inode order, a page at a time: memory stays flat in the file count."""
+    after = 0
+    while page := store.legacy_files(after):
+        yield from page
+        after = page[-1]
+
+
 def migrate_all(store: Store, jobs: int) -> dict[str, int]:
     """Migrate every LEGACY file of `store`. Returns files, bytes and errors counts."""
-    todo: list[int] = []
-    after = 0
-    while batch := store.legacy_files(after):
-        todo.extend(batch)
-        after = batch[-1]
-    total = sum(store.getattr(i).size for i in todo)
+    total = store.stats().bytes_legacy
     done = {"files": 0, "bytes": 0, "errors": 0}
     group: list[Migration] = []
     group_bytes = 0
@@ -89,7 +93,7 @@ def migrate_all(store: Store, jobs: int) -> dict[str, int]:
 
     with ThreadPoolExecutor(jobs) as pool, Bar("migrating", total) as bar:
         pending: deque[tuple[int, Future[Migration | None]]] = deque()
-        it = iter(todo)
+        it = _legacy_inodes(store)
         for ino in it:
             pending.append((ino, pool.submit(store.prepare_migration, ino)))
             if len(pending) >= jobs * 4:
