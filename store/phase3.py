@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import SourceError, StoreMissing
+from .errors import NotFound, SourceError, StoreMissing
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -109,6 +109,8 @@ class Phase3Tree:
         dfd = self._walk_to(parts[:-1])
         try:
             return os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise NotFound(os.fsdecode(rel)) from None
         except OSError as e:
             raise SourceError(_why(e)) from e
         finally:

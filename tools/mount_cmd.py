@@ -63,8 +63,16 @@ def run(args: argparse.Namespace) -> int:
     if args.foreground:
         return daemon.main(cmd[3:])
     os.makedirs(store, exist_ok=True)
+    pid = spawn_daemon([*cmd], os.path.join(store, "daemon.log"))
+    print(f"mounted {args.src} on {args.mnt} (store {store}, pid {pid})")
+    return 0
+
+
+def spawn_daemon(cmd: list[str], log_path: str) -> int:
+    """Start a daemon that reports "ready" or one error line on `--ready-fd`;
+    return its pid once ready, or raise MountFailed with its error line."""
     r, w = os.pipe()
-    with open(os.path.join(store, "daemon.log"), "ab") as log:
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [*cmd, "--ready-fd", str(w)],
             pass_fds=(w,),
@@ -74,14 +82,15 @@ def run(args: argparse.Namespace) -> int:
             start_new_session=True,
         )
     os.close(w)
-    line = _read_line(r, proc)
-    os.close(r)
+    try:
+        line = _read_line(r, proc)
+    finally:
+        os.close(r)
     if line == "ready":
-        print(f"mounted {args.src} on {args.mnt} (store {store}, pid {proc.pid})")
-        return 0
+        return proc.pid
     if proc.poll() is None:
         proc.terminate()
-    raise MountFailed(line.removeprefix("error: ") or f"the daemon exited; see {store}/daemon.log")
+    raise MountFailed(line.removeprefix("error: ") or f"the daemon exited; see {log_path}")
 
 
 def _read_line(fd: int, proc: subprocess.Popen[bytes]) -> str:

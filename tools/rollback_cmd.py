@@ -1,5 +1,8 @@
 """Back out: stop the mount and show the untouched Phase 3 tree read-only in its place.
 
+As root that is a read-only bind mount; otherwise a read-only passthrough FUSE
+mount (fs/passthrough.py).
+
 Refuses when files were changed, created or deleted through the mount since
 the rollback point, unless told `--export-changes DIR` (each changed or new
 file written to DIR under its path, and the deletions listed in
@@ -20,6 +23,7 @@ from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.store import Store
 
 from . import rollbacks
+from .mount_cmd import spawn_daemon
 from .mounts import control_get, control_set, status
 from .umount_cmd import stop_daemon
 
@@ -43,11 +47,6 @@ def run(args: argparse.Namespace) -> int:
     export = os.path.abspath(args.export_changes) if args.export_changes else None
     if export and (export == mnt or export.startswith(mnt.rstrip("/") + "/")):
         raise UsageError("--export-changes must be outside the mount")
-    if os.geteuid() != 0:
-        raise FerryError(
-            "rollback needs root for the read-only bind mount (the unprivileged read-only "
-            "passthrough mount is not built yet)"
-        )
     control_set(mnt, "sync")
     with Store.open(store_dir, readonly=True) as store:
         src = store.source_path()
@@ -75,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
     if st.get("sweep_state") not in (None, "off", "done", "cancelled"):
         control_set(mnt, "cancel")
     stop_daemon(mnt, pid)
-    bind_readonly(src, mnt)
+    if os.geteuid() == 0:
+        bind_readonly(src, mnt)
+    else:
+        cmd = [sys.executable, "-m", "ferryfs.fs.passthrough", src, mnt]
+        spawn_daemon(cmd, os.path.join(store_dir, "readonly.log"))
     rollbacks.record(mnt, src, store_dir)
     print(f"rolled back: {mnt} shows the Phase 3 tree {src} read-only; store kept at {store_dir}")
     return 0

@@ -26,7 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     mnt = os.path.abspath(args.mnt)
     if fs_type(mnt) != "fuse.ferryfs" and rollbacks.lookup(mnt) is not None:
-        r = subprocess.run(["umount", mnt], capture_output=True, text=True)
+        fuse = fs_type(mnt) == "fuse.ferryfs-ro"
+        r = subprocess.run(
+            ["fusermount3", "-u", mnt] if fuse else ["umount", mnt], capture_output=True, text=True
+        )
         if r.returncode != 0:
             raise FerryError(f"umount {mnt} failed: {r.stderr.strip()}")
         rollbacks.forget(mnt)
