@@ -76,10 +76,7 @@ test: lint
 	$(BIN)/pytest -q
 
 demo: venv
-	@[ -e demo/phase3 ] || $(BIN)/ferryfs sample demo/phase3 --sessions 200 --seed 1
-	$(BIN)/ferryfs plan demo/phase3
-	$(BIN)/ferryfs migrate demo/phase3 --store demo/phase3.ferry
-	$(BIN)/ferryfs stats demo/phase3.ferry
+	BIN=$(BIN) tools/demo.sh
 
 bench: venv bench-deps
 	$(BIN)/python -m ferryfs.tools.bench $(BENCH_ARGS)
