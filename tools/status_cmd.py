@@ -65,7 +65,8 @@ def render(s: dict[str, Any]) -> str:
         (
             "stored",
             f"{_mb(s['bytes_stored'])} on disk "
-            f"(dedup+compression save {dedup:.0%}, {saved:.0%} after overhead)",
+            f"(dedup+compression save {dedup:.0%}"
+            + (f", {saved:.0%} after overhead)" if saved >= 0 else ")"),
         ),
         ("sweep", f"{s['sweep_state']}, {_mb(s.get('sweep_rate', 0))}/s, ETA {_eta(s)}"),
         ("errors", f"{s['errors']} files, {s.get('corrupt_reads', 0)} corrupt reads"),
