@@ -134,7 +134,7 @@ class LmdbBackend:
             readonly=readonly,
             metasync=False,
             sync=not readonly,
-            readahead=False,
+            readahead=True,
             max_readers=256,
             lock=True,
         )
