@@ -81,7 +81,10 @@ class _LmdbTxn:
             raise MapFull() from e
 
     def delete(self, db: str, key: bytes) -> bool:
-        ok: bool = self._txn.delete(key, db=self._dbs[db])
+        try:
+            ok: bool = self._txn.delete(key, db=self._dbs[db])
+        except lmdb.MapFullError as e:  # a delete copies pages too
+            raise MapFull() from e
         return ok
 
     def range(

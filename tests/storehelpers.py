@@ -1,0 +1,202 @@
+"""Helpers shared by the store tests: Phase 3 snapshots, a walk of a store's
+namespace, and a checker of the store's invariants read straight from the
+backend (independent of the code that maintains them)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferryfs.store import codec
+from ferryfs.store.records import HOLE, ROOT_INO, STORED, U64, Inode, unpack_extent
+from ferryfs.store.store import Store
+
+StatRow = tuple[int, int, int, int, int, int, int, int, int]
+
+
+def stat_row(st: os.stat_result) -> StatRow:
+    """What must not change in a Phase 3 entry (atime aside: reading moves it)."""
+    return (
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+        st.st_nlink,
+        st.st_rdev,
+    )
+
+
+def snapshot(root: Path | str) -> dict[bytes, tuple[StatRow, bytes]]:
+    """Every entry under `root` (root included, as b"") with its stat and its content
+    (regular files), target (symlinks) or nothing; never follows a link or opens a FIFO."""
+    top = os.fsencode(root)
+    out: dict[bytes, tuple[StatRow, bytes]] = {}
+
+    def visit(path: bytes, rel: bytes) -> None:
+        st = os.lstat(path)
+        body = b""
+        if stat.S_ISREG(st.st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                with os.fdopen(fd, "rb") as f:
+                    body = f.read()
+            except BaseException:
+                raise
+        elif stat.S_ISLNK(st.st_mode):
+            body = os.readlink(path)
+        out[rel] = (stat_row(st), body)
+        if stat.S_ISDIR(st.st_mode):
+            for name in sorted(os.listdir(path)):
+                visit(os.path.join(path, name), os.path.join(rel, name) if rel else name)
+
+    visit(top, b"")
+    return out
+
+
+@dataclass(frozen=True)
+class Entry:
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    nlink: int
+    body: bytes  # content (files) or target (symlinks)
+
+
+def walk_store(store: Store, read: bool = True) -> dict[bytes, Entry]:
+    """Every entry reachable from the root by path, with its content if `read`."""
+    out: dict[bytes, Entry] = {}
+
+    def visit(ino: int, rel: bytes) -> None:
+        after = 0
+        while batch := store.readdir(ino, after, limit=100):
+            for cookie, name, node in batch:
+                path = rel + b"/" + name if rel else name
+                body = b""
+                if node.is_reg and read:
+                    body = store.read(node.ino, 0, node.size + 1)
+                    node = store.getattr(node.ino)
+                elif node.is_link:
+                    body = store.readlink(node.ino)
+                out[path] = Entry(
+                    node.ino,
+                    node.mode,
+                    node.uid,
+                    node.gid,
+                    node.size,
+                    node.mtime_ns,
+                    node.nlink,
+                    body,
+                )
+                if node.is_dir:
+                    visit(node.ino, path)
+                after = cookie
+
+    visit(ROOT_INO, b"")
+    return out
+
+
+@dataclass
+class Raw:
+    """The store's databases as plain Python values."""
+
+    inodes: dict[int, Inode]
+    dirents: list[tuple[int, bytes, int]]
+    extents: dict[int, list[tuple[int, bytes, int]]]
+    refs: dict[bytes, int]
+    chunks: dict[bytes, bytes]
+    pending: set[bytes]
+    orphans: set[int]
+
+
+def raw(store: Store) -> Raw:
+    with store.backend.read() as txn:
+        inodes = {
+            U64.unpack(k)[0]: Inode.unpack(U64.unpack(k)[0], v) for k, v in txn.range("inodes", b"")
+        }
+        dirents = [
+            (U64.unpack_from(k, 0)[0], bytes(k[16:]), U64.unpack(v)[0])
+            for k, v in txn.range("dirents", b"")
+        ]
+        extents: dict[int, list[tuple[int, bytes, int]]] = {}
+        for k, v in txn.range("extents", b""):
+            extents.setdefault(U64.unpack_from(k, 0)[0], []).append(unpack_extent(k, v))
+        refs = {bytes(k): U64.unpack(v)[0] for k, v in txn.range("refs", b"")}
+        chunks = {bytes(k): bytes(v) for k, v in txn.range("chunks", b"")}
+        pending = {bytes(k) for k, _ in txn.range("pending", b"")}
+        orphans = {U64.unpack_from(k, 7)[0] for k, _ in txn.range("meta", b"orphan:", b"orphan;")}
+    return Raw(inodes, dirents, extents, refs, chunks, pending, orphans)
+
+
+def check_invariants(store: Store, deep: bool = False) -> Raw:
+    """Assert the store's invariants 1-3 (and 4 if `deep`); returns what it read.
+
+    Link counts are checked only where every entry is known: a file's nlink
+    against the dirents naming it, a LISTED directory's against its subdirectories.
+    """
+    r = raw(store)
+    problems: list[str] = []
+    names = Counter(c for _, _, c in r.dirents)
+    subdirs: Counter[int] = Counter()
+    for parent, name, c in r.dirents:
+        if parent not in r.inodes or not r.inodes[parent].is_dir:
+            problems.append(f"dirent {name!r} in non-directory {parent}")
+        if c not in r.inodes:
+            problems.append(f"dirent {name!r} -> missing inode {c}")
+            continue
+        if r.inodes[c].is_dir:
+            subdirs[parent] += 1
+            if r.inodes[c].parent != parent:
+                problems.append(f"dir {c} has parent {r.inodes[c].parent}, listed in {parent}")
+    for ino, node in r.inodes.items():
+        if ino != ROOT_INO and names[ino] == 0 and ino not in r.orphans:
+            problems.append(f"inode {ino} unreachable")
+        if node.is_dir:
+            if node.flags & STORED and node.nlink != 2 + subdirs[ino]:
+                problems.append(f"dir {ino} nlink {node.nlink} != {2 + subdirs[ino]}")
+        elif node.nlink != names[ino]:
+            problems.append(f"inode {ino} nlink {node.nlink} != {names[ino]} dirents")
+    named: Counter[bytes] = Counter()
+    for ino, exts in r.extents.items():
+        node = r.inodes.get(ino)
+        if node is None or not node.is_reg or not node.stored:
+            problems.append(f"extents for inode {ino} which has no stored content")
+            continue
+        pos = 0
+        for off, d, n in exts:
+            if off != pos or n <= 0:
+                problems.append(f"inode {ino}: extent at {off} (len {n}), expected {pos}")
+            pos = off + n
+            if d != HOLE:
+                named[d] += 1
+        if pos != node.size:
+            problems.append(f"inode {ino}: extents end at {pos}, size {node.size}")
+    for ino, node in r.inodes.items():
+        if node.is_reg and node.stored and node.size and ino not in r.extents:
+            problems.append(f"inode {ino}: size {node.size} without extents")
+    if dict(named) != r.refs:
+        diff = {
+            d.hex()[:12]: (named.get(d), r.refs.get(d))
+            for d in set(named) | set(r.refs)
+            if named.get(d) != r.refs.get(d)
+        }
+        problems.append(f"refs differ from extents (named, refs): {diff}")
+    for d in r.refs:
+        if d not in r.chunks:
+            problems.append(f"ref to missing chunk {d.hex()[:12]}")
+    for d in r.chunks:
+        if d not in r.refs and d not in r.pending:
+            problems.append(f"orphan chunk {d.hex()[:12]}")
+    if deep:
+        for d, rec in r.chunks.items():
+            codec.decode(rec, d)
+    assert not problems, "\n".join(problems)
+    return r
