@@ -210,7 +210,7 @@ class Store:
                 stat.S_IFDIR | stat.S_IMODE(st.st_mode),
                 st.st_uid,
                 st.st_gid,
-                2,
+                max(2, st.st_nlink) if self.tree is not None else 2,
                 4096,
                 st.st_atime_ns,
                 st.st_mtime_ns,
