@@ -35,15 +35,31 @@ from ferryfs.store.errors import FerryError
 
 DEFAULT_SAMPLE_BYTES = 64 * 10**6
 
-# LMDB's on-disk overhead over the compressed chunk bytes, for "disk needed".
-# Pages split half full and MVCC keeps freed pages on its freelist until no
-# reader needs them, and the inode/dirent/extent records sit beside the chunks:
-# about 10% over the payload in practice. On top of that, a value larger than
-# about 2 KB (nearly every compressed 16-256 KiB chunk) lives in whole 4 KiB
-# overflow pages, so each chunk wastes half a page on average.
+# "Disk needed" is the compressed chunk bytes plus what LMDB adds around them:
+# - 10%: B+tree pages split half full, and MVCC keeps freed pages on its
+#   freelist until no reader needs them;
+# - half a 4 KiB page per chunk too big for a leaf page (a node over
+#   (4096 - 16) / 2 - 2 bytes, with its 8-byte header and 32-byte key: a record
+#   over about 2 KB, so nearly every compressed 16-256 KiB chunk). Such a value
+#   lives in whole overflow pages, wasting half of the last one on average;
+#   smaller records (tiny files) share leaf pages;
+# - about 1 KiB per file, directory or link for its inode, dirent, extent and
+#   Phase 3 records (8,000 tiny files made an 8.8 MB store around 0.8 MB of
+#   chunks), which dominates for trees of small files.
 LMDB_OVERHEAD = 0.10
+PER_ENTRY = 1024
 PAGE_SIZE = 4096
+OVERFLOW_OVER = (PAGE_SIZE - 16) // 2 - 2 - 8 - 32
 WASTE_PER_CHUNK = PAGE_SIZE // 2
+
+# What the sample cannot measure without writing: starting the command and
+# opening the store, the LMDB records and commit share of each file, and
+# writing the stored bytes out. Calibrated on a 2-CPU VM with SSD-backed ext4
+# (`python -m ferryfs.tools.bench` prints plan's estimate beside the measured
+# time, so a drift shows); a slow disk makes the last one optimistic.
+STARTUP_SECONDS = 0.3
+STORE_SECONDS_PER_FILE = 0.2e-3
+STORE_WRITE_RATE = 150e6  # stored bytes per second
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -82,6 +98,7 @@ class Plan:
     compression_ratio: float = 1.0
     est_stored_bytes: int = 0
     est_chunks: int = 0
+    est_overflow_chunks: int = 0  # those in overflow pages (see OVERFLOW_OVER)
     est_seconds: float = 0.0
     disk_needed: int = 0
     disk_free: int = 0
@@ -183,12 +200,22 @@ def plan(
         scale = p.bytes / sample.total
         p.est_stored_bytes = round(sample.stored * scale)
         p.est_chunks = round(sample.chunks * scale)
-        # Migration walks the tree too (importing every entry), then does the
-        # sampled work for every byte; LMDB commits are grouped and not counted.
-        p.est_seconds = walk_seconds + sample.seconds * scale
-    else:
-        p.est_seconds = walk_seconds
-    p.disk_needed = round(p.est_stored_bytes * (1 + LMDB_OVERHEAD)) + p.est_chunks * WASTE_PER_CHUNK
+        p.est_overflow_chunks = round(sample.overflow * scale)
+        # Migration does the sampled work for every byte.
+        p.est_seconds = sample.seconds * scale
+    # It walks the tree too (importing every entry), and the store adds its share.
+    p.est_seconds += (
+        walk_seconds
+        + STARTUP_SECONDS
+        + p.files * STORE_SECONDS_PER_FILE
+        + p.est_stored_bytes / STORE_WRITE_RATE
+    )
+    entries = p.files + p.dirs + p.symlinks
+    p.disk_needed = (
+        round(p.est_stored_bytes * (1 + LMDB_OVERHEAD))
+        + p.est_overflow_chunks * WASTE_PER_CHUNK
+        + entries * PER_ENTRY
+    )
     p.store = os.path.abspath(store) if store else os.path.abspath(src).rstrip("/") + ".ferry"
     p.disk_free = free_bytes(p.store)
     p.fits = p.disk_needed <= p.disk_free
@@ -305,6 +332,7 @@ class _Sample:
     unique: int = 0  # plain bytes of distinct chunks
     stored: int = 0  # record bytes of distinct chunks (codec.encode)
     chunks: int = 0  # distinct chunks
+    overflow: int = 0  # distinct chunks whose record needs LMDB overflow pages
     seconds: float = 0.0
     failed: int = 0  # sampled files that could not be opened or read
     failed_bytes: int = 0
@@ -325,7 +353,7 @@ def _measure(root_fd: int, files: list[tuple[bytes, int, int]], jobs: int) -> _S
                 s.failed += 1
                 s.failed_bytes += size
             return
-        total = unique = stored = chunks = 0
+        total = unique = stored = chunks = overflow = 0
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 for piece in chunker.stream(cast(BinaryIO, _Limited(f, limit))):
@@ -335,9 +363,11 @@ def _measure(root_fd: int, files: list[tuple[bytes, int, int]], jobs: int) -> _S
                         new = d not in s.seen
                         s.seen.add(d)
                     if new:
+                        record = len(codec.encode(piece))
                         unique += len(piece)
-                        stored += len(codec.encode(piece))
+                        stored += record
                         chunks += 1
+                        overflow += record > OVERFLOW_OVER
         except OSError:
             with s.lock:
                 s.failed += 1
@@ -349,6 +379,7 @@ def _measure(root_fd: int, files: list[tuple[bytes, int, int]], jobs: int) -> _S
             s.unique += unique
             s.stored += stored
             s.chunks += chunks
+            s.overflow += overflow
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(jobs) as pool:

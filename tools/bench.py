@@ -1,0 +1,531 @@
+"""The benchmark: ferryfs migrate against borg and restic on the same sample tree.
+
+    python -m ferryfs.tools.bench [--out DIR] [--mb 200] [--quick]
+
+Builds (or reuses) a sample Phase 3 tree of at least `--mb` MB in `--out`, then
+runs each tool once on it as a child process, measuring wall time, peak RSS
+(`wait4` rusage of the child) and the bytes its repository or store occupies
+on disk (st_blocks, as `du -B1` counts them, so sparse LMDB files count what
+they really use). A second section migrates trees of many tiny files to show
+whether ferryfs's memory grows with the number of files. Prints markdown tables
+to paste into the README and one PASS/SHORT line per target.
+
+Owns only measuring and printing: the tools run as their users would run them.
+Each measured tool is one small function returning a `Result`, so further tables
+(reads through borg mount / fuse-overlayfs, sweep rates) slot in beside these.
+A tool that fails gives a row saying so; the bench goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import planner
+from .sampletree import generate
+
+SEED = 1
+SESSIONS_PER_MB = 2  # about 40% of the bytes are session text, the rest attachments
+TIMEOUT = 3600.0
+RSS_LIMIT = 200 * 2**20
+RSS_FLAT = 1.2  # peak RSS may grow this much from the smaller tiny-file tree to the larger
+TINY_COUNTS = (20_000, 80_000)
+QUICK_TINY_COUNTS = (2_000, 8_000)
+
+
+@dataclass
+class Result:
+    """One measured run of one tool. `error` set means the run failed."""
+
+    tool: str
+    command: str
+    seconds: float = 0.0
+    files: int = 0
+    logical: int = 0  # bytes of the tree the tool read
+    stored: int = 0  # bytes on disk of what it wrote
+    peak_rss: int = 0  # bytes, from wait4: includes pages of mapped files
+    peak_anon: int = 0  # bytes, anonymous only, sampled (see measure)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.logical / 1e6 / self.seconds if self.seconds else 0.0
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Run:
+    """A finished child process: exit code, wall seconds, peak RSS, output tail."""
+
+    returncode: int
+    seconds: float
+    peak_rss: int
+    peak_anon: int  # sampled every 20 ms or so: a lower bound
+    tail: str
+
+
+class ToolFailed(Exception):
+    """A tool exited non-zero, timed out, or could not start; the message is one line."""
+
+
+# ---------------------------------------------------------------------------
+# Running and measuring
+
+
+def measure(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Run:
+    """Run `cmd` with output to `log`; its wall time and peak RSS from wait4.
+
+    Polls with WNOHANG (1 ms) rather than a blocking wait so that a hung tool is
+    killed at TIMEOUT; the poll adds at most a millisecond to the time.
+    """
+    full_env = {**os.environ, **(env or {})}
+    with open(log, "wb") as out:
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        except OSError as e:
+            raise ToolFailed(f"cannot run {cmd[0]}: {e.strerror}") from None
+        peak_anon = 0
+        polls = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if polls % 20 == 0:
+                peak_anon = max(peak_anon, _rss_anon(proc.pid))
+            polls += 1
+            if time.monotonic() - t0 > TIMEOUT:
+                os.kill(proc.pid, signal.SIGKILL)
+                os.wait4(proc.pid, 0)
+                proc.returncode = -signal.SIGKILL
+                raise ToolFailed(f"{Path(cmd[0]).name} timed out after {TIMEOUT:.0f} s")
+            time.sleep(0.001)
+        seconds = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    return Run(proc.returncode, seconds, usage.ru_maxrss * 1024, peak_anon, _tail(log))
+
+
+def _rss_anon(pid: int) -> int:
+    """The process's anonymous resident bytes (heap, stacks: not mapped files such
+    as LMDB's map, which the kernel also counts in RSS but can drop); 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def check(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Run:
+    """`measure`, raising ToolFailed with the last line of output on a non-zero exit."""
+    run = measure(cmd, log, env)
+    if run.returncode != 0:
+        raise ToolFailed(f"{Path(cmd[0]).name} exited {run.returncode}: {run.tail}")
+    return run
+
+
+def _tail(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1].strip()[:200] if lines else "(no output)"
+
+
+def drop_caches() -> bool:
+    """Flush and drop the page cache so each tool reads the tree from disk. Needs
+    root and a writable /proc/sys (not in most containers); False if refused."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated under `path`, as `du -B1 -s` counts them (hard links once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirs, files in os.walk(path):
+        for name in [*dirs, *files, "."] if dirpath == str(path) else [*dirs, *files]:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def tree_size(path: Path) -> tuple[int, int]:
+    """(regular files, their bytes) under `path`, symlinks not followed."""
+    files = size = 0
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                files += 1
+                size += st.st_size
+    return files, size
+
+
+def ferryfs_command() -> list[str]:
+    exe = Path(sys.executable).with_name("ferryfs")
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-m", "ferryfs.tools.cli"]
+
+
+def fresh(path: Path) -> Path:
+    """`path`, removed first if it exists (never following a mount out of `--out`)."""
+    if path.exists():
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# The trees
+
+
+def sample_tree(out: Path, mb: float) -> Path:
+    """A sample tree of at least `mb` MB in `out`, reused if built with the same
+    parameters. Session text is measured first (it does not depend on the
+    attachment size), then attachments fill the rest."""
+    sessions = max(20, round(mb * SESSIONS_PER_MB))
+    params = {"sessions": sessions, "seed": SEED, "mb": mb}
+    root, marker = out / f"phase3-{mb:g}mb", out / f"phase3-{mb:g}mb.json"
+    if root.is_dir() and marker.exists() and json.loads(marker.read_text()) == params:
+        return root
+    marker.unlink(missing_ok=True)
+    probe = fresh(out / "phase3-probe")
+    text = generate(probe, sessions, SEED, 0.0)
+    fresh(probe)
+    text_bytes = text.bytes - 64 * text.attachments  # attachments shrink to 64 B at 0 MB
+    attachment_mb = max(1.0, (mb * 1e6 - text_bytes) / 1e6 * 1.01)
+    generate(fresh(root), sessions, SEED, attachment_mb)
+    marker.write_text(json.dumps(params))
+    return root
+
+
+def tiny_tree(out: Path, count: int) -> Path:
+    """`count` small JSON files (200 B-2 KB) in directories of 500: metadata-bound."""
+    root, marker = out / f"tiny-{count}", out / f"tiny-{count}.json"
+    params = {"count": count, "seed": SEED}
+    if root.is_dir() and marker.exists() and json.loads(marker.read_text()) == params:
+        return root
+    marker.unlink(missing_ok=True)
+    fresh(root)
+    rng = random.Random(SEED)
+    for i in range(count):
+        d = root / f"{i // 500:04d}"
+        if i % 500 == 0:
+            d.mkdir(parents=True)
+        body = {"id": i, "role": rng.choice(["user", "assistant"]), "n": rng.random()}
+        body["text"] = "lorem ipsum dolor " * rng.randint(10, 100)
+        (d / f"{i:06d}.json").write_text(json.dumps(body))
+    marker.write_text(json.dumps(params))
+    return root
+
+
+# ---------------------------------------------------------------------------
+# One function per measured tool: (tree, work dir) -> Result
+
+
+def bench_ferryfs(tree: Path, work: Path) -> Result:
+    store = fresh(work / "ferryfs.store")
+    cmd = [*ferryfs_command(), "migrate", str(tree), "--store", str(store)]
+    r = Result("ferryfs migrate", "ferryfs migrate SRC --store S")
+    run = check(cmd, work / "ferryfs.log")
+    return finish(r, run, store)
+
+
+def bench_borg(tree: Path, work: Path) -> Result:
+    repo = fresh(work / "borg.repo")
+    env = {
+        "BORG_BASE_DIR": str(fresh(work / "borg.home")),  # its cache too, not in ~
+        "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+        "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
+    }
+    r = Result("borg 1.2 create", "borg create --compression zstd,3 repo::a SRC")
+    check(["borg", "init", "--encryption=none", str(repo)], work / "borg-init.log", env)
+    drop_caches()
+    run = check(
+        ["borg", "create", "--compression", "zstd,3", f"{repo}::a", str(tree)],
+        work / "borg.log",
+        env,
+    )
+    return finish(r, run, repo)
+
+
+def bench_restic(tree: Path, work: Path) -> Result:
+    repo = fresh(work / "restic.repo")
+    # restic 0.14 has no --insecure-no-password: a fixed password it is.
+    env = {"RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(fresh(work / "restic.cache"))}
+    r = Result("restic backup", "restic backup SRC (repo v2, compression auto)")
+    # Repository version 2 is the one that compresses; 0.14's default is still 1.
+    check(
+        ["restic", "init", "--repo", str(repo), "--repository-version", "2"],
+        work / "restic-init.log",
+        env,
+    )
+    drop_caches()
+    run = check(["restic", "backup", "--repo", str(repo), str(tree)], work / "restic.log", env)
+    return finish(r, run, repo)
+
+
+def finish(r: Result, run: Run, written: Path) -> Result:
+    """`r` with the measurements of `run` and the disk usage of what it wrote."""
+    r.seconds, r.peak_rss, r.peak_anon = run.seconds, run.peak_rss, run.peak_anon
+    r.stored = disk_usage(written)
+    return r
+
+
+def run_tool(fn: Callable[[Path, Path], Result], name: str, tree: Path, work: Path) -> Result:
+    """`fn` on `tree` after dropping caches; a failure becomes a failed row."""
+    files, logical = tree_size(tree)
+    drop_caches()
+    try:
+        r = fn(tree, work)
+    except (ToolFailed, OSError, subprocess.SubprocessError) as e:
+        r = Result(name, "", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+    r.files, r.logical = files, logical
+    return r
+
+
+# ---------------------------------------------------------------------------
+# Printing
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table with padded columns; the first column left, the rest right."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = ["-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
+    return "\n".join([line(headers), line(rule), *(line(r) for r in rows)])
+
+
+def ingest_table(results: Sequence[Result]) -> str:
+    headers = ["tool", "wall s", "MB/s", "files/s", "stored MB", "stored/logical"]
+    headers += ["peak RSS MB", "anon MB"]
+    rows: list[list[str]] = []
+    for r in results:
+        if not r.ok:
+            rows.append([r.tool, f"failed: {r.error}", *[""] * (len(headers) - 2)])
+            continue
+        rows.append(
+            [
+                r.tool,
+                f"{r.seconds:.2f}",
+                f"{r.mb_per_s:.1f}",
+                f"{r.files_per_s:,.0f}",
+                f"{r.stored / 1e6:.1f}",
+                f"{r.stored / r.logical:.3f}" if r.logical else "-",
+                f"{r.peak_rss / 2**20:.0f}",
+                f"{r.peak_anon / 2**20:.0f}",
+            ]
+        )
+    return markdown_table(headers, rows)
+
+
+def memory_lines(results: Sequence[Result]) -> list[str]:
+    lines = []
+    for r in results:
+        if r.ok:
+            lines.append(
+                f"- ferryfs migrate, {r.files:,} tiny files ({r.logical / 1e6:.1f} MB):"
+                f" peak RSS {r.peak_rss / 2**20:.0f} MB (anon {r.peak_anon / 2**20:.0f} MB),"
+                f" {r.seconds:.1f} s"
+                f" ({r.files_per_s:,.0f} files/s)"
+            )
+        else:
+            lines.append(f"- ferryfs migrate, {r.files:,} tiny files: failed: {r.error}")
+    return lines
+
+
+def _verdict(ok: bool, ratio: float, what: str) -> str:
+    return f"{'PASS' if ok else 'SHORT'} ({what} {ratio:.2f})"
+
+
+def target_lines(ingest: Sequence[Result], tiny: Sequence[Result]) -> list[str]:
+    """One line per target, PASS or SHORT with the ratio behind it."""
+    by = {r.tool.split()[0]: r for r in ingest}
+    ferry, borg, restic = by.get("ferryfs"), by.get("borg"), by.get("restic")
+    lines = []
+
+    def have(*rs: Result | None) -> bool:
+        return all(r is not None and r.ok for r in rs)
+
+    if ferry and restic and have(ferry, restic) and restic.mb_per_s:
+        ratio = ferry.mb_per_s / restic.mb_per_s
+        lines.append(f"- throughput >= restic's: {_verdict(ratio >= 1, ratio, 'ferryfs/restic')}")
+    else:
+        lines.append("- throughput >= restic's: n/a (a run failed)")
+    if ferry and borg and have(ferry, borg) and borg.stored:
+        ratio = ferry.stored / borg.stored
+        lines.append(f"- stored <= borg's: {_verdict(ratio <= 1, ratio, 'ferryfs/borg')}")
+    else:
+        lines.append("- stored <= borg's: n/a (a run failed)")
+    rss = [r.peak_rss for r in [ferry, *tiny] if r is not None and r.ok]
+    if rss:
+        worst = max(rss)
+        lines.append(
+            f"- peak RSS < {RSS_LIMIT // 2**20} MB: "
+            + _verdict(worst < RSS_LIMIT, worst / RSS_LIMIT, f"{worst / 2**20:.0f} MB, of limit")
+        )
+    else:
+        lines.append(f"- peak RSS < {RSS_LIMIT // 2**20} MB: n/a (a run failed)")
+    if len(tiny) == 2 and have(*tiny):
+        ratio = tiny[1].peak_rss / tiny[0].peak_rss
+        anon = tiny[1].peak_anon / tiny[0].peak_anon if tiny[0].peak_anon else 0.0
+        n = tiny[1].files / tiny[0].files
+        lines.append(
+            "- RSS flat in file count: "
+            + _verdict(ratio <= RSS_FLAT, ratio, f"RSS growth for {n:.0f}x the files")
+            + f"; anonymous memory alone grows {anon:.2f}x"
+        )
+    else:
+        lines.append("- RSS flat in file count: n/a (a run failed)")
+    return lines
+
+
+def plan_lines(trees: Sequence[Path], runs: Sequence[Result]) -> list[str]:
+    """What `ferryfs plan` predicted for each tree beside what migrate measured,
+    to keep the planner honest (plan runs from a dropped cache too)."""
+    lines = []
+    for tree, r in zip(trees, runs, strict=True):
+        if not r.ok:
+            continue
+        drop_caches()
+        p = planner.plan(str(tree))
+        lines.append(
+            f"- {r.files:,} files, {r.logical / 1e6:.0f} MB: plan said {p.est_seconds:.1f} s,"
+            f" {p.disk_needed / 1e6:.1f} MB on disk; migrate took {r.seconds:.1f} s,"
+            f" {r.stored / 1e6:.1f} MB"
+        )
+    return lines
+
+
+def command_line(args: argparse.Namespace) -> str:
+    flags = " --quick" if args.quick else f" --mb {args.mb:g}"
+    return f".venv/bin/python -m ferryfs.tools.bench --out {args.out}{flags}"
+
+
+def machine_line() -> str:
+    cpu = "?"
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = []
+    for tool in ("borg", "restic"):
+        try:
+            out = subprocess.run(
+                [tool, "--version" if tool == "borg" else "version"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            versions.append(" ".join(out.split()[:2]))
+        except OSError:
+            versions.append(f"{tool} missing")
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()},"
+        f" Python {platform.python_version()}, {', '.join(versions)}"
+    )
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m ferryfs.tools.bench", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument(
+        "--out", type=Path, default=Path("bench-out"), help="work directory (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--mb", type=float, default=200, help="sample tree size in MB (default: %(default)g)"
+    )
+    ap.add_argument("--quick", action="store_true", help="a ~20 MB tree and 2k/8k tiny files")
+    args = ap.parse_args(argv)
+    mb = 20.0 if args.quick else args.mb
+    counts = QUICK_TINY_COUNTS if args.quick else TINY_COUNTS
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+
+    tree = sample_tree(out, mb)
+    files, logical = tree_size(tree)
+    cache_note = "dropped before each run"
+    if not drop_caches():
+        cache_note = "NOT dropped (/proc/sys/vm/drop_caches refused): every run reads a warm cache"
+    print(
+        f"tree: {tree} ({files:,} files, {logical / 1e6:.1f} MB), page cache {cache_note}",
+        file=sys.stderr,
+    )
+
+    ingest = [
+        run_tool(fn, name, tree, work)
+        for fn, name in (
+            (bench_ferryfs, "ferryfs migrate"),
+            (bench_borg, "borg create"),
+            (bench_restic, "restic backup"),
+        )
+    ]
+    tiny_trees = [tiny_tree(out, n) for n in counts]
+    tiny = [run_tool(bench_ferryfs, "ferryfs migrate", t, work) for t in tiny_trees]
+
+    print(
+        f"Sample tree: {files:,} files, {logical / 1e6:.1f} MB (`sampletree`, seed {SEED}); "
+        f"page cache {cache_note}."
+    )
+    print(f"Machine: {machine_line()}.")
+    print(f"Command: `{command_line(args)}`.")
+    print()
+    print(ingest_table(ingest))
+    print()
+    print("Memory against file count:")
+    print()
+    print("\n".join(memory_lines(tiny)))
+    print()
+    print("`ferryfs plan` against the measurement:")
+    print()
+    print("\n".join(plan_lines([tree, *tiny_trees], [ingest[0], *tiny])))
+    print()
+    print("Targets:")
+    print()
+    print("\n".join(target_lines(ingest, tiny)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
