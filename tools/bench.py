@@ -263,7 +263,9 @@ def bench_borg(tree: Path, work: Path) -> Result:
         "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
         "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
     }
-    r = Result("borg 1.2 create", "borg create --compression zstd,3 repo::a SRC")
+    r = Result(
+        "borg create", "borg init --encryption=none R && borg create --compression zstd,3 R::a SRC"
+    )
     check(["borg", "init", "--encryption=none", str(repo)], work / "borg-init.log", env)
     drop_caches()
     run = check(
@@ -278,7 +280,7 @@ def bench_restic(tree: Path, work: Path) -> Result:
     repo = fresh(work / "restic.repo")
     # restic 0.14 has no --insecure-no-password: a fixed password it is.
     env = {"RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(fresh(work / "restic.cache"))}
-    r = Result("restic backup", "restic backup SRC (repo v2, compression auto)")
+    r = Result("restic backup", "restic init --repository-version 2 -r R && restic backup -r R SRC")
     # Repository version 2 is the one that compresses; 0.14's default is still 1.
     check(
         ["restic", "init", "--repo", str(repo), "--repository-version", "2"],
@@ -297,9 +299,20 @@ def finish(r: Result, run: Run, written: Path) -> Result:
     return r
 
 
-def run_tool(fn: Callable[[Path, Path], Result], name: str, tree: Path, work: Path) -> Result:
+Tool = Callable[[Path, Path], Result]
+
+# The ingest table's rows: the name a failed row shows, and the function.
+INGEST: list[tuple[str, Tool]] = [
+    ("ferryfs migrate", bench_ferryfs),
+    ("borg create", bench_borg),
+    ("restic backup", bench_restic),
+]
+
+
+def run_tool(name: str, fn: Tool, tree: Path, work: Path) -> Result:
     """`fn` on `tree` after dropping caches; a failure becomes a failed row."""
     files, logical = tree_size(tree)
+    print(f"bench: {name} on {tree.name} ...", file=sys.stderr)
     drop_caches()
     try:
         r = fn(tree, work)
@@ -488,21 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     cache_note = "dropped before each run"
     if not drop_caches():
         cache_note = "NOT dropped (/proc/sys/vm/drop_caches refused): every run reads a warm cache"
-    print(
-        f"tree: {tree} ({files:,} files, {logical / 1e6:.1f} MB), page cache {cache_note}",
-        file=sys.stderr,
-    )
+    print(f"bench: tree {tree}, page cache {cache_note}", file=sys.stderr)
 
-    ingest = [
-        run_tool(fn, name, tree, work)
-        for fn, name in (
-            (bench_ferryfs, "ferryfs migrate"),
-            (bench_borg, "borg create"),
-            (bench_restic, "restic backup"),
-        )
-    ]
+    ingest = [run_tool(name, fn, tree, work) for name, fn in INGEST]
     tiny_trees = [tiny_tree(out, n) for n in counts]
-    tiny = [run_tool(bench_ferryfs, "ferryfs migrate", t, work) for t in tiny_trees]
+    tiny = [run_tool("ferryfs migrate", bench_ferryfs, t, work) for t in tiny_trees]
 
     print(
         f"Sample tree: {files:,} files, {logical / 1e6:.1f} MB (`sampletree`, seed {SEED}); "
@@ -512,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Command: `{command_line(args)}`.")
     print()
     print(ingest_table(ingest))
+    print()
+    print("\n".join(f"- {r.tool}: `{r.command}`" for r in ingest if r.ok))
     print()
     print("Memory against file count:")
     print()
