@@ -1,9 +1,10 @@
 """The benchmark: ferryfs migrate against borg and restic on the same sample tree.
 
-    python -m ferryfs.tools.bench [--out DIR] [--mb 200] [--quick]
+    python -m ferryfs.tools.bench [--out DIR] [--mb 200] [--quick] [--repeat 3]
 
 Builds (or reuses) a sample Phase 3 tree of at least `--mb` MB in `--out`, then
-runs each tool once on it as a child process, measuring wall time, peak RSS
+runs each tool on it as a child process (`--repeat` times, keeping the median
+run, since one run on a shared VM varies by a third), measuring wall time, peak RSS
 (`wait4` rusage of the child) and the bytes its repository or store occupies
 on disk (st_blocks, as `du -B1` counts them, so sparse LMDB files count what
 they really use). A second section migrates trees of many tiny files to show
@@ -196,7 +197,7 @@ def ferryfs_command() -> list[str]:
 def fresh(path: Path) -> Path:
     """`path`, removed first if it exists (never following a mount out of `--out`)."""
     if path.exists():
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
+        subprocess.run(["/bin/rm", "-rf", "--one-file-system", str(path)], check=True)
     return path
 
 
@@ -309,15 +310,21 @@ INGEST: list[tuple[str, Tool]] = [
 ]
 
 
-def run_tool(name: str, fn: Tool, tree: Path, work: Path) -> Result:
-    """`fn` on `tree` after dropping caches; a failure becomes a failed row."""
+def run_tool(name: str, fn: Tool, tree: Path, work: Path, repeat: int = 1) -> Result:
+    """`fn` on `tree` `repeat` times, each from a dropped cache and a fresh repo;
+    the run with the median wall time. A failure becomes a failed row."""
     files, logical = tree_size(tree)
-    print(f"bench: {name} on {tree.name} ...", file=sys.stderr)
-    drop_caches()
-    try:
-        r = fn(tree, work)
-    except (ToolFailed, OSError, subprocess.SubprocessError) as e:
-        r = Result(name, "", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+    runs: list[Result] = []
+    for i in range(repeat):
+        print(f"bench: {name} on {tree.name} ({i + 1}/{repeat}) ...", file=sys.stderr)
+        drop_caches()
+        try:
+            runs.append(fn(tree, work))
+        except (ToolFailed, OSError, subprocess.SubprocessError) as e:
+            error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            runs = [Result(name, "", error=error)]
+            break
+    r = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
     r.files, r.logical = files, logical
     return r
 
@@ -444,6 +451,7 @@ def plan_lines(trees: Sequence[Path], runs: Sequence[Result]) -> list[str]:
 
 def command_line(args: argparse.Namespace) -> str:
     flags = " --quick" if args.quick else f" --mb {args.mb:g}"
+    flags += f" --repeat {args.repeat}"
     return f".venv/bin/python -m ferryfs.tools.bench --out {args.out}{flags}"
 
 
@@ -488,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         "--mb", type=float, default=200, help="sample tree size in MB (default: %(default)g)"
     )
     ap.add_argument("--quick", action="store_true", help="a ~20 MB tree and 2k/8k tiny files")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs per row; the median is shown (default: 3)"
+    )
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     mb = 20.0 if args.quick else args.mb
     counts = QUICK_TINY_COUNTS if args.quick else TINY_COUNTS
     out: Path = args.out.resolve()
@@ -503,13 +516,13 @@ def main(argv: list[str] | None = None) -> int:
         cache_note = "NOT dropped (/proc/sys/vm/drop_caches refused): every run reads a warm cache"
     print(f"bench: tree {tree}, page cache {cache_note}", file=sys.stderr)
 
-    ingest = [run_tool(name, fn, tree, work) for name, fn in INGEST]
+    ingest = [run_tool(name, fn, tree, work, args.repeat) for name, fn in INGEST]
     tiny_trees = [tiny_tree(out, n) for n in counts]
-    tiny = [run_tool("ferryfs migrate", bench_ferryfs, t, work) for t in tiny_trees]
+    tiny = [run_tool("ferryfs migrate", bench_ferryfs, t, work, args.repeat) for t in tiny_trees]
 
     print(
-        f"Sample tree: {files:,} files, {logical / 1e6:.1f} MB (`sampletree`, seed {SEED}); "
-        f"page cache {cache_note}."
+        f"Sample tree: {files:,} files, {logical / 1e6:.1f} MB (`sampletree`, seed {SEED});"
+        f" page cache {cache_note}; each row the median of {args.repeat} runs."
     )
     print(f"Machine: {machine_line()}.")
     print(f"Command: `{command_line(args)}`.")
