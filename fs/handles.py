@@ -12,6 +12,7 @@ for the lock sees either the old bytes or the new ones.
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass, field
 
 import trio
@@ -75,6 +76,7 @@ class Handle:
     fh: int
     file: OpenFile
     writable: bool
+    legacy_fd: int | None = None  # reads of a LEGACY file come from its Phase 3 copy
 
 
 class OpenFiles:
@@ -113,6 +115,9 @@ class OpenFiles:
 
     def close(self, fh: int) -> OpenFile:
         h = self.by_fh.pop(fh)
+        if h.legacy_fd is not None:
+            os.close(h.legacy_fd)
+            h.legacy_fd = None
         h.file.handles -= 1
         if h.file.handles == 0 and not h.file.spans:
             self.by_ino.pop(h.file.ino, None)

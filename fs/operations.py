@@ -29,6 +29,7 @@ from ferryfs.store.store import Store
 
 from .errmap import fuse_errors
 from .handles import FLUSH_BYTES, OpenFiles
+from .lazy import LazyMigrator
 
 log = logging.getLogger("ferryfs.fs")
 
@@ -66,6 +67,7 @@ class Operations(pyfuse3.Operations):
         self.control = control  # answers the user.ferryfs.* control xattrs on the root
         self.opened_version: dict[int, int] = {}
         self.on_request: Callable[[], None] = lambda: None
+        self.lazy = LazyMigrator(store, self.files, self.counters)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -115,24 +117,12 @@ class Operations(pyfuse3.Operations):
                     break
 
     async def _migrate(self, ino: int) -> Inode:
-        """Make sure `ino` is not LEGACY: migrate it now (lazy first-open migration)."""
+        """Make sure `ino` is not LEGACY: migrate it now (before a write)."""
         node = self.store.getattr(ino)
-        if not node.is_reg or node.stored:
-            return node
-        async with self.files.lock(ino):
+        if node.is_reg and not node.stored:
+            await self.lazy.migrate(ino)
             node = self.store.getattr(ino)
-            if node.stored:
-                return node
-            try:
-                m = await trio.to_thread.run_sync(self.store.prepare_migration, ino)
-            except SourceError as e:
-                self.store.record_error(ino, str(e))
-                log.warning("cannot migrate inode %d: %s", ino, e)
-                raise
-            if m is not None:
-                self.store.commit_migrations([m])
-                self.counters.migrated_on_open += 1
-            return self.store.getattr(ino)
+        return node
 
     # -- namespace -----------------------------------------------------------------
 
@@ -175,7 +165,7 @@ class Operations(pyfuse3.Operations):
                 await self._flush_file(inode)
                 node = self.store.getattr(inode)
                 if node.is_reg and not node.stored and attr.st_size != 0:
-                    await self._migrate_locked(inode)
+                    await self.lazy.migrate_locked(inode)
             now = time.time_ns()
             node = self.store.setattr(
                 inode,
@@ -188,12 +178,6 @@ class Operations(pyfuse3.Operations):
                 ctime_ns=attr.st_ctime_ns if fields.update_ctime else now,
             )
         return self._attr(node)
-
-    async def _migrate_locked(self, ino: int) -> None:
-        m = await trio.to_thread.run_sync(self.store.prepare_migration, ino)
-        if m is not None:
-            self.store.commit_migrations([m])
-            self.counters.migrated_on_open += 1
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -323,10 +307,17 @@ class Operations(pyfuse3.Operations):
                 if f is not None:
                     f.take()
                 node = self.store.truncate(inode, 0)
-        elif node.is_reg and not node.stored:
-            node = await self._migrate(inode)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        legacy_fd = None
+        if node.is_reg and not node.stored:
+            if writable:
+                node = await self._migrate(inode)
+            else:
+                # Serve this open from Phase 3 (same bytes) while it migrates behind.
+                legacy_fd = self.store.open_legacy(inode)
+                self.lazy.request(inode)
         h = self.files.open(inode, writable)
+        h.legacy_fd = legacy_fd
         keep = self.opened_version.get(inode) == node.version
         self.opened_version[inode] = node.version
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=keep)
@@ -350,6 +341,11 @@ class Operations(pyfuse3.Operations):
         if f.spans:
             async with f.lock:
                 await self._flush_file(f.ino)
+        if h.legacy_fd is not None:
+            if not self.store.getattr(f.ino).changed:
+                return os.pread(h.legacy_fd, size, off)  # inline: see _read
+            os.close(h.legacy_fd)  # written through another handle: the store has it now
+            h.legacy_fd = None
         node = self.store.getattr(f.ino)
         if not node.stored and node.is_reg:
             node = await self._migrate(f.ino)
@@ -370,8 +366,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def _read(self, ino: int, off: int, size: int) -> bytes:
-        if size >= 1 << 20:
-            return await trio.to_thread.run_sync(self.store.read, ino, off, size)
+        # Inline on purpose: a trio.to_thread hop costs ~0.75 ms here, more than
+        # decoding and hashing a 256 KiB read (measured: 1 GiB in 5.0 s vs 1.9 s).
         return self.store.read(ino, off, size)
 
     @fuse_errors
@@ -382,7 +378,7 @@ class Operations(pyfuse3.Operations):
         async with f.lock:
             node = self.store.getattr(f.ino)
             if not node.stored:
-                await self._migrate_locked(f.ino)
+                await self.lazy.migrate_locked(f.ino)
             f.add(off, buf)
             if f.dirty_bytes >= FLUSH_BYTES:
                 await self._flush_file(f.ino)

@@ -812,6 +812,19 @@ class Store:
             self.commit_migrations([m])
         return self.getattr(ino)
 
+    def open_legacy(self, ino: int) -> int:
+        """A read fd of a LEGACY file's Phase 3 copy (SourceError if that is unsafe)."""
+        with self.backend.read() as txn:
+            leg = ns.get_legacy(txn, ino)
+        if leg is None or self.tree is None:
+            raise SourceError("no Phase 3 origin")
+        fd = self.tree.open_file(leg.path)
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_dev) != (leg.st_ino, leg.st_dev):
+            os.close(fd)
+            raise SourceError("replaced since the snapshot")
+        return fd
+
     def heal(self, ino: int, bad: bytes) -> bool:
         """Rewrite the chunk `bad` from the Phase 3 copy of `ino`, if the file is
         unmodified since Phase 3 and its bytes there still hash to `bad`."""

@@ -1,0 +1,79 @@
+"""First-open migration in the background.
+
+A LEGACY file opened for reading is served straight from its Phase 3 copy (the
+same bytes), so the first read costs little more than a plain read, while this
+task migrates it on a worker thread; later opens are served from the store. A
+file opened for writing is migrated before the open returns (operations.py).
+
+Files are migrated `jobs` at a time in the order they were opened; each holds
+the file's lock from OpenFiles while it migrates, so a write waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+import trio
+
+from ferryfs.store.errors import OpError
+from ferryfs.store.store import Store
+
+from .handles import OpenFiles
+
+log = logging.getLogger("ferryfs.lazy")
+
+
+class LazyMigrator:
+    def __init__(self, store: Store, files: OpenFiles, counters: Any, jobs: int = 2) -> None:
+        self.store = store
+        self.files = files
+        self.counters = counters
+        self.jobs = jobs
+        self._queue: deque[int] = deque()
+        self._queued: set[int] = set()
+        self._wake = trio.Event()
+
+    def request(self, ino: int) -> None:
+        if ino not in self._queued:
+            self._queued.add(ino)
+            self._queue.append(ino)
+            self._wake.set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as n:
+            for _ in range(self.jobs):
+                n.start_soon(self._worker)
+            task_status.started()
+
+    async def _worker(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            ino = self._queue.popleft()
+            try:
+                await self.migrate(ino)
+            except OpError as e:
+                log.warning("cannot migrate inode %d on first open: %s", ino, e)
+            finally:
+                self._queued.discard(ino)
+
+    async def migrate(self, ino: int) -> None:
+        """Migrate `ino` now unless it already is (holding its lock)."""
+        async with self.files.lock(ino):
+            await self.migrate_locked(ino)
+
+    async def migrate_locked(self, ino: int) -> None:
+        """Migrate `ino` unless it already is; the caller holds its lock."""
+        node = self.store.getattr(ino)
+        if not node.is_reg or node.stored:
+            return
+        try:
+            m = await trio.to_thread.run_sync(self.store.prepare_migration, ino)
+        except OpError as e:
+            self.store.record_error(ino, str(e))
+            raise
+        if m is not None and self.store.commit_migrations([m]):
+            self.counters.migrated_on_open += 1
