@@ -16,7 +16,6 @@ from collections import deque
 from typing import Any
 
 import trio
-
 from ferryfs.store.errors import OpError
 from ferryfs.store.store import Store
 
