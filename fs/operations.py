@@ -23,7 +23,7 @@ from typing import Any
 
 import pyfuse3
 import trio
-from ferryfs.store.errors import CorruptChunk, SourceError
+from ferryfs.store.errors import CorruptChunk
 from ferryfs.store.records import Inode
 from ferryfs.store.store import Store
 
