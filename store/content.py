@@ -228,25 +228,30 @@ def plan_truncate(
 
 
 def apply(txn: Txn, rw: Rewrite) -> int:
-    """Apply a planned rewrite (refs added before old ones drop). Returns bytes freed."""
+    """Apply a planned rewrite. Returns bytes freed.
+
+    Every edit's new references are counted before any old one drops: a chunk
+    one edit gives up may be the one a later edit takes (planned as present).
+    """
     freed = 0
+    dropped: list[bytes] = []
     for ed in rw.edits:
         old = [
-            (k, v)
+            (k, bytes(v[:32]))
             for k, v in txn.range(
                 "extents", extent_key(rw.ino, ed.start), extent_key(rw.ino, ed.stop)
             )
         ]
-        old_digests = [bytes(v[:32]) for _, v in old]
-        for k, _ in old:
+        for k, d in old:
             txn.delete("extents", k)
+            if d != HOLE:
+                dropped.append(d)
         for off, d, n in ed.extents:
             if d != HOLE:
                 cas.add_ref(txn, d, rw.records.get(d))
             txn.put("extents", extent_key(rw.ino, off), extent_value(d, n))
-        for d in old_digests:
-            if d != HOLE:
-                freed += cas.drop_ref(txn, d)
+    for d in dropped:
+        freed += cas.drop_ref(txn, d)
     return freed
 
 
