@@ -147,12 +147,19 @@ def plan_write(
         buf, old, lo, hi = _region_bytes(txn, ino, size, s, e, spans, cache)
         new = chunk_into(txn, buf, s, chunker, rw)
         out: list[Extent] = []
-        if lo < s:
+        start = lo
+        if lo < covered:
+            # The previous region split the same hole and ends with its tail:
+            # cut that tail at s rather than replace the previous edit's extents.
+            toff, _, _ = rw.edits[-1].extents[-1]
+            rw.edits[-1].extents[-1] = (toff, HOLE, s - toff)
+            start = s
+        elif lo < s:
             out.append((lo, HOLE, s - lo))
         out.extend(new)
         if hi > e:
             out.append((e, HOLE, hi - e))
-        rw.edits.append(Edit(lo, max(hi, e), out))
+        rw.edits.append(Edit(start, max(hi, e), out))
         covered = max(hi, e)
         del old
     return rw
