@@ -124,11 +124,14 @@ def _import_entry(
     mode = st.st_mode
     if stat.S_ISREG(mode) and st.st_nlink > 1:
         known = txn.get("p3ino", U64.pack(st.st_ino))
-        if known is not None:
-            other = get(txn, U64.unpack(known)[0])
+        other_ino = U64.unpack(known)[0] if known is not None else 0
+        # Its other names may all be unlinked (and the inode purged) by now.
+        if other_ino and txn.get("inodes", ino_key(other_ino)) is not None:
+            other = get(txn, other_ino)
             other.nlink += 1
             put(txn, other)
-            add_entry(txn, parent, name, other.ino)
+            txn.delete("meta", b"orphan:" + ino_key(other_ino))  # named again
+            add_entry(txn, parent, name, other_ino)
             return 0
     ino = alloc(txn)
     node = Inode(
