@@ -265,9 +265,13 @@ def apply(txn: Txn, rw: Rewrite) -> int:
 def delete_all(txn: Txn, ino: int) -> int:
     """Drop every extent of `ino` and its references. Returns bytes freed."""
     freed = 0
-    for k, v in list(txn.range("extents", extent_key(ino, 0), extent_key(ino + 1, 0))):
+    # Copy the digests first: LMDB values are views into pages a write may move.
+    old = [
+        (k, bytes(v[:32]))
+        for k, v in txn.range("extents", extent_key(ino, 0), extent_key(ino + 1, 0))
+    ]
+    for k, d in old:
         txn.delete("extents", k)
-        d = bytes(v[:32])
         if d != HOLE:
             freed += cas.drop_ref(txn, d)
     return freed
