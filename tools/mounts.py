@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from ferryfs.store.errors import FerryError
@@ -15,17 +16,21 @@ class NotMounted(FerryError):
     exit_code = 1
 
 
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
 def fs_type(path: str) -> str | None:
     """The filesystem type mounted exactly at `path`, from /proc/self/mountinfo."""
-    real = os.path.realpath(path)
+    real = os.fsencode(os.path.realpath(path))
     found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             parts = line.split()
-            mp = parts[4].encode().decode("unicode_escape")
-            if mp == real:
-                sep = parts.index("-")
-                found = parts[sep + 1]  # the last mount on a path is the visible one
+            if _unescape(parts[4]) == real:
+                sep = parts.index(b"-")
+                found = parts[sep + 1].decode()  # the last mount on a path is the visible one
     return found
 
 
