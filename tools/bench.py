@@ -3,8 +3,9 @@
     python -m ferryfs.tools.bench [--out DIR] [--mb 200] [--quick] [--repeat 3]
 
 Builds (or reuses) a sample Phase 3 tree of at least `--mb` MB in `--out`, then
-runs each tool on it as a child process (`--repeat` times, keeping the median
-run, since one run on a shared VM varies by a third), measuring wall time, peak RSS
+runs each tool on it as a child process (`--repeat` rounds of every tool,
+keeping each tool's median run: one run on a shared VM varies by a third),
+measuring wall time, peak RSS
 (`wait4` rusage of the child) and the bytes its repository or store occupies
 on disk (st_blocks, as `du -B1` counts them, so sparse LMDB files count what
 they really use). A second section migrates trees of many tiny files to show
@@ -57,6 +58,8 @@ class Result:
     stored: int = 0  # bytes on disk of what it wrote
     peak_rss: int = 0  # bytes, from wait4: includes pages of mapped files
     peak_anon: int = 0  # bytes, anonymous only, sampled (see measure)
+    fastest: float = 0.0  # wall seconds of the fastest and slowest of the repeats
+    slowest: float = 0.0
     error: str = ""
 
     @property
@@ -310,23 +313,44 @@ INGEST: list[tuple[str, Tool]] = [
 ]
 
 
-def run_tool(name: str, fn: Tool, tree: Path, work: Path, repeat: int = 1) -> Result:
-    """`fn` on `tree` `repeat` times, each from a dropped cache and a fresh repo;
-    the run with the median wall time. A failure becomes a failed row."""
-    files, logical = tree_size(tree)
-    runs: list[Result] = []
+@dataclass(frozen=True)
+class Job:
+    """One row to measure: a tool on a tree."""
+
+    name: str
+    fn: Tool
+    tree: Path
+
+
+def run_jobs(jobs: Sequence[Job], work: Path, repeat: int = 1) -> list[Result]:
+    """Each job `repeat` times, in rounds (all jobs once, then again) so that a
+    neighbour's load on a shared machine hits every tool alike; each run from a
+    dropped cache and a fresh repository. A row is the run with the median wall
+    time, with the fastest and slowest beside it; a failure makes it a failed row."""
+    runs: list[list[Result]] = [[] for _ in jobs]
+    failed: dict[int, Result] = {}
     for i in range(repeat):
-        print(f"bench: {name} on {tree.name} ({i + 1}/{repeat}) ...", file=sys.stderr)
-        drop_caches()
-        try:
-            runs.append(fn(tree, work))
-        except (ToolFailed, OSError, subprocess.SubprocessError) as e:
-            error = str(e).splitlines()[0] if str(e) else type(e).__name__
-            runs = [Result(name, "", error=error)]
-            break
-    r = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
-    r.files, r.logical = files, logical
-    return r
+        for j, job in enumerate(jobs):
+            if j in failed:
+                continue
+            print(f"bench: {job.name} on {job.tree.name} ({i + 1}/{repeat})", file=sys.stderr)
+            drop_caches()
+            try:
+                runs[j].append(job.fn(job.tree, work))
+            except (ToolFailed, OSError, subprocess.SubprocessError) as e:
+                error = str(e).splitlines()[0] if str(e) else type(e).__name__
+                failed[j] = Result(job.name, "", error=error)
+    rows = []
+    for j, job in enumerate(jobs):
+        if j in failed:
+            r = failed[j]
+        else:
+            ordered = sorted(runs[j], key=lambda r: r.seconds)
+            r = ordered[len(ordered) // 2]
+            r.fastest, r.slowest = ordered[0].seconds, ordered[-1].seconds
+        r.files, r.logical = tree_size(job.tree)
+        rows.append(r)
+    return rows
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +373,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 def ingest_table(results: Sequence[Result]) -> str:
-    headers = ["tool", "wall s", "MB/s", "files/s", "stored MB", "stored/logical"]
+    headers = ["tool", "wall s", "(min-max)", "MB/s", "files/s", "stored MB", "stored/logical"]
     headers += ["peak RSS MB", "anon MB"]
     rows: list[list[str]] = []
     for r in results:
@@ -360,6 +384,7 @@ def ingest_table(results: Sequence[Result]) -> str:
             [
                 r.tool,
                 f"{r.seconds:.2f}",
+                f"{r.fastest:.2f}-{r.slowest:.2f}",
                 f"{r.mb_per_s:.1f}",
                 f"{r.files_per_s:,.0f}",
                 f"{r.stored / 1e6:.1f}",
@@ -516,15 +541,20 @@ def main(argv: list[str] | None = None) -> int:
         cache_note = "NOT dropped (/proc/sys/vm/drop_caches refused): every run reads a warm cache"
     print(f"bench: tree {tree}, page cache {cache_note}", file=sys.stderr)
 
-    ingest = [run_tool(name, fn, tree, work, args.repeat) for name, fn in INGEST]
+    load = os.getloadavg()[0]
+    ingest = run_jobs([Job(name, fn, tree) for name, fn in INGEST], work, args.repeat)
     tiny_trees = [tiny_tree(out, n) for n in counts]
-    tiny = [run_tool("ferryfs migrate", bench_ferryfs, t, work, args.repeat) for t in tiny_trees]
+    tiny_jobs = [Job("ferryfs migrate", bench_ferryfs, t) for t in tiny_trees]
+    tiny = run_jobs(tiny_jobs, work, args.repeat)
 
     print(
         f"Sample tree: {files:,} files, {logical / 1e6:.1f} MB (`sampletree`, seed {SEED});"
         f" page cache {cache_note}; each row the median of {args.repeat} runs."
     )
-    print(f"Machine: {machine_line()}.")
+    print(
+        f"Machine: {machine_line()}; load average {load:.1f} before,"
+        f" {os.getloadavg()[0]:.1f} after."
+    )
     print(f"Command: `{command_line(args)}`.")
     print()
     print(ingest_table(ingest))
