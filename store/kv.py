@@ -169,7 +169,9 @@ class LmdbBackend:
     @contextlib.contextmanager
     def write(self) -> Iterator[Txn]:
         with self._lock:
-            txn = self._env.begin(write=True, buffers=True)
+            # Copies, not views: a view into a page goes stale when the same transaction
+            # writes (a class of bug, not a case to remember at each call site).
+            txn = self._env.begin(write=True, buffers=False)
             try:
                 yield _LmdbTxn(txn, self._dbs)
             except BaseException:
