@@ -119,6 +119,7 @@ def plan_write(
     cache: cas.ChunkCache | None,
 ) -> Rewrite:
     """Plan writing `spans` (sorted, disjoint (offset, bytes)) into a file of `size` bytes."""
+    spans = [(o, b) for o, b in spans if len(b)]  # writing nothing extends nothing
     new_size = max([size] + [o + len(b) for o, b in spans])
     rw = Rewrite(ino, version, size, new_size)
     # Regions: [S, E) aligned to old extent boundaries (or past the old end).
