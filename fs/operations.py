@@ -338,7 +338,9 @@ class Operations(pyfuse3.Operations):
         h = self.files.get(fh)
         self.counters.reads += 1
         f = h.file
-        if f.spans:
+        # A flush in progress has already taken the spans out of the buffer but not
+        # committed them yet: wait for it too, or this read gets the old bytes.
+        if f.spans or f.lock.locked():
             async with f.lock:
                 await self._flush_file(f.ino)
         if h.legacy_fd is not None:
