@@ -161,8 +161,10 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         self._touch()
         async with self.files.lock(inode):
+            # Writes buffered before this request land first, or their commit would
+            # overwrite the times it sets (tar -p: write, futimens, close).
+            await self._flush_file(inode)
             if fields.update_size:
-                await self._flush_file(inode)
                 node = self.store.getattr(inode)
                 if node.is_reg and not node.stored and attr.st_size != 0:
                     await self.lazy.migrate_locked(inode)
