@@ -23,7 +23,7 @@ from typing import Any
 
 import pyfuse3
 import trio
-from ferryfs.store.errors import CorruptChunk
+from ferryfs.store.errors import CorruptChunk, SourceError
 from ferryfs.store.records import Inode
 from ferryfs.store.store import Store
 
@@ -316,7 +316,12 @@ class Operations(pyfuse3.Operations):
                 node = await self._migrate(inode)
             else:
                 # Serve this open from Phase 3 (same bytes) while it migrates behind.
-                legacy_fd = self.store.open_legacy(inode)
+                try:
+                    legacy_fd = self.store.open_legacy(inode)
+                except SourceError as e:  # a per-file error in status, as a migration's
+                    self.store.record_error(inode, str(e))
+                    log.warning("cannot migrate inode %d on first open: %s", inode, e)
+                    raise
                 self.lazy.request(inode)
         h = self.files.open(inode, writable)
         h.legacy_fd = legacy_fd
