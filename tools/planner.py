@@ -54,7 +54,7 @@ WASTE_PER_CHUNK = PAGE_SIZE // 2
 
 # What the sample cannot measure without writing: starting the command and
 # opening the store, the LMDB records and commit share of each file, and
-# writing the stored bytes out. Calibrated on a 2-CPU VM with SSD-backed ext4
+# writing the stored bytes out. Calibrated on a 2-CPU VM (ext4 on a virtio disk)
 # (`python -m ferryfs.tools.bench` prints plan's estimate beside the measured
 # time, so a drift shows); a slow disk makes the last one optimistic.
 STARTUP_SECONDS = 0.3
