@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 from pathlib import Path
 
 import pytest
-from mountutil import Mount, cli, diff_r, mounted, snapshot, snapshot_diff, wait_for
+from mountutil import (
+    Mount,
+    cli,
+    diff_r,
+    is_mounted,
+    mounted,
+    pid_alive,
+    snapshot,
+    snapshot_diff,
+    wait_for,
+)
 
 # What an app can see of an entry, whichever filesystem serves it (no st_ino, st_dev, ctime).
 VIEW_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_mtime_ns")
@@ -370,3 +381,46 @@ def test_readdir_of_5000_entries_lists_each_once(tmp_path: Path, where: str) -> 
         m.remount()
         listed = os.listdir(mbig)
         assert len(listed) == 5000 and sorted(listed) == names
+
+
+# -- the live-mount helper itself: it must never leave a mount behind ---------------------
+
+
+def _tiny(tmp_path: Path) -> tuple[Path, Path]:
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    (src / "f").write_bytes(b"f\n")
+    mnt.mkdir()
+    return src, mnt
+
+
+def test_mountutil_unmounts_after_a_failing_body(tmp_path: Path) -> None:
+    src, mnt = _tiny(tmp_path)
+    pid = 0
+    with pytest.raises(ZeroDivisionError), mounted(src, mnt) as m:
+        assert m.pid is not None
+        pid = m.pid
+        _ = 1 / 0
+    assert pid and not pid_alive(pid)
+    assert not is_mounted(mnt)
+
+
+def test_mountutil_fails_a_test_whose_daemon_logged_a_warning(tmp_path: Path) -> None:
+    src, mnt = _tiny(tmp_path)
+    with (
+        pytest.raises(pytest.fail.Exception, match="warning/error line"),
+        mounted(src, mnt) as m,
+    ):
+        os.listdir(m.mnt)
+        os.unlink(src / "f")  # gone from Phase 3 after its directory was listed
+        assert _errno_of((m.mnt / "f").read_bytes) == errno.EIO
+    assert not is_mounted(mnt)
+
+
+def test_mountutil_cleans_up_after_a_dead_daemon(tmp_path: Path) -> None:
+    src, mnt = _tiny(tmp_path)
+    with pytest.raises(pytest.fail.Exception, match="umount"), mounted(src, mnt) as m:
+        assert m.pid is not None
+        os.kill(m.pid, signal.SIGKILL)  # only the daemon this test started
+        wait_for(lambda: not pid_alive(m.pid or 0), 10, "the daemon to die")
+    assert not is_mounted(mnt)
