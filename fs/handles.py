@@ -62,6 +62,13 @@ class OpenFile:
         spans[i:j] = [(new_off, merged)]
         self.dirty_bytes = sum(len(b) for _, b in spans)
 
+    def restore(self, spans: list[tuple[int, bytes]]) -> None:
+        """Put back spans a failed flush took, under any written since."""
+        newer = self.spans
+        self.spans, self.dirty_bytes, self.dirty_end = [], 0, 0
+        for off, data in [*spans, *((o, bytes(b)) for o, b in newer)]:
+            self.add(off, data)
+
     def take(self) -> list[tuple[int, bytes]]:
         """The buffered spans, leaving the buffer empty."""
         out = [(o, bytes(b)) for o, b in self.spans]

@@ -23,7 +23,7 @@ from typing import Any
 
 import pyfuse3
 import trio
-from ferryfs.store.errors import CorruptChunk, SourceError
+from ferryfs.store.errors import CorruptChunk, OpError, SourceError
 from ferryfs.store.records import Inode
 from ferryfs.store.store import Store
 
@@ -110,11 +110,21 @@ class Operations(pyfuse3.Operations):
         """Write a file's buffered spans to the store. Call with its lock held."""
         f = self.files.by_ino.get(ino)
         while f is not None and f.spans:
+            big = f.dirty_bytes >= 1 << 20
             spans = f.take()
-            while True:
-                rw = await trio.to_thread.run_sync(self.store.plan_write, ino, spans)
-                if self.store.commit(rw) is not None:
-                    break
+            try:
+                while True:
+                    if big:  # worth a thread hop (~0.75 ms here): chunking and compression
+                        rw = await trio.to_thread.run_sync(self.store.plan_write, ino, spans)
+                    else:
+                        rw = self.store.plan_write(ino, spans)
+                    if self.store.commit(rw) is not None:
+                        break
+            except BaseException:
+                # ENOSPC or worse: keep the bytes buffered, so freeing space and
+                # flushing again loses nothing the app wrote.
+                f.restore(spans)
+                raise
 
     async def _migrate(self, ino: int) -> Inode:
         """Make sure `ino` is not LEGACY: migrate it now (before a write)."""
@@ -409,9 +419,23 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def release(self, fh: int) -> None:
         f = self.files.get(fh).file
-        async with f.lock:
-            await self._flush_file(f.ino)
-        f = self.files.close(fh)
+        try:
+            async with f.lock:
+                await self._flush_file(f.ino)
+        except OpError as e:
+            if f.handles == 1:
+                # close() already returned flush's error to the app; the last handle
+                # going away must not keep unwritable bytes in memory forever.
+                log.error(
+                    "dropped %d unwritable buffered bytes of inode %d at close: %s",
+                    f.dirty_bytes,
+                    f.ino,
+                    e,
+                )
+                f.take()
+            raise
+        finally:
+            f = self.files.close(fh)
         if f.handles == 0 and f.ino not in self.lookups:
             self.store.forget(f.ino)
 
@@ -463,5 +487,10 @@ class Operations(pyfuse3.Operations):
     async def flush_all(self) -> None:
         """Write out every buffered file (before unmount)."""
         for ino, f in list(self.files.by_ino.items()):
-            async with f.lock:
-                await self._flush_file(ino)
+            try:
+                async with f.lock:
+                    await self._flush_file(ino)
+            except Exception as e:  # stopping anyway: say what is lost, unmount cleanly
+                log.error(
+                    "could not write %d buffered bytes of inode %d: %s", f.dirty_bytes, ino, e
+                )

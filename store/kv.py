@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import os
 import threading
 from collections.abc import Iterator
@@ -181,6 +182,15 @@ class LmdbBackend:
                 txn.commit()
             except lmdb.MapFullError as e:
                 raise MapFull() from e
+            except lmdb.Error as e:
+                # A full disk shows as ENOSPC or, from some filesystems (tmpfs), as EIO
+                # from the page flush: tell them apart by the space left.
+                full = "No space" in str(e) or self._nearly_full()
+                raise OSError(errno.ENOSPC if full else errno.EIO, str(e)) from e
+
+    def _nearly_full(self) -> bool:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize < 16 << 20
 
     def grow(self) -> None:
         """Double the map. Called between transactions of this process."""
