@@ -70,12 +70,22 @@ class OpenFile:
             self.add(off, data)
 
     def take(self) -> list[tuple[int, bytes]]:
-        """The buffered spans, leaving the buffer empty."""
+        """The buffered spans, leaving the buffer empty. `dirty_end` still counts them
+        until `settle()`: the store's size does not until they are committed, and a
+        getattr answered in between must not shrink the file under the kernel."""
         out = [(o, bytes(b)) for o, b in self.spans]
         self.spans = []
         self.dirty_bytes = 0
-        self.dirty_end = 0
         return out
+
+    def settle(self) -> None:
+        """The spans taken are committed (or dropped): only the buffer counts again."""
+        self.dirty_end = max((o + len(b) for o, b in self.spans), default=0)
+
+    def drop(self) -> None:
+        """Forget every buffered byte (truncated away, or unwritable)."""
+        self.take()
+        self.settle()
 
 
 @dataclass

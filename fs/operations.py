@@ -120,6 +120,7 @@ class Operations(pyfuse3.Operations):
                         rw = self.store.plan_write(ino, spans)
                     if self.store.commit(rw) is not None:
                         break
+                f.settle()
             except BaseException:
                 # ENOSPC or worse: keep the bytes buffered, so freeing space and
                 # flushing again loses nothing the app wrote.
@@ -317,7 +318,7 @@ class Operations(pyfuse3.Operations):
             async with self.files.lock(inode):
                 f = self.files.by_ino.get(inode)
                 if f is not None:
-                    f.take()
+                    f.drop()
                 node = self.store.truncate(inode, 0)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         legacy_fd = None
@@ -432,7 +433,7 @@ class Operations(pyfuse3.Operations):
                     f.ino,
                     e,
                 )
-                f.take()
+                f.drop()
             raise
         finally:
             f = self.files.close(fh)
