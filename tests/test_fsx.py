@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -283,3 +284,42 @@ def test_fsx_two_fds_on_one_file(tmp_path: Path) -> None:
         finally:
             fsx.close()
     assert (src / "legacy.bin").read_bytes() == initial
+
+
+def test_size_seen_by_stat_never_goes_back_during_a_flush(tmp_path: Path) -> None:
+    """stat from other threads while big writes are flushed: the size a completed
+    write made must never be answered smaller (the kernel would believe it)."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    with mounted(src, mnt) as m:
+        path = m.mnt / "growing.bin"
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        stop = threading.Event()
+
+        def stat_forever() -> None:
+            while not stop.is_set():
+                os.stat(path)
+
+        threads = [threading.Thread(target=stat_forever) for _ in range(2)]
+        for t in threads:
+            t.start()
+        size, wrong = 0, []
+        block = random.Random(5).randbytes(4_000_001)  # big: flushed in a worker thread
+        try:
+            for i in range(16):
+                os.write(fd, block)
+                size += len(block)
+                if i % 2:
+                    os.pread(fd, 100, size - 50)  # a read of the partial last page flushes
+                else:
+                    os.fsync(fd)
+                seen = (os.fstat(fd).st_size, os.stat(path).st_size)
+                if seen != (size, size):
+                    wrong.append((i, size, seen))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+            os.close(fd)
+        assert not wrong, f"(step, size written, sizes seen): {wrong}"
