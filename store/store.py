@@ -184,10 +184,16 @@ class Store:
                 f"store has schema version {existing}; this ferryfs reads version "
                 f"{SCHEMA_VERSION} only"
             )
+        with self.backend.read() as txn:
+            params = txn.get("meta", b"chunker")
+            if params is not None:
+                # The sizes a store was made with stay its sizes: other cut points
+                # would stop new chunks deduplicating against the old ones.
+                mn, avg, mx = (int(x) for x in bytes(params).split(b","))
+                self.chunker = Chunker(mn, avg, mx)
         if not self.readonly:
             self._write(ingest.free_pending)
-            if True:
-                self._write(self._purge_orphans)
+            self._write(self._purge_orphans)
 
     def _has_meta(self) -> bool:
         if isinstance(self.backend, LmdbBackend):
