@@ -58,10 +58,14 @@ def decode(record: bytes | memoryview, key: bytes, length: int | None = None) ->
         if codec == RAW:
             plain = bytes(body)
         elif codec == ZSTD:
+            # A flipped bit in the frame header can claim any size: check it before
+            # letting the decoder allocate it.
+            if length is not None and zstandard.frame_content_size(body) != length:
+                raise CorruptChunk(key)
             plain = _decompressor().decompress(body, max_output_size=length or 0)
         else:
             raise CorruptChunk(key)
-    except (zstandard.ZstdError, struct.error) as e:
+    except (zstandard.ZstdError, struct.error, MemoryError, ValueError) as e:
         raise CorruptChunk(key) from e
     if digest(plain) != key:
         raise CorruptChunk(key)
