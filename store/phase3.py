@@ -92,7 +92,11 @@ class Phase3Tree:
             raise SourceError("not a regular file")
         dfd = self._walk_to(parts[:-1])
         try:
-            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+            try:
+                # Reading the rollback point should not even change its atimes.
+                fd = os.open(parts[-1], _FILE_FLAGS | os.O_NOATIME, dir_fd=dfd)
+            except PermissionError:  # O_NOATIME needs the file's owner (or root)
+                fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
         except OSError as e:
             raise SourceError(_why(e)) from e
         finally:
