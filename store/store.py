@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import os
 import stat
 import time
@@ -892,28 +891,35 @@ class Store:
                         break
         return out
 
-    def import_all(self, batch: int = 256) -> int:
-        """List every UNLISTED directory, breadth first, `batch` directories per
-        transaction. Returns how many were listed."""
+    def import_all(self, entries: int = 4096) -> int:
+        """List every UNLISTED directory, breadth first, about `entries` directory
+        entries per transaction (a bigger transaction's dirty pages are memory that
+        grows with the tree). Returns how many directories were listed."""
         listed = 0
         queue: deque[int] = deque([ROOT_INO])
 
-        def op(txn: Txn, inos: list[int]) -> list[int]:
+        def op(txn: Txn) -> None:
             nonlocal listed
-            subdirs = []
-            for ino in inos:
+            seen = 0
+            while queue and seen < entries:
+                ino = queue.popleft()
                 d = ns.get(txn, ino)
                 if not d.stored:
                     ns.import_dir(txn, self.tree, d)
                     listed += 1
                 for _, _, c in ns.entries(txn, ino):
+                    seen += 1
                     if stat.S_ISDIR(ns.get(txn, c).mode):
-                        subdirs.append(c)
-            return subdirs
+                        queue.append(c)
 
         while queue:
-            inos = [queue.popleft() for _ in range(min(batch, len(queue)))]
-            queue.extend(self._write(functools.partial(op, inos=inos)))
+            snapshot = list(queue)
+            try:
+                self._write(op)
+            except BaseException:
+                queue.clear()  # the transaction was undone: so is its progress
+                queue.extend(snapshot)
+                raise
         return listed
 
     # -- figures ------------------------------------------------------------------

@@ -22,6 +22,9 @@ from ferryfs.store.store import Store
 from .progress import Bar
 
 GROUP_BYTES = 32 << 20
+# Files per commit: a transaction's dirty pages are memory, and more files touch
+# more pages the bigger the store is.
+GROUP_FILES = 256
 GROUP_SECONDS = 0.5
 
 
@@ -114,7 +117,11 @@ def migrate_all(store: Store, jobs: int) -> dict[str, int]:
             group.append(m)
             group_bytes += m.size
             bar.advance(m.size)
-            if group_bytes >= GROUP_BYTES or time.monotonic() - last > GROUP_SECONDS:
+            if (
+                group_bytes >= GROUP_BYTES
+                or len(group) >= GROUP_FILES
+                or time.monotonic() - last > GROUP_SECONDS
+            ):
                 flush()
         flush()
     return done
