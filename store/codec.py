@@ -53,11 +53,19 @@ def encode(plain: bytes | memoryview, level: int = 3) -> bytes:
 def decode(record: bytes | memoryview, key: bytes, length: int | None = None) -> bytes:
     """The plain bytes of `record`, checked against `key`; CorruptChunk if they differ."""
     try:
-        codec, _dict_id = _HEADER.unpack_from(record, 0)
+        codec, dict_id = _HEADER.unpack_from(record, 0)
         body = memoryview(record)[HEADER_SIZE:]
+        if codec != ZSTD_DICT and dict_id != 0:
+            # Only codec 2 names a dictionary: anything else there is a flipped bit,
+            # which would otherwise go unseen since the payload still decodes.
+            raise CorruptChunk(key)
         if codec == RAW:
             plain = bytes(body)
         elif codec == ZSTD:
+            # The frame header's unused bit (0x10 of its descriptor, after the 4-byte
+            # magic) is ignored by decoders and always clear in what we write.
+            if len(body) < 5 or body[4] & 0x10:
+                raise CorruptChunk(key)
             # A flipped bit in the frame header can claim any size: check it before
             # letting the decoder allocate it.
             if length is not None and zstandard.frame_content_size(body) != length:
