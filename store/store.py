@@ -832,7 +832,10 @@ class Store:
 
     def heal(self, ino: int, bad: bytes) -> bool:
         """Rewrite the chunk `bad` from the Phase 3 copy of `ino`, if the file is
-        unmodified since Phase 3 and its bytes there still hash to `bad`."""
+        unmodified since Phase 3 and its bytes there still hash to `bad`. Not in
+        failsafe or read-only: the read then gets EIO (its ReadOnly was EROFS)."""
+        if self.readonly or self.failsafe is not None:
+            return False
         with self.backend.read() as txn:
             node = ns.get(txn, ino)
             leg = ns.get_legacy(txn, ino)
