@@ -393,6 +393,9 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self._touch()
+        if self.store.failsafe is not None:
+            # Refuse here, not at the flush: close() errors are easy to ignore.
+            raise pyfuse3.FUSEError(errno.EROFS)
         h = self.files.get(fh)
         f = h.file
         async with f.lock:
