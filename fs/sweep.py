@@ -15,6 +15,7 @@ write transaction each on the trio thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -232,6 +233,16 @@ class Sweep:
             out.append(self._todo.pop())
         return out
 
+    def _give_up(self, inos: list[int], e: OpError) -> None:
+        """Skip these files until the next mount, and say why in status and the log."""
+        self._failed.update(inos)
+        self.stats.errors += len(inos)
+        for ino in inos:
+            log.warning("sweep: cannot migrate inode %d: %s", ino, e)
+            # On a full disk the error cannot be recorded either: the count above stays.
+            with contextlib.suppress(OpError):
+                self.store.record_error(ino, str(e))
+
     async def _run_batch(self, batch: list[int]) -> None:
         self._idle = trio.Event()
         t0 = time.monotonic()
@@ -258,10 +269,7 @@ class Sweep:
                         gave_way.append(ino)
                         continue
                     except (SourceError, OpError) as e:
-                        self._failed.add(ino)
-                        self.stats.errors += 1
-                        self.store.record_error(ino, str(e))
-                        log.warning("sweep: cannot migrate inode %d: %s", ino, e)
+                        self._give_up([ino], e)
                         continue
                     if m is not None:
                         done.append(m)
@@ -269,7 +277,11 @@ class Sweep:
             async with trio.open_nursery() as n:
                 for _ in range(max(1, self.cfg.jobs)):
                     n.start_soon(worker)
-            committed = self.store.commit_migrations(done) if done else []
+            try:
+                committed = self.store.commit_migrations(done) if done else []
+            except OpError as e:  # the disk is full (or failsafe): they stay LEGACY
+                committed = []
+                self._give_up([m.ino for m in done], e)
         finally:
             self._todo.extend(reversed(gave_way))
             self._idle.set()
