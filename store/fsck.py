@@ -30,7 +30,7 @@ import blake3
 
 from . import codec
 from . import namespace as ns
-from .errors import CorruptChunk, SourceError
+from .errors import CorruptChunk, OpError, SourceError
 from .kv import Txn
 from .phase3 import Phase3Tree
 from .records import HOLE, ROOT_INO, U64, Inode, Legacy, extent_key, unpack_extent
@@ -279,37 +279,52 @@ class Checker:
         if self.report.partial:
             return
         damaged = {i for s in self.damaged_files.values() for i in s}
+        todo = []
         for ino, node in self.inodes.items():
             if not (node.is_reg and node.stored) or node.changed or ino in damaged:
                 continue
             leg = ns.get_legacy(txn, ino)
-            if leg is None or not leg.hashed:
-                continue
+            if leg is not None and leg.hashed:
+                todo.append((ino, leg.blake3))
+
+        def differs(item: tuple[int, bytes]) -> bool:
+            ino, want = item
             h = blake3.blake3()
-            try:
-                for _off, d, n in _extents(txn, ino):
-                    h.update(
-                        bytes(n) if d == HOLE else codec.decode(txn.get("chunks", d) or b"", d, n)
-                    )
-            except CorruptChunk:
-                continue  # reported by check_chunk_hashes
-            if h.digest() != leg.blake3:
-                self.add("content-differs", "migrated content does not hash to Phase 3's", ino)
+            # A transaction belongs to one thread: each worker reads in its own, and
+            # skips a file a live mount changed since the main snapshot.
+            with self.store.backend.read() as t:
+                try:
+                    if ns.get(t, ino).changed:
+                        return False
+                    for _off, d, n in _extents(t, ino):
+                        rec = t.get("chunks", d) if d != HOLE else None
+                        h.update(bytes(n) if d == HOLE else codec.decode(rec or b"", d, n))
+                except (CorruptChunk, OpError):
+                    return False  # reported by check_chunk_hashes, or gone since
+            return h.digest() != want
+
+        with ThreadPoolExecutor(self.jobs) as pool:
+            for (ino, _), bad in zip(todo, pool.map(differs, todo), strict=True):
+                if bad:
+                    self.add("content-differs", "migrated content does not hash to Phase 3's", ino)
 
     def check_phase3_against_point(self) -> None:
         """Invariant 6 (--deep): the Phase 3 tree still matches what was snapshotted."""
         tree = self.store.tree
         if tree is None:
             return
-        for ino, leg in self._legacy_items():
-            node = self.inodes.get(ino)
-            if node is None or node.is_dir:
-                continue
-            drift = phase3_drift(tree, leg, deep=self.deep)
-            if drift:
-                self.report.problems.append(
-                    Problem("phase3-drift", "/" + os.fsdecode(leg.path), drift, ino)
-                )
+        items = [
+            (i, leg)
+            for i, leg in self._legacy_items()
+            if i in self.inodes and not self.inodes[i].is_dir
+        ]
+        with ThreadPoolExecutor(self.jobs) as pool:
+            drifts = pool.map(lambda item: phase3_drift(tree, item[1], self.deep), items)
+            for (ino, leg), drift in zip(items, drifts, strict=True):
+                if drift:
+                    self.report.problems.append(
+                        Problem("phase3-drift", "/" + os.fsdecode(leg.path), drift, ino)
+                    )
 
     def _legacy_items(self) -> list[tuple[int, Legacy]]:
         with self.store.backend.read() as txn:
