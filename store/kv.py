@@ -43,6 +43,12 @@ class MapFull(Exception):
     """The LMDB map is full; the backend grows it and the caller retries."""
 
 
+class StoreDamaged(Exception):
+    """The database file is cut short: opening it would crash, not fail."""
+
+    advice = "restore it from a backup, or move the store aside to start again from Phase 3"
+
+
 class Txn(Protocol):
     def get(self, db: str, key: bytes) -> Buf | None: ...
     def put(self, db: str, key: bytes, value: Buf) -> None: ...
@@ -129,8 +135,12 @@ class LmdbBackend:
         self.readonly = readonly
         size = map_size or self.INITIAL_MAP
         data = os.path.join(path, "data.mdb")
-        if os.path.exists(data):
-            size = max(size, os.path.getsize(data) * 2)
+        had = os.path.getsize(data) if os.path.exists(data) else None
+        if had == 0:
+            # LMDB would quietly make a new, empty database of it.
+            raise StoreDamaged(f"{data} is empty (truncated?); {StoreDamaged.advice}")
+        if had is not None:
+            size = max(size, had * 2)
         self._env = lmdb.open(
             path,
             map_size=size,
@@ -142,6 +152,15 @@ class LmdbBackend:
             max_readers=256,
             lock=True,
         )
+        # Pages past the end of a truncated file are mapped but not backed: touching
+        # one kills the process with SIGBUS. The meta page says how far the file goes
+        # (a live writer writes pages before the meta page: size it after reading).
+        need = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+        if had is not None and (had := os.path.getsize(data)) < need:
+            self._env.close()
+            raise StoreDamaged(
+                f"{data} is truncated ({had} of at least {need} bytes); {StoreDamaged.advice}"
+            )
         self._lock = threading.Lock()
         self._dbs: dict[str, lmdb._Database] = {}
         if readonly:
