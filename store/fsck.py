@@ -408,7 +408,7 @@ def repair(store: Store, report: Report) -> Report:
     }
     for d in bad:
         holders = _referrers_now(store, d)
-        if any(store.heal(ino, d) for ino in holders):
+        if not holders or any(store.heal(ino, d) for ino in holders):  # none: freed above
             report.repaired += sum(1 for p in report.problems if p.digest == d)
         else:
             report.lost.extend(sorted({p.path for p in report.problems if p.digest == d}))
