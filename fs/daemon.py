@@ -11,7 +11,6 @@ mountpoint is worse than a dead one, since a script might rsync into it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ import sys
 
 import pyfuse3
 import trio
+from ferryfs.store import points
 from ferryfs.store.errors import FerryError
 from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.store import Store
@@ -77,10 +77,7 @@ def run(
     except FerryError as e:
         _fail(ready, str(e))
         return e.exit_code
-    with contextlib.suppress(ImportError):
-        from ferryfs.store import points  # type: ignore[attr-defined,unused-ignore]
-
-        points.ensure_first_point(store)
+    points.ensure_first_point(store)
     ops = Operations(store, owner_uid=os.getuid())
     control = Control(store, store_dir, ops.counters)
     ops.control = control

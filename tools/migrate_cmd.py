@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ferryfs.store import points
 from ferryfs.store.errors import SourceError, UsageError
 from ferryfs.store.ingest import Migration
 from ferryfs.store.store import Store
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     with Store.open(store_dir, source=args.src, create=True) as store:
         check_source(store, args.src)
+        points.ensure_first_point(store)
         store.import_all()
         result = migrate_all(store, args.jobs)
     took = time.monotonic() - t0

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 
+from ferryfs.store import points
 from ferryfs.store.changes import Changes, find_changes
 from ferryfs.store.errors import FerryError, UsageError
 from ferryfs.store.phase3 import Phase3Tree
@@ -50,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     control_set(mnt, "sync")
     with Store.open(store_dir, readonly=True) as store:
         src = store.source_path()
+        if points.released(store):
+            raise FerryError(
+                "the Phase 3 data was deleted by `points expire`: nothing to roll back to"
+            )
         if src is None:
             raise FerryError(f"store {store_dir} records no Phase 3 source")
         # In place, SRC is shadowed by the mount: reach it through the daemon's fd.
