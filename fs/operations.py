@@ -36,6 +36,7 @@ log = logging.getLogger("ferryfs.fs")
 STATE_XATTR = b"user.ferryfs.state"
 CONTROL_PREFIX = b"user.ferryfs."
 ATTR_TIMEOUT = 1.0
+DOT_COOKIE, DOTDOT_COOKIE = 1, 2
 ENTRY_TIMEOUT = 1.0
 
 
@@ -207,7 +208,16 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self._touch()
-        after = start_id
+        # "." and ".." first, under cookies 1 and 2 (a name's cookie is a 63-bit
+        # hash: one of 2**63 collides with them). No lookup count for either.
+        if start_id < DOTDOT_COOKIE:
+            d = self.store.getattr(fh)
+            dots = [(b".", d, DOT_COOKIE), (b"..", self.store.getattr(d.parent or fh),
+                                             DOTDOT_COOKIE)]
+            for name, node, cookie in dots[start_id:]:
+                if not pyfuse3.readdir_reply(token, name, self._attr(node), cookie):
+                    return
+        after = max(start_id, DOTDOT_COOKIE)
         while True:
             batch = self.store.readdir(fh, after, limit=256)
             if not batch:
