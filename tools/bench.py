@@ -1,6 +1,13 @@
-"""The benchmark: ferryfs migrate against borg and restic on the same sample tree.
+"""The benchmark: ferryfs migrate against borg and restic on the same sample tree;
+reads through ferryfs, borg mount and fuse-overlayfs; the idle sweep.
 
     python -m ferryfs.tools.bench [--out DIR] [--mb 200] [--quick] [--repeat 3]
+                                  [--only migrate,read,sweep]
+
+Three sections, each printed as soon as it is done: `migrate` (this module),
+`read` (bench_read.py: the read table of issue 3) and `sweep` (bench_sweep.py:
+sweep time and read latency, issue 4); their mounts live in bench_mounts.py.
+The `migrate` section:
 
 Builds (or reuses) a sample Phase 3 tree of at least `--mb` MB in `--out`, then
 runs each tool on it as a child process (`--repeat` rounds of every tool,
@@ -8,13 +15,12 @@ keeping each tool's median run: one run on a shared VM varies by a third),
 measuring wall time, peak RSS
 (`wait4` rusage of the child) and the bytes its repository or store occupies
 on disk (st_blocks, as `du -B1` counts them, so sparse LMDB files count what
-they really use). A second section migrates trees of many tiny files to show
+they really use). A second part migrates trees of many tiny files to show
 whether ferryfs's memory grows with the number of files. Prints markdown tables
 to paste into the README and one PASS/SHORT line per target.
 
 Owns only measuring and printing: the tools run as their users would run them.
-Each measured tool is one small function returning a `Result`, so further tables
-(reads through borg mount / fuse-overlayfs, sweep rates) slot in beside these.
+Each measured tool is one small function returning a `Result`.
 A tool that fails gives a row saying so; the bench goes on.
 """
 
@@ -260,13 +266,18 @@ def bench_ferryfs(tree: Path, work: Path) -> Result:
     return finish(r, run, store)
 
 
-def bench_borg(tree: Path, work: Path) -> Result:
-    repo = fresh(work / "borg.repo")
-    env = {
-        "BORG_BASE_DIR": str(fresh(work / "borg.home")),  # its cache too, not in ~
+def borg_env(home: Path) -> dict[str, str]:
+    """Borg's environment: its base directory (and so its cache) in `home`, not in ~."""
+    return {
+        "BORG_BASE_DIR": str(home),
         "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
         "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
     }
+
+
+def bench_borg(tree: Path, work: Path) -> Result:
+    repo = fresh(work / "borg.repo")
+    env = borg_env(fresh(work / "borg.home"))
     r = Result(
         "borg create", "borg init --encryption=none R && borg create --compression zstd,3 R::a SRC"
     )
@@ -477,6 +488,8 @@ def plan_lines(trees: Sequence[Path], runs: Sequence[Result]) -> list[str]:
 def command_line(args: argparse.Namespace) -> str:
     flags = " --quick" if args.quick else f" --mb {args.mb:g}"
     flags += f" --repeat {args.repeat}"
+    if list(args.only) != list(SECTIONS):
+        flags += f" --only {','.join(args.only)}"
     return f".venv/bin/python -m ferryfs.tools.bench --out {args.out}{flags}"
 
 
@@ -510,6 +523,58 @@ def machine_line() -> str:
 # ---------------------------------------------------------------------------
 
 
+SECTIONS = ("migrate", "read", "sweep")
+
+
+def migrate_section(
+    out: Path, work: Path, tree: Path, quick: bool, repeat: int, cache_note: str
+) -> list[str]:
+    """The ingest table, memory against file count, plan against measured: lines."""
+    files, logical = tree_size(tree)
+    load = os.getloadavg()[0]
+    ingest = run_jobs([Job(name, fn, tree) for name, fn in INGEST], work, repeat)
+    tiny_trees = [tiny_tree(out, n) for n in (QUICK_TINY_COUNTS if quick else TINY_COUNTS)]
+    tiny_jobs = [Job("ferryfs migrate", bench_ferryfs, t) for t in tiny_trees]
+    tiny = run_jobs(tiny_jobs, work, repeat)
+    return [
+        f"Sample tree: {files:,} files, {logical / 1e6:.1f} MB (`sampletree`, seed {SEED});"
+        f" page cache {cache_note}; each row the median of {repeat} runs;"
+        f" load average {load:.1f} before, {os.getloadavg()[0]:.1f} after.",
+        "",
+        ingest_table(ingest),
+        "",
+        *(f"- {r.tool}: `{r.command}`" for r in ingest if r.ok),
+        "",
+        "Memory against file count:",
+        "",
+        *memory_lines(tiny),
+        "",
+        "`ferryfs plan` against the measurement:",
+        "",
+        *plan_lines([tree, *tiny_trees], [ingest[0], *tiny]),
+        "",
+        "Targets:",
+        "",
+        *target_lines(ingest, tiny),
+    ]
+
+
+def parse_only(text: str) -> list[str]:
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        what = unknown[0] if unknown else "(none)"
+        raise argparse.ArgumentTypeError(
+            f"unknown section {what}; choose from {','.join(SECTIONS)}"
+        )
+    return [s for s in SECTIONS if s in chosen]
+
+
+def _stop(signum: int, _frame: object) -> None:
+    # SIGTERM unwinds like ^C, so every mount is unmounted on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m ferryfs.tools.bench", description=__doc__.splitlines()[0]
@@ -520,60 +585,70 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--mb", type=float, default=200, help="sample tree size in MB (default: %(default)g)"
     )
-    ap.add_argument("--quick", action="store_true", help="a ~20 MB tree and 2k/8k tiny files")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a ~20 MB tree, 2k/8k tiny files, a 64 MiB big file, 60 latency reads",
+    )
     ap.add_argument(
         "--repeat", type=int, default=3, help="runs per row; the median is shown (default: 3)"
+    )
+    ap.add_argument(
+        "--only",
+        type=parse_only,
+        default=list(SECTIONS),
+        help=f"sections to run, comma-separated (default: {','.join(SECTIONS)})",
     )
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    signal.signal(signal.SIGTERM, _stop)
     mb = 20.0 if args.quick else args.mb
-    counts = QUICK_TINY_COUNTS if args.quick else TINY_COUNTS
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)
 
     tree = sample_tree(out, mb)
-    files, logical = tree_size(tree)
     cache_note = "dropped before each run"
     if not drop_caches():
         cache_note = "NOT dropped (/proc/sys/vm/drop_caches refused): every run reads a warm cache"
     print(f"bench: tree {tree}, page cache {cache_note}", file=sys.stderr)
 
-    load = os.getloadavg()[0]
-    ingest = run_jobs([Job(name, fn, tree) for name, fn in INGEST], work, args.repeat)
-    tiny_trees = [tiny_tree(out, n) for n in counts]
-    tiny_jobs = [Job("ferryfs migrate", bench_ferryfs, t) for t in tiny_trees]
-    tiny = run_jobs(tiny_jobs, work, args.repeat)
+    print(f"Machine: {machine_line()}.")
+    print(f"Command: `{command_line(args)}`, {time.strftime('%Y-%m-%d %H:%M %Z')}{_commit()}.")
+    for section in args.only:
+        # Imported here: they import this module (run as __main__ it is another copy).
+        if section == "migrate":
+            lines = migrate_section(out, work, tree, args.quick, args.repeat, cache_note)
+        elif section == "read":
+            from .bench_read import read_section
 
-    print(
-        f"Sample tree: {files:,} files, {logical / 1e6:.1f} MB (`sampletree`, seed {SEED});"
-        f" page cache {cache_note}; each row the median of {args.repeat} runs."
-    )
-    print(
-        f"Machine: {machine_line()}; load average {load:.1f} before,"
-        f" {os.getloadavg()[0]:.1f} after."
-    )
-    print(f"Command: `{command_line(args)}`.")
-    print()
-    print(ingest_table(ingest))
-    print()
-    print("\n".join(f"- {r.tool}: `{r.command}`" for r in ingest if r.ok))
-    print()
-    print("Memory against file count:")
-    print()
-    print("\n".join(memory_lines(tiny)))
-    print()
-    print("`ferryfs plan` against the measurement:")
-    print()
-    print("\n".join(plan_lines([tree, *tiny_trees], [ingest[0], *tiny])))
-    print()
-    print("Targets:")
-    print()
-    print("\n".join(target_lines(ingest, tiny)))
+            lines = read_section(out, work, tree, args.quick, args.repeat)
+        else:
+            from .bench_sweep import sweep_section
+
+            lines = sweep_section(work, tree, args.quick, args.repeat)
+        print()
+        print(f"### {section}")
+        print()
+        print("\n".join(lines), flush=True)
     return 0
 
 
+def _commit() -> str:
+    r = subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return f", commit {r.stdout.strip()}" if r.returncode == 0 else ""
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module, the one bench_read and bench_sweep
+    # import, so that there is one ToolFailed class, not two.
+    from ferryfs.tools import bench
+
+    sys.exit(bench.main())
