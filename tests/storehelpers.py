@@ -5,8 +5,11 @@ backend (independent of the code that maintains them)."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,3 +203,19 @@ def check_invariants(store: Store, deep: bool = False) -> Raw:
             codec.decode(rec, d)
     assert not problems, "\n".join(problems)
     return r
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail (rather than hang) if the block takes longer than `seconds`."""
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise TimeoutError(f"took more than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
