@@ -88,9 +88,15 @@ def spawn_daemon(cmd: list[str], log_path: str) -> int:
         os.close(r)
     if line == "ready":
         return proc.pid
-    if proc.poll() is None:
+    try:  # the daemon says why, then exits with the code that goes with it
+        code = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
         proc.terminate()
-    raise MountFailed(line.removeprefix("error: ") or f"the daemon exited; see {log_path}")
+        code = 1
+    err = MountFailed(line.removeprefix("error: ") or f"the daemon exited; see {log_path}")
+    if code in (2, 8):
+        err.exit_code = code
+    raise err
 
 
 def _read_line(fd: int, proc: subprocess.Popen[bytes]) -> str:
