@@ -175,12 +175,18 @@ def unchanged(src: Path, store: Path, mnt: Path | None = None) -> Callable[[], N
 # -- stores that cannot be used -------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", STORES)
-@pytest.mark.parametrize("command", ["stats", "fsck", "migrate", "mount"])
+# An empty directory is where migrate and mount create a store: not bad input for them.
+UNUSABLE = [
+    (kind, command)
+    for command in ("stats", "fsck", "migrate", "mount")
+    for kind in STORES
+    if not (kind == "empty-dir" and command in ("migrate", "mount"))
+]
+
+
+@pytest.mark.parametrize(("kind", "command"), UNUSABLE)
 def test_an_unusable_store(made, tmp_path: Path, kind: str, command: str) -> None:  # type: ignore[no-untyped-def]
     make, says = STORES[kind]
-    if kind == "empty-dir" and command in ("migrate", "mount"):
-        pytest.skip("an empty directory is where migrate and mount create a store")
     if command == "mount":
         require_fuse()
     src = made[0]
