@@ -80,15 +80,20 @@ def require_fuse() -> None:
     pytest.skip(why)
 
 
-def cli(*args: str | os.PathLike[str], timeout: float = 120, check: bool = True) -> str:
-    """Run `ferryfs ARGS...` in a subprocess; its stdout."""
-    r = subprocess.run(
+def ferry(*args: str | os.PathLike[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `ferryfs ARGS...` in a subprocess, as an operator would; the whole result."""
+    return subprocess.run(
         [sys.executable, "-m", "ferryfs.tools.cli", *map(os.fspath, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def cli(*args: str | os.PathLike[str], timeout: float = 120, check: bool = True) -> str:
+    """Run `ferryfs ARGS...` in a subprocess; its stdout."""
+    r = ferry(*args, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(
             f"ferryfs {' '.join(map(str, args))} exited {r.returncode}: {r.stderr.strip()}"

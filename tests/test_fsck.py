@@ -8,24 +8,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
 import pytest
 from ferryfs.store.records import U64, Inode
 from ferryfs.store.store import Store
-
-
-def ferry(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ferryfs.tools.cli", *map(os.fspath, args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=300,
-    )
+from mountutil import ferry
 
 
 def fsck_json(store: Path, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]

@@ -7,24 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from ferryfs.store import points
 from ferryfs.store.records import U64
 from ferryfs.store.store import Store
-
-
-def ferry(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ferryfs.tools.cli", *map(os.fspath, args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-    )
+from mountutil import ferry
 
 
 def setup(sample_tree, tmp_path: Path) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
@@ -57,15 +46,7 @@ def test_expire_is_conservative(sample_tree, tmp_path: Path) -> None:
     r = ferry("points", "expire", store, "--yes")
     assert r.returncode == 0 and "no expired" in r.stdout
     # Age the point past its retention.
-    with Store.open(str(store)) as s:
-        old = time.time_ns() - 31 * points.DAY_NS
-        s._write(
-            lambda t: t.put(
-                "points",
-                U64.pack(1),
-                json.dumps({"created_ns": old, "retention_days": 30}).encode(),
-            )
-        )
+    age_first_point(store, days=31)
     r = ferry("points", "expire", store)
     assert r.returncode == 1 and "--yes" in r.stdout
     assert any(src.rglob("*.jsonl")), "nothing may go without --yes"
@@ -84,15 +65,7 @@ def test_expire_deletes_phase3_when_all_is_verified(sample_tree, tmp_path: Path)
         for p in src.rglob("*")
         if p.is_file() and not p.is_symlink()
     }
-    with Store.open(str(store)) as s:
-        old = time.time_ns() - 31 * points.DAY_NS
-        s._write(
-            lambda t: t.put(
-                "points",
-                U64.pack(1),
-                json.dumps({"created_ns": old, "retention_days": 30}).encode(),
-            )
-        )
+    age_first_point(store, days=31)
     r = ferry("points", "expire", store, "--yes")
     assert r.returncode == 0, r.stderr
     left = [p for p in src.rglob("*") if p.is_file() and not p.is_symlink()]
@@ -105,3 +78,11 @@ def test_expire_deletes_phase3_when_all_is_verified(sample_tree, tmp_path: Path)
                 ino = s.lookup(ino, os.fsencode(part)).ino
             assert s.read(ino, 0, len(data) + 1) == data
         assert points.released(s)
+
+
+def age_first_point(store: Path, days: int) -> None:
+    """Make the first rollback point `days` old (its retention is 30 days)."""
+    with Store.open(str(store)) as s:
+        old = time.time_ns() - days * points.DAY_NS
+        record = json.dumps({"created_ns": old, "retention_days": 30}).encode()
+        s._write(lambda t: t.put("points", U64.pack(1), record))

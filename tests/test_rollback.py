@@ -16,17 +16,7 @@ from pathlib import Path
 import pytest
 from ferryfs.tools import rollbacks
 from ferryfs.tools.mounts import fs_type
-from mountutil import diff_r, mounted, require_fuse, snapshot, snapshot_diff, wait_for
-
-
-def ferry(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ferryfs.tools.cli", *map(os.fspath, args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-    )
+from mountutil import diff_r, ferry, mounted, require_fuse, snapshot, snapshot_diff, wait_for
 
 
 @contextlib.contextmanager
