@@ -123,7 +123,7 @@ def _import_entry(
         return 0
     mode = st.st_mode
     if stat.S_ISREG(mode) and st.st_nlink > 1:
-        known = txn.get("p3ino", U64.pack(st.st_ino))
+        known = txn.get("p3ino", U64.pack(st.st_dev) + U64.pack(st.st_ino))
         other_ino = U64.unpack(known)[0] if known is not None else 0
         # Its other names may all be unlinked (and the inode purged) by now.
         if other_ino and txn.get("inodes", ino_key(other_ino)) is not None:
@@ -157,7 +157,7 @@ def _import_entry(
         node.size = len(target)
     elif stat.S_ISREG(mode):
         if st.st_nlink > 1:
-            txn.put("p3ino", U64.pack(st.st_ino), U64.pack(ino))
+            txn.put("p3ino", U64.pack(st.st_dev) + U64.pack(st.st_ino), U64.pack(ino))
     else:
         node.flags |= STORED  # FIFOs, sockets, devices: nothing to migrate
         node.rdev = st.st_rdev

@@ -502,6 +502,8 @@ class Store:
     ) -> None:
         ns.check_name(old_name)
         ns.check_name(new_name)
+        if flags & RENAME_EXCHANGE and flags & RENAME_NOREPLACE:
+            raise Invalid("RENAME_EXCHANGE and RENAME_NOREPLACE together")
         t = now_ns()
 
         def op(txn: Txn) -> None:
@@ -646,6 +648,7 @@ class Store:
             if not txn.delete("xattrs", xattr_key(ino, name)):
                 raise NoData(name.decode(errors="replace"))
             node.ctime_ns = now_ns()
+            node.flags |= CHANGED
             ns.put(txn, node)
 
         self._write(op)
