@@ -18,7 +18,6 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,25 +26,9 @@ import pytest
 from conftest import NOW_NS
 from ferryfs.tools.mounts import fs_type
 from ferryfs.tools.sampletree import generate
-from mountutil import cli, mounted, require_fuse, snapshot, snapshot_diff
+from mountutil import cli, ferry, mounted, require_fuse, snapshot, snapshot_diff
 
 FOREIGN_SCHEMA = 99
-# tools/mount_cmd.py turns any error line of the daemon into MountFailed (exit 1),
-# so a mount of an unusable store exits 1 where the README promises 8.
-MOUNT_EXIT_KNOWN_WRONG = (
-    "mount exits 1 for an unusable store (README: 8); fix in tools/mount_cmd.py"
-)
-
-
-def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ferryfs.tools.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if k != "FERRYFS_DEBUG"},
-    )
 
 
 def files_state(root: Path) -> dict[str, object]:
@@ -134,12 +117,7 @@ STORES: dict[str, tuple[Callable[[tuple[Path, Path], Path], Path], str]] = {
 }
 
 
-def check(
-    r: subprocess.CompletedProcess[str],
-    code: int,
-    says: str,
-    known_wrong_code: str | None = None,
-) -> str:
+def check(r: subprocess.CompletedProcess[str], code: int, says: str) -> str:
     """One line on stderr matching `says`, no traceback, no stdout, exit `code`."""
     err = r.stderr.strip()
     assert "Traceback" not in r.stderr, r.stderr
@@ -147,8 +125,6 @@ def check(
     assert err.startswith("ferryfs: "), err
     assert re.search(says, err), f"{err!r} does not say /{says}/"
     assert r.stdout == "", f"stdout on an error: {r.stdout!r}"
-    if r.returncode != code and known_wrong_code:
-        pytest.xfail(f"{known_wrong_code}: got {r.returncode}: {err}")
     assert r.returncode == code, f"exit {r.returncode}, expected {code}: {err}"
     return err
 
@@ -203,13 +179,13 @@ def test_an_unusable_store(made, tmp_path: Path, kind: str, command: str) -> Non
         "migrate": ["migrate", src, "--store", store],
         "mount": ["mount", src, mnt, "--store", store],
     }[command]
-    r = run(*argv)
+    r = ferry(*argv)
     try:
         done()
         if log.exists():
             added = log.read_bytes()[len(log_before) :].decode(errors="replace")
             assert "Traceback" not in added, added
-        check(r, 8, says, MOUNT_EXIT_KNOWN_WRONG if command == "mount" else None)
+        check(r, 8, says)
     finally:
         if fs_type(str(mnt)) is not None:  # never leave a mount behind, whatever failed
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
@@ -261,7 +237,7 @@ def test_bad_source_or_mountpoint(made, tmp_path: Path, case: str) -> None:  # t
     done = unchanged(src, store)
     before = set(os.listdir(tmp_path))
     body = target.read_bytes()
-    r = run(*argv)
+    r = ferry(*argv)
     done()
     assert set(os.listdir(tmp_path)) == before, "a file appeared (a default store?)"
     assert target.read_bytes() == body
@@ -284,49 +260,34 @@ def test_store_locked_and_mountpoint_busy(made, tmp_path: Path) -> None:  # type
     seen = []
     with mounted(src, mnt, store, log_ok=r"is in use by another ferryfs process") as m:
         (mnt / "index.json").read_bytes()  # a live store with a migrated file
-        cases: list[tuple[str, list[str | Path], int, str, str | None]] = [
-            ("migrate a locked store", ["migrate", src, "--store", store], 8, r"in use", None),
+        cases: list[tuple[str, list[str | Path], int, str]] = [
+            ("migrate a locked store", ["migrate", src, "--store", store], 8, r"in use"),
             (
                 "mount a locked store elsewhere",
                 ["mount", src, mnt2, "--store", store],
                 8,
                 r"in use",
-                MOUNT_EXIT_KNOWN_WRONG,
             ),
-            (
-                "mount on a busy mountpoint",
-                ["mount", src, mnt, "--store", store],
-                2,
-                r"already a ferryfs mount",
-                None,
-            ),
+            ("mount on a busy mountpoint", ["mount", src, mnt, "--store", store], 2, r"already a"),
             (
                 "fsck --repair of a mounted store",
                 ["fsck", store, "--repair", "--yes"],
                 8,
-                r"mount|in use",
-                None,
+                r"in use",
             ),
         ]
-        xfailed = None
-        for name, argv, code, says, known in cases:
+        for name, argv, code, says in cases:
             # The live store changes as it serves: compare its data through the mount.
             before_src = snapshot(src)
             before_view = (mnt / "index.json").read_bytes()
-            r = run(*argv)
+            r = ferry(*argv)
             assert not snapshot_diff(before_src, snapshot(src)), f"{name}: Phase 3 changed"
             assert (mnt / "index.json").read_bytes() == before_view
             assert fs_type(str(mnt2)) is None, f"{name}: {mnt2} got mounted"
             assert int(os.getxattr(mnt, "user.ferryfs.pid")) == m.pid, "the live daemon changed"
-            try:
-                err = check(r, code, says, known)
-            except pytest.xfail.Exception as e:
-                xfailed = xfailed or e
-                err = r.stderr.strip()
+            err = check(r, code, says)
             seen.append(f"{name}: exit {r.returncode}: {err}")
         # Beside a live mount, reading the store works: stats is no bad input.
-        out = run("stats", store, "--json")
+        out = ferry("stats", store, "--json")
         assert out.returncode == 0, out.stderr
     print("\n".join(seen))
-    if xfailed is not None:
-        raise xfailed

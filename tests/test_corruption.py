@@ -25,7 +25,6 @@ import random
 import re
 import struct
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from ferryfs.store import namespace as ns
 from ferryfs.store.records import HOLE, ROOT_INO
 from ferryfs.store.store import Store
 from ferryfs.tools.sampletree import generate
-from mountutil import mounted, wait_for
+from mountutil import cli, ferry, mounted, wait_for
 
 SEED = int(os.environ.get("FERRYFS_CORRUPT_SEED", str(int(time.time()) % 100_000)))
 FAST = ("--idle-ms", "20", "--max-load", "64", "--batch-delay-ms", "0")
@@ -150,13 +149,7 @@ def chunk_records(store_dir: Path) -> dict[bytes, bytes]:
 
 
 def fsck(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(
-        [sys.executable, "-m", "ferryfs.tools.cli", "fsck", str(store), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
+    r = ferry("fsck", store, *args)
     assert "Traceback" not in r.stderr, r.stderr
     return r
 
@@ -299,12 +292,7 @@ def test_damaged_chunks_read_as_healed_bytes_or_eio_never_wrong(tmp_path: Path) 
         assert got in (phase3[late], errno.EIO), (
             f"{late} read in failsafe: {'wrong bytes' if isinstance(got, bytes) else got}"
         )
-        status_text = subprocess.run(
-            [sys.executable, "-m", "ferryfs.tools.cli", "status", str(mnt)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        status_text = cli("status", mnt)
         assert "FAILSAFE" in status_text and "fsck" in status_text, status_text
         log = m.new_log()
         assert "failsafe" in log

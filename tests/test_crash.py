@@ -39,7 +39,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from ferryfs.tools.sampletree import generate
 from mountutil import (
     BAD_LOG_LINE,
     Mount,
+    ferry,
     mounted,
     pid_alive,
     snapshot,
@@ -259,16 +259,6 @@ def migrated_contents(store_dir: Path) -> dict[Path, bytes]:
     return out
 
 
-def fsck(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ferryfs.tools.cli", "fsck", str(store), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 def kill_and_lazy_unmount(
     m: Mount, writers: list[Writer], threads: list[threading.Thread], stop: threading.Event
 ) -> None:
@@ -349,7 +339,7 @@ def test_kill_9_at_random_moments_loses_no_fsynced_byte(tmp_path: Path) -> None:
             diff = snapshot_diff(pristine, snapshot(src))
             assert not diff, f"crash {crash}: Phase 3 changed: {diff}"
             # fsck on the store exactly as the crash left it (before a mount tidies it).
-            r = fsck(store, "--deep")
+            r = ferry("fsck", store, "--deep")
             assert r.returncode == 0, (
                 f"crash {crash}: fsck --deep exit {r.returncode}:\n{r.stdout}{r.stderr}"
             )

@@ -17,7 +17,6 @@ import errno
 import os
 import random
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 from conftest import NOW_NS
 from ferryfs.store.store import Store
 from ferryfs.tools.sampletree import generate
-from mountutil import mounted, pid_alive, require_fuse, snapshot, snapshot_diff, wait_for
+from mountutil import ferry, mounted, pid_alive, require_fuse, snapshot, snapshot_diff, wait_for
 from storehelpers import check_invariants
 
 MiB = 1 << 20
@@ -59,13 +58,7 @@ def small_tmpfs(where: Path, size_mb: int) -> Iterator[Path]:
 def assert_consistent(store: Path) -> str:
     with Store.open(str(store), readonly=True) as st:
         check_invariants(st, deep=True)
-    r = subprocess.run(
-        [sys.executable, "-m", "ferryfs.tools.cli", "fsck", str(store), "--deep"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    r = ferry("fsck", store, "--deep")
     assert r.returncode == 0, f"fsck after a full disk: exit {r.returncode}\n{r.stdout}{r.stderr}"
     return "fsck --deep clean"
 
