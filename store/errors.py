@@ -103,3 +103,16 @@ class StoreMissing(FerryError):
 
 class UsageError(FerryError):
     exit_code = 2
+
+
+class PointRefused(FerryError):
+    """A rollback-point action refused with nothing changed (no such point, files not
+    yet migrated or verified, the Phase 3 tree out of reach)."""
+
+    exit_code = 1
+
+
+class CheckCannotRun(FerryError):
+    """fsck or points verify cannot run at all (e2fsck's exit 8)."""
+
+    exit_code = 8

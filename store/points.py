@@ -1,17 +1,41 @@
-"""Rollback points: the Phase 3 tree as it was, and how long it is kept.
+"""Rollback points: what the Phase 3 tree was when the store began, and how long
+that promise is kept.
 
-A point is a record in the `points` db (id -> JSON: created, retention days).
-Its manifest is the `legacy` db: the stat of every Phase 3 entry as first seen
-(directories are imported before anything in them can change through the
-mount, so that stat is always the untouched one), plus the blake3 of each file
-once it is migrated. A million-file tree is a million small records, never one
-value, and recording the point costs nothing at mount time.
+A point is a header and a manifest, both in the `points` db under three key
+prefixes (so listing points never walks a manifest):
 
-`release_phase3` is what `expire --yes` does with the Phase 3 data of an expired
-point: it deletes the Phase 3 files, and only when every one of them is
-migrated and verified against its hash, the store is not mounted, and the
-caller said yes. Afterwards the store records that its Phase 3 data is gone:
-rollback and healing from Phase 3 are no longer possible.
+    b"N"                                next point id (U64; ids are never reused)
+    b"P" + U64(id)                      header, JSON: created_ns, retention_days,
+                                        complete, entries, files, bytes
+    b"M" + U64(id) + b"/" + path        one manifest row per Phase 3 entry; `path`
+                                        is relative to the tree's root (b"" the root)
+    b"M" + U64(id) + b"#" + blake2b(path)   the same for a path too long for an
+                                        LMDB key (511 bytes); the value then ends
+                                        with the path
+
+A row is the entry's lstat when the point was made: size, mtime_ns, ctime_ns,
+st_ino, st_mode. A million-file tree is a million small rows, written about
+4096 to a transaction. The rows do not hold blake3: a file's hash is known once
+it is migrated and lives in its `legacy` record, which names the same path;
+verify joins the two by path and uses the hash only when the legacy stat (what
+the migration read) equals the row (what the point recorded).
+
+Recording walks the whole tree once, through `Phase3Tree` (never following a
+symlink). A point is `complete` only when the walk finished; a crash leaves it
+incomplete and the next `ensure_first_point` records it again from scratch.
+Cost: about 80,000 entries a second on the bench machine, paid once, by the
+first `migrate` or `mount`.
+
+`release_phase3` is what `points expire --yes` does with the Phase 3 data once
+every point has expired. "Deleting the Phase 3 data" means unlinking each Phase
+3 file whose exact content is verifiably in the store: migrated, its store
+content hashing to the blake3 recorded at migration, its Phase 3 copy hashing
+to the same and unchanged since the point. It refuses everything (deletes
+nothing) if any file is not migrated, any directory not imported, or `fsck
+--deep` finds any problem; files it cannot vouch for (changed or deleted
+through the mount, second names of hard links) and all directories are kept.
+The store records the release first: rollback and healing from Phase 3 are
+then refused.
 """
 
 from __future__ import annotations
@@ -19,21 +43,33 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 import time
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from hashlib import blake2b
 
-from .errors import FerryError
+import blake3
+
+from . import content
+from . import namespace as ns
+from .errors import CorruptChunk, NotFound, PointRefused, SourceError
 from .kv import Txn
-from .phase3 import Phase3Tree, _split
-from .records import U64, Legacy
+from .phase3 import Phase3Tree, _split, join
+from .records import HOLE, U64, Inode, Legacy
 from .store import Store
 
 DAY_NS = 86_400 * 10**9
 DEFAULT_RETENTION_DAYS = 30
+ROWS_PER_TXN = 4096
+LONG_PATH = 400  # longer paths are keyed by their hash (LMDB keys stop at 511 bytes)
 
-
-class PointError(FerryError):
-    exit_code = 1
+_ROW = struct.Struct(">QqqQI")
+_NEXT = b"N"
+_HEAD = b"P"
+_ROWS = b"M"
 
 
 @dataclass
@@ -41,111 +77,521 @@ class Point:
     id: int
     created_ns: int
     retention_days: int
+    complete: bool = True
+    entries: int = 0
+    files: int = 0
+    nbytes: int = 0
 
     @property
     def expires_ns(self) -> int:
         return self.created_ns + self.retention_days * DAY_NS
 
     def expired(self, now_ns: int | None = None) -> bool:
-        return (now_ns or time.time_ns()) >= self.expires_ns
+        return (now_ns if now_ns is not None else time.time_ns()) >= self.expires_ns
+
+    def header(self) -> bytes:
+        return json.dumps(
+            {
+                "created_ns": self.created_ns,
+                "retention_days": self.retention_days,
+                "complete": self.complete,
+                "entries": self.entries,
+                "files": self.files,
+                "bytes": self.nbytes,
+            }
+        ).encode()
 
 
-def _read(txn: Txn) -> list[Point]:
+@dataclass(frozen=True)
+class Row:
+    """One Phase 3 entry as the point recorded it."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    st_ino: int
+    mode: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Row:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode)
+
+
+@dataclass
+class Drift:
+    path: bytes  # relative to the tree's root
+    how: str
+
+    @property
+    def shown(self) -> str:
+        return "/" + os.fsdecode(self.path)
+
+
+# -- keys and rows ------------------------------------------------------------------------
+
+
+def head_key(pid: int) -> bytes:
+    return _HEAD + U64.pack(pid)
+
+
+def rows_prefix(pid: int) -> bytes:
+    return _ROWS + U64.pack(pid)
+
+
+def row_key(pid: int, path: bytes) -> bytes:
+    if len(path) > LONG_PATH:
+        return rows_prefix(pid) + b"#" + blake2b(path, digest_size=32).digest()
+    return rows_prefix(pid) + b"/" + path
+
+
+def _row_value(path: bytes, r: Row) -> bytes:
+    v = _ROW.pack(r.size, r.mtime_ns, r.ctime_ns, r.st_ino, r.mode)
+    return v + path if len(path) > LONG_PATH else v
+
+
+def _unpack_row(key: bytes, value: bytes | memoryview) -> tuple[bytes, Row]:
+    r = Row(*_ROW.unpack_from(value, 0))
+    path = bytes(value[_ROW.size :]) if key[9:10] == b"#" else key[10:]
+    return path, r
+
+
+def rows(txn: Txn, pid: int, start: bytes | None = None) -> Iterator[tuple[bytes, bytes, Row]]:
+    """(key, path, row) of point `pid`'s manifest in key order, from key `start` on."""
+    lo = start if start is not None else rows_prefix(pid)
+    for k, v in txn.range("points", lo, rows_prefix(pid + 1)):
+        path, r = _unpack_row(k, v)
+        yield k, path, r
+
+
+def row_of(txn: Txn, pid: int, path: bytes) -> Row | None:
+    v = txn.get("points", row_key(pid, path))
+    return None if v is None else _unpack_row(row_key(pid, path), v)[1]
+
+
+# -- points -------------------------------------------------------------------------------
+
+
+def read_points(txn: Txn) -> list[Point]:
     out = []
-    for k, v in txn.range("points", b""):
+    for k, v in txn.range("points", _HEAD, _HEAD[:-1] + bytes([_HEAD[-1] + 1])):
         d = json.loads(bytes(v))
-        out.append(Point(U64.unpack(k)[0], d["created_ns"], d["retention_days"]))
+        out.append(
+            Point(
+                U64.unpack_from(k, 1)[0],
+                d["created_ns"],
+                d["retention_days"],
+                d.get("complete", False),
+                d.get("entries", 0),
+                d.get("files", 0),
+                d.get("bytes", 0),
+            )
+        )
     return out
 
 
 def list_points(store: Store) -> list[Point]:
     with store.backend.read() as txn:
-        return _read(txn)
+        return read_points(txn)
+
+
+def current(txn: Txn) -> Point | None:
+    """The point the Phase 3 tree is checked against: the newest complete one."""
+    done = [p for p in read_points(txn) if p.complete]
+    return done[-1] if done else None
+
+
+def get_point(store: Store, pid: int) -> Point:
+    for p in list_points(store):
+        if p.id == pid:
+            return p
+    raise PointRefused(f"no rollback point {pid} (see ferryfs points list)")
 
 
 def ensure_first_point(store: Store, retention_days: int = DEFAULT_RETENTION_DAYS) -> Point:
-    """The store's first rollback point, made now if it has none."""
+    """The store's rollback point, recorded now (a walk of the whole Phase 3 tree) if
+    it has no complete one. Called by `migrate` and `mount` before anything can be
+    imported or changed; cheap when the point exists."""
+    pts = list_points(store)
+    done = [p for p in pts if p.complete]
+    if done:
+        return done[0]
+    if store.tree is None:
+        raise PointRefused("the Phase 3 tree cannot be reached to record a rollback point")
+    tree = store.tree
+    if pts:  # a walk that did not finish (a crash): record it again from scratch
+        p = pts[0]
+        _drop_rows(store, p.id)
+        p.created_ns = time.time_ns()
+        p.entries = p.files = p.nbytes = 0
+    else:
 
-    def op(txn: Txn) -> Point:
-        pts = _read(txn)
-        if pts:
-            return pts[0]
-        p = Point(1, time.time_ns(), retention_days)
-        txn.put(
-            "points",
-            U64.pack(p.id),
-            json.dumps({"created_ns": p.created_ns, "retention_days": p.retention_days}).encode(),
-        )
-        return p
+        def new(txn: Txn) -> Point:
+            v = txn.get("points", _NEXT)
+            pid = U64.unpack(v)[0] if v is not None else 1
+            txn.put("points", _NEXT, U64.pack(pid + 1))
+            pt = Point(pid, time.time_ns(), retention_days, complete=False)
+            txn.put("points", head_key(pid), pt.header())
+            return pt
 
-    return store._write(op)
-
-
-def delete_point(store: Store, point_id: int) -> None:
-    if not store._write(lambda txn: txn.delete("points", U64.pack(point_id))):
-        raise PointError(f"no rollback point {point_id}")
+        p = store._write(new)
+    _record_manifest(store, tree, p)
+    p.complete = True
+    store._write(lambda txn: txn.put("points", head_key(p.id), p.header()))
+    return p
 
 
-def manifest(store: Store) -> list[tuple[int, Legacy]]:
-    with store.backend.read() as txn:
-        return [(U64.unpack(k)[0], Legacy.unpack(v)) for k, v in txn.range("legacy", b"")]
+def _record_manifest(store: Store, tree: Phase3Tree, p: Point) -> None:
+    """Walk the tree breadth first, ROWS_PER_TXN rows to a transaction."""
+    batch: list[tuple[bytes, Row]] = [(b"", Row.of(tree.lstat(b"")))]
+    queue: deque[bytes] = deque([b""])
+
+    def flush() -> None:
+        def op(txn: Txn) -> None:
+            for path, r in batch:
+                txn.put("points", row_key(p.id, path), _row_value(path, r))
+
+        store._write(op)
+        batch.clear()
+
+    while queue:
+        d = queue.popleft()
+        try:
+            entries = list(tree.listdir(d))
+        except SourceError:
+            continue  # unreadable: its row is there, its entries are not
+        for entry in entries:
+            path = join(d, entry.name)
+            r = Row.of(entry.st)
+            batch.append((path, r))
+            if stat.S_ISDIR(r.mode):
+                queue.append(path)
+            elif stat.S_ISREG(r.mode):
+                p.files += 1
+                p.nbytes += r.size
+            if len(batch) >= ROWS_PER_TXN:
+                p.entries += len(batch)
+                flush()
+    p.entries += len(batch)
+    flush()
 
 
-def drifted(store: Store, tree: Phase3Tree, deep: bool) -> list[tuple[str, str]]:
-    """(path, how) of each Phase 3 file that no longer matches the manifest."""
-    from .fsck import phase3_drift
+def _drop_rows(store: Store, pid: int) -> None:
+    while True:
 
+        def op(txn: Txn) -> int:
+            keys = [
+                k for k, _ in _take(txn.range("points", rows_prefix(pid), rows_prefix(pid + 1)))
+            ]
+            for k in keys:
+                txn.delete("points", k)
+            return len(keys)
+
+        if store._write(op) < ROWS_PER_TXN:
+            return
+
+
+def _take(it: Iterator[tuple[bytes, object]]) -> list[tuple[bytes, object]]:
     out = []
-    for ino, leg in manifest(store):
-        node_is_dir = stat.S_ISDIR(store.getattr(ino).mode) if _exists(store, ino) else False
-        if node_is_dir or (not leg.path and not leg.size):
-            continue
-        how = phase3_drift(tree, leg, deep)
-        if how:
-            out.append(("/" + os.fsdecode(leg.path), how))
+    for item in it:
+        out.append(item)
+        if len(out) >= ROWS_PER_TXN:
+            break
     return out
 
 
-def _exists(store: Store, ino: int) -> bool:
-    with store.backend.read() as txn:
-        return txn.get("inodes", U64.pack(ino)) is not None
+def delete_point(store: Store, pid: int) -> None:
+    """Forget point `pid` (the Phase 3 tree is not touched)."""
+    get_point(store, pid)
+    _drop_rows(store, pid)
+    store._write(lambda txn: txn.delete("points", head_key(pid)))
 
 
 def released(store: Store) -> bool:
+    """Whether `points expire --yes` has deleted the Phase 3 data."""
     with store.backend.read() as txn:
-        return txn.get("meta", b"phase3_released") is not None
+        return is_released(txn)
 
 
-def release_phase3(store: Store, tree: Phase3Tree) -> int:
-    """Delete the Phase 3 files of a fully migrated, verified store. Returns the count.
+def is_released(txn: Txn) -> bool:
+    return txn.get("meta", b"phase3_released") is not None
 
-    The caller has checked the point expired, has the writer lock (not mounted) and
-    has the operator's yes; this checks the rest and refuses on any doubt."""
+
+# -- comparing the tree with a point --------------------------------------------------------
+
+
+def compare(r: Row, st: os.stat_result) -> str:
+    """How the entry `st` differs from its row ('' if it does not)."""
+    if stat.S_IFMT(st.st_mode) != stat.S_IFMT(r.mode):
+        return f"was a {_kind(r.mode)}, is now a {_kind(st.st_mode)}"
+    if st.st_ino != r.st_ino:
+        return "replaced by another file (inode changed)"
+    if stat.S_ISDIR(r.mode):
+        if st.st_mtime_ns != r.mtime_ns:
+            return "entries added, removed or renamed (mtime changed)"
+    elif st.st_size != r.size:
+        return f"size changed ({r.size} -> {st.st_size} bytes)"
+    elif st.st_mtime_ns != r.mtime_ns:
+        return "modified (mtime changed, same size)"
+    if st.st_mode != r.mode:
+        return f"mode changed ({stat.filemode(r.mode)} -> {stat.filemode(st.st_mode)})"
+    if st.st_ctime_ns != r.ctime_ns:
+        return "changed (ctime changed: content or metadata)"
+    return ""
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, "file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symlink"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+class DirFds:
+    """A few open directory fds of the tree, so checking rows in key order (siblings
+    together) opens each directory once rather than once per entry."""
+
+    def __init__(self, tree: Phase3Tree, keep: int = 64) -> None:
+        self.tree = tree
+        self.keep = keep
+        self._fds: OrderedDict[bytes, int] = OrderedDict()
+
+    def lstat(self, path: bytes) -> os.stat_result:
+        parts = _split(path)
+        if not parts:
+            return self.tree.lstat(b"")
+        parent = b"/".join(parts[:-1])
+        fd = self._fds.get(parent)
+        if fd is None:
+            fd = self.tree._walk_to(parts[:-1])
+            self._fds[parent] = fd
+            if len(self._fds) > self.keep:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(parent)
+        try:
+            return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise NotFound(os.fsdecode(path)) from None
+        except OSError as e:
+            raise SourceError(os.strerror(e.errno or 5).lower()) from e
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def stat_drift(
+    txn: Txn, tree: Phase3Tree, fds: DirFds, pid: int, path: bytes, r: Row
+) -> list[Drift]:
+    """The drift of one manifest entry by lstat; for a directory whose entries changed,
+    also each entry that is new since the point."""
+    try:
+        st = fds.lstat(path)
+    except NotFound:
+        return [Drift(path, "gone")]
+    except SourceError as e:
+        return [Drift(path, f"cannot be reached ({e})")]
+    how = compare(r, st)
+    if not how:
+        return []
+    out = [Drift(path, how)]
+    if stat.S_ISDIR(r.mode) and stat.S_ISDIR(st.st_mode) and st.st_ino == r.st_ino:
+        try:
+            for entry in tree.listdir(path):
+                child = join(path, entry.name)
+                if row_of(txn, pid, child) is None:
+                    out.append(Drift(child, "new since the rollback point"))
+        except SourceError:
+            pass
+    return out
+
+
+def expected_hash(txn: Txn, pid: int, leg: Legacy) -> Row | None:
+    """The manifest row whose content `leg.blake3` describes, or None: the legacy stat
+    (what the migration read) must be the row's (what the point recorded)."""
+    if not leg.hashed:
+        return None
+    r = row_of(txn, pid, leg.path)
+    if r is None or not stat.S_ISREG(r.mode):
+        return None
+    if (r.size, r.mtime_ns, r.st_ino) != (leg.size, leg.mtime_ns, leg.st_ino):
+        return None
+    return r
+
+
+def content_drift(tree: Phase3Tree, path: bytes, r: Row, want: bytes) -> tuple[str, int]:
+    """(how, bytes read): '' when the Phase 3 file still hashes to `want`. A file whose
+    stat no longer matches is left to the stat check (''), not read."""
+    try:
+        fd = tree.open_file(path)
+    except SourceError:
+        return "", 0
+    n = 0
+    try:
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != (r.st_ino, r.size, r.mtime_ns):
+            return "", 0
+        h = blake3.blake3()
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while got := os.readv(fd, [buf]):
+            h.update(view[:got])
+            n += got
+    finally:
+        os.close(fd)
+    if h.digest() != want:
+        return "content changed (same size and mtime)", n
+    return "", n
+
+
+def verify(
+    store: Store,
+    tree: Phase3Tree,
+    pid: int,
+    deep: bool,
+    jobs: int = os.cpu_count() or 2,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Drift], int]:
+    """(drifted entries, entries checked) of the tree against point `pid`: every row
+    by lstat, and with `deep` every file whose hash is known by content. One read
+    snapshot of the store; contents hashed on `jobs` threads."""
+    drifts: list[Drift] = []
+    fds = DirFds(tree)
+    checked = 0
+    with store.backend.read() as txn:
+        try:
+            for _k, path, r in rows(txn, pid):
+                drifts.extend(stat_drift(txn, tree, fds, pid, path, r))
+                checked += 1
+        finally:
+            fds.close()
+        if deep:
+            stat_drifted = {d.path for d in drifts}
+            todo: list[tuple[bytes, Row, bytes]] = []
+            for _k, v in txn.range("legacy", b""):
+                leg = Legacy.unpack(v)
+                known = expected_hash(txn, pid, leg)
+                if known is not None and leg.path not in stat_drifted:
+                    todo.append((leg.path, known, leg.blake3))
+    if deep:
+        with ThreadPoolExecutor(jobs) as pool:
+            for (path, _r, _w), (how, n) in zip(
+                todo, pool.map(lambda t: content_drift(tree, *t), todo), strict=True
+            ):
+                if progress is not None:
+                    progress(n)
+                if how:
+                    drifts.append(Drift(path, how))
+    drifts.sort(key=lambda d: d.path)
+    return drifts, checked
+
+
+# -- expiry ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Release:
+    deleted: int = 0
+    deleted_bytes: int = 0
+    kept: list[tuple[str, str]] = field(default_factory=list)  # path, why
+
+
+def store_hash(txn: Txn, ino: int) -> bytes | None:
+    """blake3 of a stored file's content, or None if a chunk is missing or bad."""
+    h = blake3.blake3()
+    from . import codec
+
+    for _off, d, n in content.all_extents(txn, ino):
+        if d == HOLE:
+            h.update(bytes(n))
+            continue
+        rec = txn.get("chunks", d)
+        if rec is None:
+            return None
+        try:
+            h.update(codec.decode(rec, d, n))
+        except CorruptChunk:
+            return None
+    return h.digest()
+
+
+def release_phase3(store: Store, tree: Phase3Tree, pid: int) -> Release:
+    """Delete the Phase 3 files whose exact content is verifiably in the store.
+
+    The caller has the writer lock (the store is not mounted), has checked that
+    every point has expired, and has the operator's yes. This checks the rest and
+    raises PointRefused, having deleted nothing, on any doubt."""
     from .fsck import Checker
 
-    s = store.stats()
-    if s.files_legacy or s.dirs_listed != s.dirs_total:
-        raise PointError(
-            f"{s.files_legacy} files not migrated and {s.dirs_total - s.dirs_listed} "
-            "directories not listed: run ferryfs migrate first"
+    if released(store):
+        raise PointRefused("the Phase 3 data was already released")
+    with store.backend.read() as txn:
+        legacy_files, unlisted = 0, 0
+        for k, v in txn.range("inodes", b""):
+            node = Inode.unpack(U64.unpack(k)[0], v)
+            if node.is_dir and not node.stored:
+                unlisted += 1
+            elif node.is_reg and not node.stored:
+                legacy_files += 1
+    if legacy_files or unlisted:
+        raise PointRefused(
+            f"{legacy_files} files not migrated and {unlisted} directories not imported: "
+            "run ferryfs migrate (or let the sweep finish) first; nothing deleted"
         )
+    store.tree = tree
     report = Checker(store, deep=True).run()
-    if report.problems:
-        raise PointError(
-            f"fsck --deep finds {len(report.problems)} problems (first: "
-            f"{report.problems[0].kind} {report.problems[0].path}); nothing deleted"
+    if report.problems or report.partial:
+        first = report.problems[0] if report.problems else None
+        raise PointRefused(
+            f"fsck --deep finds {len(report.problems)} problems"
+            + (f" (first: {first.kind} {first.path}: {first.detail})" if first else "")
+            + "; nothing deleted"
         )
-    files = [leg for ino, leg in manifest(store) if leg.hashed]
-    n = 0
-    for leg in files:
-        parts = _split(leg.path)
-        dfd = tree._walk_to(parts[:-1])
+    out = Release()
+    doomed: list[tuple[bytes, Row]] = []
+    with store.backend.read() as txn:
+        named: set[bytes] = set()
+        for k, v in txn.range("legacy", b""):
+            ino, leg = U64.unpack(k)[0], Legacy.unpack(v)
+            node = ns.get(txn, ino)
+            if not node.is_reg:
+                continue
+            named.add(leg.path)
+            known = expected_hash(txn, pid, leg)
+            shown = "/" + os.fsdecode(leg.path)
+            if known is None:
+                out.kept.append((shown, "changed in Phase 3 before it was migrated"))
+            elif node.changed and store_hash(txn, ino) != leg.blake3:
+                out.kept.append((shown, "changed through the mount: Phase 3 holds the old version"))
+            else:
+                doomed.append((leg.path, known))
+        for _k, path, r in rows(txn, pid):
+            if stat.S_ISREG(r.mode) and path not in named:
+                out.kept.append(("/" + os.fsdecode(path), "not in the store under this name"))
+    # Recorded first: from here on rollback and healing from Phase 3 are refused.
+    store._write(lambda txn: txn.put("meta", b"phase3_released", U64.pack(time.time_ns())))
+    for path, r in doomed:
+        parts = _split(path)
         try:
+            dfd = tree._walk_to(parts[:-1])
+        except SourceError as e:
+            out.kept.append(("/" + os.fsdecode(path), f"cannot be reached ({e})"))
+            continue
+        try:
+            st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or compare(r, st):
+                out.kept.append(("/" + os.fsdecode(path), "changed since it was verified"))
+                continue
             os.unlink(parts[-1], dir_fd=dfd)
-            n += 1
+            out.deleted += 1
+            out.deleted_bytes += r.size
         except FileNotFoundError:
             pass
         finally:
             os.close(dfd)
-    store._write(lambda txn: txn.put("meta", b"phase3_released", U64.pack(time.time_ns())))
-    return n
+    return out

@@ -1,88 +1,281 @@
-"""Rollback points: made by the first migrate, verify sees drift, expire refuses
-without --yes or before the point expires, and deletes Phase 3 files only when
-everything is migrated and verified."""
+"""Rollback points: the first migrate records one (a manifest of the whole tree),
+verify sees drift by stat and, with --deep, by content; fsck reports drift too;
+an unfinished recording is redone; expire refuses without --yes, before expiry,
+with files not migrated and on drift, and otherwise deletes only the Phase 3
+files whose content is verifiably in the store."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import time
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from ferryfs.store import points
-from ferryfs.store.records import U64
+from ferryfs.store.kv import Txn
 from ferryfs.store.store import Store
-from mountutil import ferry
+from ferryfs.tools import cli
 
 
-def setup(sample_tree, tmp_path: Path) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+def ferry(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ferryfs.tools.cli", *map(os.fspath, args)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+
+
+def inproc(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    code = cli.main([os.fspath(a) for a in args])
+    return code, capsys.readouterr().out
+
+
+def entries(root: Path) -> dict[bytes, os.stat_result]:
+    out = {b"": root.lstat()}
+    for dirpath, dirs, names in os.walk(os.fsencode(root)):
+        for n in dirs + names:
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, os.fsencode(root))] = os.lstat(p)
+    return out
+
+
+@pytest.fixture
+def migrated(sample_tree, tmp_path: Path) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
     src = tmp_path / "phase3"
     shutil.copytree(sample_tree.root, src, symlinks=True)
     store = tmp_path / "store"
-    assert ferry("migrate", src, "--store", store).returncode == 0
+    assert cli.main(["migrate", str(src), "--store", str(store)]) == 0
     return src, store
 
 
-def test_first_point_and_drift(sample_tree, tmp_path: Path) -> None:
-    src, store = setup(sample_tree, tmp_path)
-    rows = json.loads(ferry("points", "list", store, "--json").stdout)
-    assert [r["id"] for r in rows] == [1] and rows[0]["retention_days"] == 30
-    assert rows[0]["expired"] is False
-    r = ferry("points", "verify", store, "--deep", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["matches"] is True
-    victim = next(p for p in sorted(src.rglob("*.jsonl")))
+def age(store: Path, days: int) -> None:
+    """Move every point's creation `days` into the past."""
+    with Store.open(str(store)) as s:
+
+        def op(txn: Txn) -> None:
+            for p in points.read_points(txn):
+                p.created_ns -= days * points.DAY_NS
+                txn.put("points", points.head_key(p.id), p.header())
+
+        s._write(op)
+
+
+def test_migrate_records_the_whole_tree(
+    migrated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, store = migrated
+    code, out = inproc(capsys, "points", "list", store, "--json")
+    assert code == 0
+    (row,) = json.loads(out)
+    want = entries(src)
+    files = [st for st in want.values() if stat.S_ISREG(st.st_mode)]
+    assert (row["id"], row["retention_days"], row["complete"], row["expired"]) == (
+        1,
+        30,
+        True,
+        False,
+    )
+    assert (row["entries"], row["files"], row["bytes"]) == (
+        len(want),
+        len(files),
+        sum(st.st_size for st in files),
+    )
+    with Store.open(str(store), readonly=True) as s, s.backend.read() as txn:
+        rows = {path: r for _k, path, r in points.rows(txn, 1)}
+    assert rows.keys() == want.keys()
+    assert all(rows[p] == points.Row.of(st) for p, st in want.items())
+    # Migrating again (a resumed run) keeps the point: the tree is not walked again.
+    assert cli.main(["migrate", str(src), "--store", str(store)]) == 0
+    assert [p.id for p in points_of(store)] == [1]
+
+
+def points_of(store: Path) -> list[points.Point]:
+    with Store.open(str(store), readonly=True) as s:
+        return points.list_points(s)
+
+
+def test_verify_sees_drift_by_stat_and_by_content(
+    migrated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, store = migrated
+    code, out = inproc(capsys, "points", "verify", store, "--deep", "--json")
+    assert code == 0 and json.loads(out)["matches"] is True, out
+    files = sorted(p for p in src.rglob("*.jsonl"))
+    files[0].write_bytes(files[0].read_bytes() + b"\n")  # appended
+    files[1].unlink()  # gone
+    (files[2].parent / "new.txt").write_text("born after the point")  # new
+    code, out = inproc(capsys, "points", "verify", store, "--json")
+    doc = json.loads(out)
+    drifted = {d["path"]: d["how"] for d in doc["drifted"]}
+    rel = {f: "/" + str(f.relative_to(src)) for f in files[:3]}
+    assert code == 4 and doc["matches"] is False
+    assert "size changed" in drifted[rel[files[0]]]
+    assert drifted[rel[files[1]]] == "gone"
+    assert drifted["/" + str((files[2].parent / "new.txt").relative_to(src))].startswith("new")
+    # fsck reports the same drift, without --deep too.
+    code, out = inproc(capsys, "fsck", store, "--json")
+    fsck_paths = {p["path"] for p in json.loads(out)["problems"] if p["kind"] == "phase3-drift"}
+    assert code == 4 and set(drifted) <= fsck_paths
+
+    # Content changed with size and times as they were: only --deep can see that
+    # (ctime cannot be set back, so the test records the new one in the manifest,
+    # as if the filesystem had not moved it).
+    victim = files[3]
     st = victim.stat()
-    victim.write_bytes(victim.read_bytes()[:-1] + b"X")  # same size and mtime:
-    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # only --deep can see it
-    assert ferry("points", "verify", store).returncode == 0
-    r = ferry("points", "verify", store, "--deep", "--json")
-    drifted = [d["path"] for d in json.loads(r.stdout)["drifted"]]
-    assert r.returncode == 4 and drifted == ["/" + str(victim.relative_to(src))]
+    body = victim.read_bytes()
+    victim.write_bytes(body[:-2] + bytes([body[-2] ^ 1]) + body[-1:])
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    path = os.fsencode(victim.relative_to(src))
+    with Store.open(str(store)) as s:
+        s._write(
+            lambda t: t.put(
+                "points",
+                points.row_key(1, path),
+                points._row_value(path, points.Row.of(victim.lstat())),
+            )
+        )
+    shown = "/" + str(victim.relative_to(src))
+    code, out = inproc(capsys, "points", "verify", store, "--json")
+    assert shown not in {d["path"] for d in json.loads(out)["drifted"]}
+    code, out = inproc(capsys, "points", "verify", store, "--deep", "--json")
+    deep = {d["path"]: d["how"] for d in json.loads(out)["drifted"]}
+    assert code == 4 and deep[shown].startswith("content changed"), deep
+    code, out = inproc(capsys, "fsck", store, "--deep", "--json")
+    hit = [p for p in json.loads(out)["problems"] if p["path"] == shown]
+    assert [p["kind"] for p in hit] == ["phase3-drift"] and not hit[0]["repairable"]
 
 
-def test_expire_is_conservative(sample_tree, tmp_path: Path) -> None:
-    src, store = setup(sample_tree, tmp_path)
-    r = ferry("points", "expire", store, "--yes")
-    assert r.returncode == 0 and "no expired" in r.stdout
-    # Age the point past its retention.
-    age_first_point(store, days=31)
+def test_an_unfinished_point_is_recorded_again(tmp_path: Path, sample_tree) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "phase3"
+    shutil.copytree(sample_tree.root, src, symlinks=True)
+    with Store.open(str(tmp_path / "store"), source=str(src), create=True) as s:
+        first = points.ensure_first_point(s)
+        # A crash in the middle of the walk: header not complete, some rows, one stale.
+        first.complete = False
+        s._write(lambda t: t.put("points", points.head_key(1), first.header()))
+        s._write(
+            lambda t: t.put(
+                "points",
+                points.row_key(1, b"stale"),
+                points._row_value(b"stale", points.Row.of(src.stat())),
+            )
+        )
+        with s.backend.read() as txn:
+            assert points.current(txn) is None
+        again = points.ensure_first_point(s)
+        assert (again.id, again.complete, again.entries) == (1, True, len(entries(src)))
+        with s.backend.read() as txn:
+            assert {p for _k, p, _r in points.rows(txn, 1)} == entries(src).keys()
+        # Deleted, a point is not reused: the next one gets a new id.
+        points.delete_point(s, 1)
+        assert points.ensure_first_point(s).id == 2
+
+
+def test_a_path_too_long_for_a_key(tmp_path: Path) -> None:
+    src = tmp_path / "phase3"
+    deep = src
+    for i in range(3):
+        deep = deep / (chr(ord("a") + i) * 200)
+    deep.mkdir(parents=True)
+    (deep / "f.txt").write_text("far down")
+    with Store.open(str(tmp_path / "store"), source=str(src), create=True) as s:
+        points.ensure_first_point(s)
+        path = os.fsencode((deep / "f.txt").relative_to(src))
+        assert len(path) > points.LONG_PATH
+        with s.backend.read() as txn:
+            assert points.row_of(txn, 1, path) == points.Row.of((deep / "f.txt").lstat())
+            assert path in {p for _k, p, _r in points.rows(txn, 1)}
+        drift, checked = points.verify(s, s.tree, 1, deep=True)  # type: ignore[arg-type]
+        assert (drift, checked) == ([], 5)
+        (deep / "f.txt").write_text("changed")
+        drift, _ = points.verify(s, s.tree, 1, deep=False)  # type: ignore[arg-type]
+        assert [d.path for d in drift if d.path == path] == [path]
+
+
+def test_expire_is_conservative(
+    migrated: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, store = migrated
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file() and not p.is_symlink()}
+    code, out = inproc(capsys, "points", "expire", store, "--yes")
+    assert code == 0 and "no expired" in out  # within retention: nothing happens
+    age(store, 31)
     r = ferry("points", "expire", store)
-    assert r.returncode == 1 and "--yes" in r.stdout
-    assert any(src.rglob("*.jsonl")), "nothing may go without --yes"
-    # A drifted Phase 3 file: fsck --deep is not clean, so nothing is deleted.
-    victim = next(p for p in sorted(src.rglob("*.json")))
+    assert r.returncode == 1 and "--yes" in r.stdout  # refuses without --yes
+    # Drift in Phase 3: fsck --deep is not clean, so nothing at all is deleted.
+    victim = sorted(before)[0]
     victim.write_bytes(b"changed")
     r = ferry("points", "expire", store, "--yes")
-    assert r.returncode == 1 and "nothing deleted" in r.stderr
-    assert victim.exists()
+    assert r.returncode == 1 and "nothing deleted" in r.stderr, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    victim.write_bytes(before[victim])
+    assert {p: p.read_bytes() for p in before} == before
+    assert [p.id for p in points_of(store)] == [1]  # the point is kept too
+    # Mounted (or any writer): refused, exit 8.
+    with Store.open(str(store)):
+        r = ferry("points", "expire", store, "--yes")
+        assert r.returncode == 8 and "in use" in r.stderr
 
 
-def test_expire_deletes_phase3_when_all_is_verified(sample_tree, tmp_path: Path) -> None:
-    src, store = setup(sample_tree, tmp_path)
+def test_expire_refuses_while_files_are_not_migrated(tmp_path: Path, sample_tree) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "phase3"
+    shutil.copytree(sample_tree.root, src, symlinks=True)
+    store = tmp_path / "store"
+    with Store.open(str(store), source=str(src), create=True) as s:
+        points.ensure_first_point(s)
+        s.import_all()
+        for ino in s.legacy_files(limit=5):
+            s.migrate(ino)
+    age(store, 40)
+    r = ferry("points", "expire", store, "--yes")
+    assert r.returncode == 1 and "not migrated" in r.stderr, r.stdout + r.stderr
+    assert len([p for p in src.rglob("*") if p.is_file()]) == len(
+        [p for p in sample_tree.root.rglob("*") if p.is_file()]
+    )
+
+
+def test_expire_deletes_only_what_the_store_holds(
+    migrated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, store = migrated
     before = {
-        p.relative_to(src): p.read_bytes()
+        "/" + str(p.relative_to(src)): p.read_bytes()
         for p in src.rglob("*")
         if p.is_file() and not p.is_symlink()
     }
-    age_first_point(store, days=31)
-    r = ferry("points", "expire", store, "--yes")
-    assert r.returncode == 0, r.stderr
-    left = [p for p in src.rglob("*") if p.is_file() and not p.is_symlink()]
-    assert left == []
-    # Everything is still in the store, byte for byte.
+    changed = sorted(p for p in before if p.endswith(".jsonl"))[0]
+    with Store.open(str(store)) as s:  # changed through the store, as a mount would
+        ino = 1
+        for part in changed.strip("/").split("/"):
+            ino = s.lookup(ino, os.fsencode(part)).ino
+        s.write(ino, 0, b"new words")
+    age(store, 31)
+    code, out = inproc(capsys, "points", "expire", store, "--yes")
+    assert code == 0, out
+    left = {"/" + str(p.relative_to(src)) for p in src.rglob("*") if p.is_file()}
+    assert left == {changed}, "only the file whose Phase 3 version the store lacks stays"
+    assert f"kept  {changed}" in out
+    assert (src / changed.strip("/")).read_bytes() == before[changed]
+    assert points_of(store) == []
     with Store.open(str(store), readonly=True) as s:
-        for rel, data in before.items():
-            ino = 1
-            for part in rel.parts:
-                ino = s.lookup(ino, os.fsencode(part)).ino
-            assert s.read(ino, 0, len(data) + 1) == data
         assert points.released(s)
-
-
-def age_first_point(store: Path, days: int) -> None:
-    """Make the first rollback point `days` old (its retention is 30 days)."""
-    with Store.open(str(store)) as s:
-        old = time.time_ns() - days * points.DAY_NS
-        record = json.dumps({"created_ns": old, "retention_days": 30}).encode()
-        s._write(lambda t: t.put("points", U64.pack(1), record))
+        for p, body in before.items():
+            if p == changed:
+                continue
+            ino = 1
+            for part in p.strip("/").split("/"):
+                ino = s.lookup(ino, os.fsencode(part)).ino
+            assert s.read(ino, 0, len(body) + 1) == body, p
+    # Afterwards fsck says why it no longer compares with Phase 3, and is clean.
+    code, out = inproc(capsys, "fsck", store, "--json")
+    doc = json.loads(out)
+    assert code == 0 and any("released" in n for n in doc["notes"])
+    r = ferry("points", "verify", store)
+    assert r.returncode == 8 and "released" in r.stderr

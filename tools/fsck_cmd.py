@@ -1,18 +1,19 @@
 """Check a store against its invariants (works beside a live mount); --repair fixes it.
 
 Exit codes as e2fsck: 0 clean, 1 errors found and all repaired, 4 errors left,
-8 could not run (bad arguments, --repair on a store in use, not a store,
-another schema version).
+8 could not run (bad arguments, --repair on a store in use, --repair with no
+terminal to ask and no --yes, not a store, another schema version).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from ferryfs.store.errors import FerryError, StoreLocked
-from ferryfs.store.fsck import Checker, Report, repair
+from ferryfs.store.errors import CheckCannotRun, FerryError, StoreLocked
+from ferryfs.store.fsck import Checker, Problem, Report, repair
 from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.store import Store
 
@@ -20,10 +21,7 @@ from .mounts import control_get, is_ferryfs
 from .progress import Bar
 
 CLEAN, REPAIRED, LEFT, CANNOT = 0, 1, 4, 8
-
-
-class CannotRun(FerryError):
-    exit_code = CANNOT
+SHOWN = 200  # problems printed as text (--json lists all)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--deep",
         action="store_true",
-        help="also verify every chunk's hash, every unmodified file against "
-        "Phase 3, and the Phase 3 tree against the rollback point",
+        help="also decode and hash every chunk, every unmodified file against its "
+        "Phase 3 hash, and Phase 3's files against the rollback point by content",
     )
     p.add_argument("--repair", action="store_true", help="fix what can be (store not mounted)")
     p.add_argument("--yes", action="store_true", help="repair without asking")
@@ -41,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-duration",
         type=float,
         metavar="SECONDS",
-        help="stop at a safe point; the next run carries on",
+        help="stop at a safe point after about this long; the next run carries on",
     )
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="--deep threads")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,43 +50,67 @@ def run(args: argparse.Namespace) -> int:
     except FerryError as e:
         if e.exit_code == CANNOT:
             raise
-        raise CannotRun(str(e)) from None
+        raise CheckCannotRun(str(e)) from None
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.max_duration is not None and args.max_duration <= 0:
-        raise CannotRun("--max-duration must be positive")
+        raise CheckCannotRun("--max-duration must be a positive number of seconds")
+    if args.jobs < 1:
+        raise CheckCannotRun("--jobs must be at least 1")
+    if args.repair and args.max_duration is not None:
+        raise CheckCannotRun("--repair checks the whole store: drop --max-duration")
+    if args.repair and not args.yes and not sys.stdin.isatty():
+        raise CheckCannotRun("--repair asks first: pass --yes when not on a terminal")
     if args.repair:
         try:
             store = Store.open(args.store)
         except StoreLocked:
-            raise CannotRun(
+            raise CheckCannotRun(
                 f"store {args.store} is in use (mounted or migrating): --repair needs it "
-                "unmounted; run fsck without --repair to check it live"
+                "unmounted; fsck without --repair checks it live"
             ) from None
     else:
         store = Store.open(args.store, readonly=True)
-        if args.deep:
-            store.tree = phase3_of(store)
+        store.tree = phase3_of(store)
     with store:
-        total = store.stats().bytes_compressed if args.deep else 0
+        total = 2 * store.stats().bytes_migrated if args.deep else 0
         with Bar("checking", total) as bar:
             report = Checker(
-                store, deep=args.deep, max_seconds=args.max_duration, progress=bar.advance
+                store,
+                deep=args.deep,
+                max_seconds=args.max_duration,
+                progress=bar.advance,
+                jobs=args.jobs,
+                resume=not args.repair,
             ).run()
-        # The figure that matters to an operator: file bytes verified per second.
-        report.bytes_checked = store.stats().bytes_migrated if args.deep else 0
-        found = len(report.problems)
-        if found and args.repair:
-            if not args.yes and not _confirm(found):
-                print("ferryfs: nothing repaired", file=sys.stderr)
-                return _print(args, report, LEFT)
-            repair(store, report)
-            after = Checker(store, deep=args.deep).run()
-            code = REPAIRED if not after.problems else LEFT
-            report.lost = sorted(set(report.lost) | {p.path for p in after.problems})
-            return _print(args, report, code, after)
-        return _print(args, report, LEFT if found else CLEAN)
+        fixable = [p for p in report.problems if p.repairable]
+        if not args.repair or not report.problems:
+            return _print(args, report, LEFT if report.problems else CLEAN)
+        if not fixable:  # nothing to do: say what is lost
+            lost = sorted({p.path for p in report.problems if _is_file_damage(p)})
+            return _print(args, report, LEFT, report, 0, lost)
+        if not args.yes and not _confirm(len(fixable), len(report.problems)):
+            print("ferryfs: nothing repaired", file=sys.stderr)
+            return _print(args, report, LEFT)
+        lost = repair(store, report)
+        after = Checker(store, deep=args.deep, jobs=args.jobs, resume=False).run()
+        left = {p.ident() for p in after.problems}
+        repaired = sum(p.ident() not in left for p in report.problems)
+        lost = sorted(set(lost) | {p.path for p in after.problems if _is_file_damage(p)})
+        code = REPAIRED if not after.problems else LEFT
+        return _print(args, report, code, after, repaired, lost)
+
+
+def _is_file_damage(p: Problem) -> bool:
+    return bool(p.path) and p.kind in (
+        "corrupt-chunk",
+        "missing-chunk",
+        "content-differs",
+        "extent-gap",
+        "extent-overlap",
+        "extents-past-end",
+    )
 
 
 def phase3_of(store: Store) -> Phase3Tree | None:
@@ -105,42 +128,84 @@ def phase3_of(store: Store) -> Phase3Tree | None:
         return None
 
 
-def _confirm(n: int) -> bool:
-    if not sys.stdin.isatty():
-        raise CannotRun("--repair asks for confirmation: pass --yes when not on a terminal")
-    return input(f"repair {n} problems? [y/N] ").strip().lower() in ("y", "yes")
+def shown(path: str) -> str:
+    """A path for a terminal: bytes that are not UTF-8 (kept by os.fsdecode as
+    surrogates) printed as \\xNN escapes, so the output is always valid UTF-8."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _print(args: argparse.Namespace, r: Report, code: int, after: Report | None = None) -> int:
-    rate = r.bytes_checked / r.seconds / 1e6 if r.seconds else 0.0
+def _confirm(fixable: int, found: int) -> bool:
+    more = f" ({found - fixable} more cannot be)" if found > fixable else ""
+    answer = input(f"repair {fixable} problems{more}? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _rates(r: Report) -> tuple[float, float]:
+    """MB/s of file content verified, and of bytes read and hashed (store + Phase 3)."""
+    if not r.seconds:
+        return 0.0, 0.0
+    return r.file_bytes / r.seconds / 1e6, (r.store_bytes + r.phase3_bytes) / r.seconds / 1e6
+
+
+def _print(
+    args: argparse.Namespace,
+    r: Report,
+    code: int,
+    after: Report | None = None,
+    repaired: int = 0,
+    lost: list[str] | None = None,
+) -> int:
+    files_rate, read_rate = _rates(r)
+    left = after.problems if after is not None else r.problems
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "errors": len(r.problems),
-                    "repaired": r.repaired,
-                    "left": len(after.problems) if after is not None else len(r.problems),
-                    "lost": r.lost,
-                    "partial": r.partial,
-                    "problems": [p.as_dict() for p in r.problems],
-                    "chunks_checked": r.chunks_checked,
-                    "bytes_checked": r.bytes_checked,
-                    "seconds": round(r.seconds, 3),
-                    "mb_per_s": round(rate, 1),
-                    "exit_code": code,
-                }
-            )
-        )
+        doc: dict[str, object] = {
+            "errors": len(r.problems),
+            "repaired": repaired,
+            "left": len(left),
+            "lost": lost or [],
+            "partial": r.partial,
+            "problems": [p.as_dict() for p in r.problems],
+            "notes": r.notes,
+            "point": r.point,
+            "files_checked": r.files_checked,
+            "chunks_checked": r.chunks_checked,
+            "rows_checked": r.rows_checked,
+            "file_bytes": r.file_bytes,
+            "store_bytes": r.store_bytes,
+            "phase3_bytes": r.phase3_bytes,
+            "seconds": round(r.seconds, 3),
+            "mb_per_s": round(files_rate, 1),
+            "read_mb_per_s": round(read_rate, 1),
+            "exit_code": code,
+        }
+        if after is not None:
+            doc["remaining"] = [p.as_dict() for p in after.problems]
+        print(json.dumps(doc))
         return code
-    for p in r.problems[:200]:
-        print(f"{p.kind:24} {p.path or '-'}  {p.detail}")
-    if len(r.problems) > 200:
-        print(f"... and {len(r.problems) - 200} more (--json lists all)")
-    deep = f"; {r.chunks_checked} chunks, {rate:.0f} MB/s" if r.chunks_checked else ""
-    state = "partial (run again to carry on)" if r.partial else "done"
-    print(f"fsck {state}: {len(r.problems)} problems{deep} in {r.seconds:.1f} s")
+    for p in r.problems[:SHOWN]:
+        fix = "" if p.repairable else "  (cannot be repaired)"
+        print(f"{p.kind:26} {shown(p.path) or '-'}  {p.detail}{fix}")
+    if len(r.problems) > SHOWN:
+        print(f"... and {len(r.problems) - SHOWN} more (--json lists all)")
+    for note in r.notes:
+        print(f"note: {note}")
+    deep = ""
+    if args.deep:
+        deep = (
+            f"; {r.file_bytes / 1e6:.1f} MB of files verified ({files_rate:.0f} MB/s), "
+            f"{(r.store_bytes + r.phase3_bytes) / 1e6:.1f} MB read and hashed "
+            f"({read_rate:.0f} MB/s), {r.chunks_checked} more chunks"
+        )
+    state = "stopped at --max-duration (run again to carry on)" if r.partial else "done"
+    fixable = sum(p.repairable for p in r.problems)
+    print(
+        f"fsck {state}: {len(r.problems)} problems ({fixable} repairable) "
+        f"in {r.seconds:.1f} s{deep}"
+    )
     if after is not None:
-        print(f"repaired {r.repaired}; {len(after.problems)} left")
-        for path in r.lost:
-            print(f"could not save {path}")
+        print(f"repaired {repaired}; {len(after.problems)} left")
+        for p in after.problems[:SHOWN]:
+            print(f"left: {p.kind:26} {shown(p.path) or '-'}  {p.detail}")
+        for path in lost or []:
+            print(f"could not save {shown(path)}")
     return code

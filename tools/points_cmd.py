@@ -1,31 +1,55 @@
-"""Rollback points: list, verify [--deep], delete, expire (retention 30 days by default).
+"""Rollback points: list, verify [--deep], delete, expire [--yes] (kept 30 days by default).
 
-`expire` deletes expired points; with `--yes` it also deletes their Phase 3 data
-(the original files), and only when every file is migrated and `fsck --deep`
-is clean. After that, rollback to Phase 3 is no longer possible.
+    ferryfs points list STORE [--json]
+    ferryfs points verify STORE [ID] [--deep] [--json]   0 matches, 4 drifted, 8 cannot run
+    ferryfs points delete STORE ID                       forgets the point; Phase 3 untouched
+    ferryfs points expire STORE [--yes]
+
+`expire` without --yes only says what it would do (exit 1). With --yes it
+deletes the expired points and, once every point has expired, the Phase 3 files
+whose content is verifiably in the store (see store/points.py): it refuses, and
+deletes nothing, unless every file is migrated and `fsck --deep` is clean.
+Rollback to Phase 3 is then no longer possible. Points may be given as `ID
+STORE` too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import UTC, datetime
 
 from ferryfs.store import points
-from ferryfs.store.errors import FerryError, StoreLocked, UsageError
+from ferryfs.store.errors import CheckCannotRun, PointRefused, UsageError
 from ferryfs.store.store import Store
 
-from .fsck_cmd import phase3_of
+from .fsck_cmd import phase3_of, shown
+from .progress import Bar
+
+MATCHES, DRIFTED = 0, 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("list", "verify", "delete", "expire"))
-    p.add_argument("store", help="the store directory")
-    p.add_argument("id", nargs="?", type=int, help="the point (delete)")
+    p.add_argument("where", nargs="+", metavar="STORE [ID]", help="the store directory")
     p.add_argument("--deep", action="store_true", help="verify: compare contents too")
-    p.add_argument("--yes", action="store_true", help="expire: delete Phase 3 data too")
-    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--yes", action="store_true", help="expire: really delete")
+    p.add_argument("--json", action="store_true", help="list, verify: print as JSON")
+
+
+def _store_and_id(args: argparse.Namespace) -> tuple[str, int | None]:
+    w = args.where
+    if len(w) == 1:
+        return w[0], None
+    if len(w) == 2:
+        a, b = w
+        if a.isdigit() and not os.path.isdir(a):
+            a, b = b, a
+        if b.isdigit():
+            return a, int(b)
+    raise UsageError(f"points {args.action} takes STORE and at most one point ID")
 
 
 def _when(ns: int) -> str:
@@ -33,91 +57,140 @@ def _when(ns: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    store_dir, pid = _store_and_id(args)
     if args.action in ("list", "verify"):
-        with Store.open(args.store, readonly=True) as store:
-            return _list(store, args) if args.action == "list" else _verify(store, args)
-    try:
-        store = Store.open(args.store)
-    except StoreLocked:
-        raise FerryError(f"store {args.store} is mounted or in use; unmount it first") from None
-    with store:
+        with Store.open(store_dir, readonly=True) as store:
+            return _list(store, args) if args.action == "list" else _verify(store, pid, args)
+    with Store.open(store_dir) as store:  # StoreLocked (exit 8) when mounted
         if args.action == "delete":
-            if args.id is None:
+            if pid is None:
                 raise UsageError("points delete needs the point's id (see points list)")
-            points.delete_point(store, args.id)
-            print(f"deleted rollback point {args.id} (the Phase 3 tree is untouched)")
+            points.delete_point(store, pid)
+            print(f"deleted rollback point {pid}; the Phase 3 tree is untouched")
             return 0
         return _expire(store, args)
 
 
 def _list(store: Store, args: argparse.Namespace) -> int:
+    now = time.time_ns()
+    released = points.released(store)
     pts = points.list_points(store)
-    files = sum(1 for _, leg in points.manifest(store) if leg.size or leg.hashed)
     rows = [
         {
             "id": p.id,
             "created": _when(p.created_ns),
+            "created_ns": p.created_ns,
             "retention_days": p.retention_days,
             "expires": _when(p.expires_ns),
-            "expired": p.expired(),
-            "manifest_entries": files,
-            "phase3_released": points.released(store),
+            "expired": p.expired(now),
+            "complete": p.complete,
+            "entries": p.entries,
+            "files": p.files,
+            "bytes": p.nbytes,
+            "phase3_released": released,
         }
         for p in pts
     ]
     if args.json:
         print(json.dumps(rows))
-    else:
-        for r in rows:
-            print(
-                f"{r['id']:>3}  created {r['created']}  expires {r['expires']}"
-                f"{'  EXPIRED' if r['expired'] else ''}  {r['manifest_entries']} entries"
-            )
-        if not rows:
-            print("no rollback points")
+        return 0
+    for p in pts:
+        flags = ("  EXPIRED" if p.expired(now) else "") + (
+            "" if p.complete else "  INCOMPLETE (recorded again on the next mount)"
+        )
+        print(
+            f"{p.id:>3}  created {_when(p.created_ns)}  expires {_when(p.expires_ns)}  "
+            f"{p.files} files, {p.nbytes / 1e6:.1f} MB{flags}"
+        )
+    if not pts:
+        print("no rollback points")
+    if released:
+        print("the Phase 3 data was released by points expire: nothing to roll back to")
     return 0
 
 
-def _verify(store: Store, args: argparse.Namespace) -> int:
+def _verify(store: Store, pid: int | None, args: argparse.Namespace) -> int:
+    if points.released(store):
+        raise CheckCannotRun("the Phase 3 data was released by points expire: nothing to verify")
+    if pid is None:
+        with store.backend.read() as txn:
+            cur = points.current(txn)
+        if cur is None:
+            raise CheckCannotRun("the store has no complete rollback point")
+        pid = cur.id
+    point = points.get_point(store, pid)
+    if not point.complete:
+        raise CheckCannotRun(f"rollback point {pid} was never finished recording")
     tree = phase3_of(store)
     if tree is None:
-        raise FerryError("the Phase 3 tree cannot be reached to verify it")
+        raise CheckCannotRun(f"the Phase 3 tree ({store.source_path()}) cannot be reached")
     try:
-        drift = points.drifted(store, tree, args.deep)
+        with Bar("verifying", point.nbytes if args.deep else 0) as bar:
+            drift, checked = points.verify(store, tree, pid, args.deep, progress=bar.advance)
     finally:
         tree.close()
     if args.json:
         print(
-            json.dumps({"matches": not drift, "drifted": [{"path": p, "how": h} for p, h in drift]})
+            json.dumps(
+                {
+                    "point": pid,
+                    "deep": args.deep,
+                    "checked": checked,
+                    "matches": not drift,
+                    "drifted": [{"path": d.shown, "how": d.how} for d in drift],
+                }
+            )
         )
     else:
-        for p, h in drift:
-            print(f"drifted  {p}  {h}")
+        for d in drift:
+            print(f"drifted  {shown(d.shown)}  {d.how}")
         print(
-            "the Phase 3 tree matches the rollback point"
+            f"the Phase 3 tree matches rollback point {pid} ({checked} entries"
+            f"{', contents too' if args.deep else ''})"
             if not drift
-            else f"{len(drift)} files drifted from the rollback point"
+            else f"{len(drift)} entries drifted from rollback point {pid}"
         )
-    return 0 if not drift else 4
+    return MATCHES if not drift else DRIFTED
 
 
 def _expire(store: Store, args: argparse.Namespace) -> int:
     now = time.time_ns()
-    expired = [p for p in points.list_points(store) if p.expired(now)]
+    pts = points.list_points(store)
+    expired = [p for p in pts if p.expired(now)]
     if not expired:
         print("no expired rollback points")
         return 0
+    live = [p for p in pts if not p.expired(now)]
+    releasing = not live and not points.released(store)
     if not args.yes:
-        print(
-            f"{len(expired)} expired points; rerun with --yes to delete them and their "
-            "Phase 3 data (only if everything is migrated and verified)"
+        what = f"delete {len(expired)} expired points" + (
+            " and the Phase 3 files whose content is verifiably in the store "
+            "(only if every file is migrated and fsck --deep is clean)"
+            if releasing
+            else ""
         )
+        print(f"would {what}; rerun with --yes to do it")
         return 1
-    tree = store.tree
-    if tree is None:
-        raise FerryError("the Phase 3 tree cannot be reached")
-    n = points.release_phase3(store, tree)
+    if releasing:
+        tree = store.tree
+        if tree is None:
+            raise PointRefused(
+                f"the Phase 3 tree ({store.source_path()}) cannot be reached; nothing deleted"
+            )
+        with store.backend.read() as txn:
+            cur = points.current(txn)
+        if cur is None:
+            raise PointRefused("no complete rollback point to verify against; nothing deleted")
+        rel = points.release_phase3(store, tree, cur.id)
+        for path, why in rel.kept:
+            print(f"kept  {shown(path)}  {why}")
+        print(
+            f"deleted {rel.deleted} Phase 3 files ({rel.deleted_bytes / 1e6:.1f} MB, each "
+            f"verified in the store); kept {len(rel.kept)} files and every directory"
+        )
+    elif live:
+        print(f"the Phase 3 data is kept: point {live[0].id} has not expired")
     for p in expired:
         points.delete_point(store, p.id)
-    print(f"deleted {len(expired)} expired points and {n} Phase 3 files (all verified)")
+    print(f"deleted {len(expired)} expired rollback points")
     return 0
