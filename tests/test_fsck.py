@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,18 +32,9 @@ from ferryfs.store.records import (
 )
 from ferryfs.store.store import Store
 from ferryfs.tools import cli
+from mountutil import ferry
 
 SEED = int(os.environ.get("FERRYFS_FSCK_SEED", random.randrange(1 << 30)))
-
-
-def ferry(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ferryfs.tools.cli", *map(os.fspath, args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-    )
 
 
 def fsck(capsys: pytest.CaptureFixture[str], store: Path, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
