@@ -238,6 +238,8 @@ class Checker:
     def _resumable(self, txn: Txn, cursor: dict[str, Any] | None) -> None:
         """Invariants 4-6, item by item, stopping at the deadline with a cursor."""
         first, start = PHASES[0], None
+        if cursor is not None and cursor.get("point") != self.report.point:
+            cursor = None  # made against another rollback point: start over
         if cursor is not None:
             first, start = cursor["phase"], bytes.fromhex(cursor["next"])
             for phase, key in cursor["carried"]:  # found before: still there?
@@ -384,8 +386,8 @@ class Checker:
                 want = 2 + self.subdirs[ino]
             else:
                 want = self.links[ino]
-            if ino in self.orphans and node.nlink == 0 and want == 0:
-                continue
+            if ino in self.orphans and node.nlink == 0:
+                continue  # unlinked, kept while open: purged on the next writer's open
             if node.nlink != want:
                 self.add(
                     "bad-nlink",
@@ -687,6 +689,7 @@ class Checker:
         carried = sorted(found | set(self.bad.values()))  # damaged chunks: named later
         doc = {
             "deep": self.deep,
+            "point": self.report.point,
             "phase": phase,
             "next": nxt.hex(),
             "carried": [[ph, k.hex()] for ph, k in carried],

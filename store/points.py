@@ -246,9 +246,11 @@ def _record_manifest(store: Store, tree: Phase3Tree, p: Point) -> None:
     queue: deque[bytes] = deque([b""])
 
     def flush() -> None:
+        rows = sorted((row_key(p.id, path), _row_value(path, r)) for path, r in batch)
+
         def op(txn: Txn) -> None:
-            for path, r in batch:
-                txn.put("points", row_key(p.id, path), _row_value(path, r))
+            for k, v in rows:  # in key order: LMDB appends instead of splitting pages
+                txn.put("points", k, v)
 
         store._write(op)
         batch.clear()
@@ -544,7 +546,7 @@ def release_phase3(store: Store, tree: Phase3Tree, pid: int) -> Release:
             "run ferryfs migrate (or let the sweep finish) first; nothing deleted"
         )
     store.tree = tree
-    report = Checker(store, deep=True).run()
+    report = Checker(store, deep=True, resume=False).run()  # the whole store, now
     if report.problems or report.partial:
         first = report.problems[0] if report.problems else None
         raise PointRefused(

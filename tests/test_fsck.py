@@ -372,3 +372,33 @@ def test_max_duration_stops_and_the_next_run_carries_on(
     assert rows >= len(files_of(src))
     assert files >= len(files_of(src)) - len(lay.holders[bad])
     print(f"--max-duration: {runs} runs of 40 items each checked the whole store")
+
+
+def test_a_detached_subtree_and_a_stale_orphan_mark_are_found(
+    migrated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, store = migrated
+    lay = Layout(store)
+    # A directory whose entry is gone: it and everything under it cannot be reached.
+    top = next(
+        i for i, n in sorted(lay.inodes.items()) if n.is_dir and lay.names.get(i, (0,))[0] == 1
+    )
+    under = {i for i in lay.inodes if i != 1 and lay.path(i).startswith(lay.path(top) + "/")}
+    assert under
+    # A file marked as unlinked although an entry names it: the next writer's open
+    # would purge it.
+    live = next(i for i, n in sorted(lay.inodes.items()) if n.is_reg and i not in under)
+    e = env(store)
+    dirents, meta = e.open_db(b"dirents"), e.open_db(b"meta")
+    with e.begin(write=True) as t:
+        assert t.delete(dirent_key(1, lay.names[top][1]), db=dirents)
+        t.put(b"orphan:" + U64.pack(live), b"", db=meta)
+    e.close()
+    code, rep = fsck(capsys, store)
+    assert code == 4
+    unreachable = {p["ino"] for p in rep["problems"] if p["kind"] == "unreachable-inode"}
+    assert unreachable == under | {top}
+    assert not any(p["repairable"] for p in rep["problems"] if p["kind"] == "unreachable-inode")
+    stale = [p for p in rep["problems"] if p["kind"] == "stale-orphan-mark"]
+    assert [(p["ino"], p["path"], p["repairable"]) for p in stale] == [(live, lay.path(live), True)]
+    assert ("bad-nlink", "/") in {(p["kind"], p["path"]) for p in rep["problems"]}

@@ -268,3 +268,15 @@ def test_expire_deletes_only_what_the_store_holds(
     assert code == 0 and any("released" in n for n in doc["notes"])
     r = ferry("points", "verify", store)
     assert r.returncode == 8 and "released" in r.stderr
+
+
+def test_a_vanished_phase3_tree_is_a_problem(
+    migrated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, store = migrated
+    shutil.rmtree(src)
+    code, out = inproc(capsys, "fsck", store, "--json")
+    kinds = [(p["kind"], p["repairable"]) for p in json.loads(out)["problems"]]
+    assert code == 4 and kinds == [("phase3-missing", False)]
+    r = ferry("points", "verify", store)
+    assert r.returncode == 8 and "cannot be reached" in r.stderr
