@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -402,3 +403,40 @@ def test_a_detached_subtree_and_a_stale_orphan_mark_are_found(
     stale = [p for p in rep["problems"] if p["kind"] == "stale-orphan-mark"]
     assert [(p["ino"], p["path"], p["repairable"]) for p in stale] == [(live, lay.path(live), True)]
     assert ("bad-nlink", "/") in {(p["kind"], p["path"]) for p in rep["problems"]}
+
+
+def test_repair_asks_on_a_terminal(migrated: tuple[Path, Path]) -> None:
+    import pty
+
+    _, store = migrated
+    lay = Layout(store)
+    d = sorted(lay.holders)[0]
+    e = env(store)
+    refs = e.open_db(b"refs")
+    with e.begin(write=True) as t:
+        t.delete(d, db=refs)
+    e.close()
+
+    def answer(reply: bytes) -> tuple[int, str]:
+        main, sub = pty.openpty()
+        try:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "ferryfs.tools.cli", "fsck", str(store), "--repair"],
+                stdin=sub,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            os.write(main, reply)
+            out, err = p.communicate(timeout=120)
+        finally:
+            os.close(main)
+            os.close(sub)
+        return p.returncode, out + err
+
+    code, out = answer(b"n\n")
+    assert code == 4 and "repair 1 problems? [y/N]" in out and "nothing repaired" in out
+    code, out = answer(b"y\n")
+    assert code == 1 and "repaired 1; 0 left" in out, out
+    r = ferry("fsck", store)
+    assert r.returncode == 0, r.stdout
