@@ -53,8 +53,7 @@ from hashlib import blake2b
 
 import blake3
 
-from . import content
-from . import namespace as ns
+from . import codec, content
 from .errors import CorruptChunk, NotFound, PointRefused, SourceError
 from .kv import Txn
 from .phase3 import Phase3Tree, _split, join
@@ -506,8 +505,6 @@ class Release:
 def store_hash(txn: Txn, ino: int) -> bytes | None:
     """blake3 of a stored file's content, or None if a chunk is missing or bad."""
     h = blake3.blake3()
-    from . import codec
-
     for _off, d, n in content.all_extents(txn, ino):
         if d == HOLE:
             h.update(bytes(n))
@@ -560,15 +557,16 @@ def release_phase3(store: Store, tree: Phase3Tree, pid: int) -> Release:
         named: set[bytes] = set()
         for k, v in txn.range("legacy", b""):
             ino, leg = U64.unpack(k)[0], Legacy.unpack(v)
-            node = ns.get(txn, ino)
-            if not node.is_reg:
+            raw = txn.get("inodes", U64.pack(ino))
+            held = Inode.unpack(ino, raw) if raw is not None else None
+            if held is None or not held.is_reg:
                 continue
             named.add(leg.path)
             known = expected_hash(txn, pid, leg)
             shown = "/" + os.fsdecode(leg.path)
             if known is None:
                 out.kept.append((shown, "changed in Phase 3 before it was migrated"))
-            elif node.changed and store_hash(txn, ino) != leg.blake3:
+            elif held.changed and store_hash(txn, ino) != leg.blake3:
                 out.kept.append((shown, "changed through the mount: Phase 3 holds the old version"))
             else:
                 doomed.append((leg.path, known))
