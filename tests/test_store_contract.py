@@ -144,10 +144,6 @@ class Env:
             self.live.close()
             self.live = None
 
-    def needs_lmdb(self) -> None:
-        if not self.lmdb:
-            pytest.skip("LMDB only")
-
 
 @pytest.fixture(params=["memory", "lmdb"])
 def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
@@ -601,8 +597,8 @@ def test_an_orphan_survives_until_forgotten(env: Env) -> None:
             s.getattr(big.ino)
 
 
+@pytest.mark.parametrize("env", ["lmdb"], indirect=True)  # reopening needs a disk
 def test_orphans_left_at_close_are_purged_on_open(env: Env) -> None:
-    env.needs_lmdb()
     s = env.open(keep_orphans=True)
     orphans = []
     for rel in (b"big.bin", b"dup1.bin", b"caf\xe9-latin1.json", b"sessions/s1/shot.png"):
@@ -873,8 +869,8 @@ def test_a_failed_migration_commit_leaves_the_file_legacy(
 # -- opening and reopening -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("env", ["lmdb"], indirect=True)  # reopening needs a disk
 def test_reopen_keeps_everything(env: Env, store: Store) -> None:
-    env.needs_lmdb()
     migrate_all(store)
     f = store.create(ROOT_INO, b"written", 0o600, 1, 2)
     store.write(f.ino, 0, b"after the import")
@@ -893,8 +889,8 @@ def test_reopen_keeps_everything(env: Env, store: Store) -> None:
     assert g.ino > max(e.ino for e in before.values())
 
 
+@pytest.mark.parametrize("env", ["lmdb"], indirect=True)  # reopening needs a disk
 def test_a_second_writer_is_locked_out_and_a_reader_may_open(env: Env, store: Store) -> None:
-    env.needs_lmdb()
     store.read(store.lookup(ROOT_INO, b"hello.txt").ino, 0, 1)
     with pytest.raises(StoreLocked) as e:
         Store.open(env.path)
@@ -917,8 +913,8 @@ def test_a_second_writer_is_locked_out_and_a_reader_may_open(env: Env, store: St
     env.live = Store.open(env.path)  # the lock went with the writer
 
 
+@pytest.mark.parametrize("env", ["lmdb"], indirect=True)  # reopening needs a disk
 def test_another_schema_version_is_refused(env: Env, store: Store) -> None:
-    env.needs_lmdb()
     env.close()
     be = LmdbBackend(os.path.join(env.path, "db"))
     with be.write() as txn:
