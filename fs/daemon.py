@@ -47,8 +47,20 @@ async def serve(ops: Operations, control: Control, ready: int | None, sweep: Swe
         if ready is not None:
             os.write(ready, b"ready\n")
             os.close(ready)
+        nursery.start_soon(_record_point, ops.store)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _record_point(store: Store) -> None:
+    """Record the first rollback point behind the mount, not before it: the walk
+    of a big tree takes seconds, and the mount never changes Phase 3, so what it
+    records is the same whenever it runs."""
+    try:
+        p = await trio.to_thread.run_sync(points.ensure_first_point, store)
+        log.info("rollback point %d: %d entries of the Phase 3 tree recorded", p.id, p.entries)
+    except FerryError as e:
+        log.error("could not record a rollback point: %s", e)
 
 
 async def _signals(ops: Operations, sweep: Sweep | None) -> None:
@@ -77,7 +89,6 @@ def run(
     except FerryError as e:
         _fail(ready, str(e))
         return e.exit_code
-    points.ensure_first_point(store)
     ops = Operations(store, owner_uid=os.getuid())
     control = Control(store, store_dir, ops.counters)
     ops.control = control
