@@ -39,6 +39,7 @@ snapshot and take a second per few hundred thousand inodes).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -53,13 +54,14 @@ import blake3
 
 from . import codec, content, points
 from . import namespace as ns
-from .errors import CorruptChunk, NotFound, OpError, SourceError
-from .kv import Buf, Txn
+from .errors import CorruptChunk, NotFound, OpError, SourceError, StoreLocked
+from .kv import Buf, LmdbBackend, Txn
 from .phase3 import Phase3Tree
 from .records import (
     CHANGED,
     HOLE,
     ROOT_INO,
+    SCHEMA_VERSION,
     STORED,
     U64,
     Inode,
@@ -822,6 +824,48 @@ def repair(store: Store, report: Report) -> list[str]:
         if not _reimport(store, ino):
             lost.update(p.path for p in report.problems if p.ino == ino and p.kind in REIMPORT)
     return sorted(lost)
+
+
+def hold_writer_lock(path: str) -> int | None:
+    """Take the store's writer lock (as `Store.open` does) without opening it, so a
+    read-only check and the repair that follows see the same store. The fd to close
+    when done; None if `path` is not a store (opening it will say so)."""
+    if not os.path.isdir(os.path.join(path, "db")):
+        return None
+    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLocked(
+            f"store {path} is in use (mounted or migrating): --repair needs it unmounted; "
+            "fsck without --repair checks it live"
+        ) from None
+    return fd
+
+
+def defuse_orphan_marks(path: str) -> int:
+    """Drop orphan marks on inodes that directory entries still name. Opening a store
+    for writing purges every marked inode, so such a mark would delete a live file
+    before a repair could look at it. The caller holds the writer lock (see
+    `hold_writer_lock`). Returns how many marks were dropped."""
+    if not os.path.exists(os.path.join(path, "db", "data.mdb")):
+        return 0
+    be = LmdbBackend(os.path.join(path, "db"))
+    try:
+        with be.write() as txn:
+            v = txn.get("meta", b"schema")
+            if v is None or U64.unpack(v)[0] != SCHEMA_VERSION:
+                return 0  # not ours to touch: the open that follows refuses it
+            marked = {
+                U64.unpack_from(k, 7)[0]: k for k, _ in txn.range("meta", b"orphan:", b"orphan;")
+            }
+            named = {c for _k, v in txn.range("dirents", b"") if (c := U64.unpack(v)[0]) in marked}
+            for ino in named:
+                txn.delete("meta", marked[ino])
+            return len(named)
+    finally:
+        be.close()
 
 
 def _delete(txn: Txn, db: str, key: bytes | None) -> None:

@@ -378,7 +378,7 @@ def test_max_duration_stops_and_the_next_run_carries_on(
 def test_a_detached_subtree_and_a_stale_orphan_mark_are_found(
     migrated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, store = migrated
+    src, store = migrated
     lay = Layout(store)
     # A directory whose entry is gone: it and everything under it cannot be reached.
     top = next(
@@ -403,6 +403,15 @@ def test_a_detached_subtree_and_a_stale_orphan_mark_are_found(
     stale = [p for p in rep["problems"] if p["kind"] == "stale-orphan-mark"]
     assert [(p["ino"], p["path"], p["repairable"]) for p in stale] == [(live, lay.path(live), True)]
     assert ("bad-nlink", "/") in {(p["kind"], p["path"]) for p in rep["problems"]}
+    # Repair: the mark goes before a writer's open could purge the live file with it;
+    # the detached subtree cannot be put back anywhere (exit 4).
+    body = (src / lay.path(live).lstrip("/")).read_bytes()
+    code, rep = fsck(capsys, store, "--repair", "--yes")
+    assert code == 4
+    left = {p["kind"] for p in rep["remaining"]}
+    assert left == {"unreachable-inode"}, rep["remaining"]
+    with Store.open(str(store), readonly=True) as s:
+        assert s.read(live, 0, len(body) + 1) == body
 
 
 def test_repair_asks_on_a_terminal(migrated: tuple[Path, Path]) -> None:

@@ -13,7 +13,14 @@ import os
 import sys
 
 from ferryfs.store.errors import CheckCannotRun, FerryError, StoreLocked
-from ferryfs.store.fsck import Checker, Problem, Report, repair
+from ferryfs.store.fsck import (
+    Checker,
+    Problem,
+    Report,
+    defuse_orphan_marks,
+    hold_writer_lock,
+    repair,
+)
 from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.store import Store
 
@@ -62,28 +69,22 @@ def _run(args: argparse.Namespace) -> int:
         raise CheckCannotRun("--repair checks the whole store: drop --max-duration")
     if args.repair and not args.yes and not sys.stdin.isatty():
         raise CheckCannotRun("--repair asks first: pass --yes when not on a terminal")
-    if args.repair:
-        try:
-            store = Store.open(args.store)
-        except StoreLocked:
-            raise CheckCannotRun(
-                f"store {args.store} is in use (mounted or migrating): --repair needs it "
-                "unmounted; fsck without --repair checks it live"
-            ) from None
-    else:
-        store = Store.open(args.store, readonly=True)
-        store.tree = phase3_of(store)
-    with store:
-        total = 2 * store.stats().bytes_migrated if args.deep else 0
-        with Bar("checking", total) as bar:
-            report = Checker(
-                store,
-                deep=args.deep,
-                max_seconds=args.max_duration,
-                progress=bar.advance,
-                jobs=args.jobs,
-                resume=not args.repair,
-            ).run()
+    # --repair holds the writer lock from the check to the repair, so it repairs
+    # exactly what it found and asked about.
+    held = hold_writer_lock(args.store) if args.repair else None
+    try:
+        with Store.open(args.store, readonly=True) as store:
+            store.tree = phase3_of(store)
+            total = 2 * store.stats().bytes_migrated if args.deep else 0
+            with Bar("checking", total) as bar:
+                report = Checker(
+                    store,
+                    deep=args.deep,
+                    max_seconds=args.max_duration,
+                    progress=bar.advance,
+                    jobs=args.jobs,
+                    resume=not args.repair,
+                ).run()
         fixable = [p for p in report.problems if p.repairable]
         if not args.repair or not report.problems:
             return _print(args, report, LEFT if report.problems else CLEAN)
@@ -93,13 +94,24 @@ def _run(args: argparse.Namespace) -> int:
         if not args.yes and not _confirm(len(fixable), len(report.problems)):
             print("ferryfs: nothing repaired", file=sys.stderr)
             return _print(args, report, LEFT)
+        defuse_orphan_marks(args.store)  # before a writer's open purges marked inodes
+    finally:
+        if held is not None:
+            os.close(held)
+    try:
+        store = Store.open(args.store)
+    except StoreLocked:  # taken in the instant between
+        raise CheckCannotRun(
+            f"store {args.store} was opened by another process: try again"
+        ) from None
+    with store:
         lost = repair(store, report)
         after = Checker(store, deep=args.deep, jobs=args.jobs, resume=False).run()
-        left = {p.ident() for p in after.problems}
-        repaired = sum(p.ident() not in left for p in report.problems)
-        lost = sorted(set(lost) | {p.path for p in after.problems if _is_file_damage(p)})
-        code = REPAIRED if not after.problems else LEFT
-        return _print(args, report, code, after, repaired, lost)
+    left = {p.ident() for p in after.problems}
+    repaired = sum(p.ident() not in left for p in report.problems)
+    lost = sorted(set(lost) | {p.path for p in after.problems if _is_file_damage(p)})
+    code = REPAIRED if not after.problems else LEFT
+    return _print(args, report, code, after, repaired, lost)
 
 
 def _is_file_damage(p: Problem) -> bool:
