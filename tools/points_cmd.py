@@ -118,7 +118,10 @@ def _verify(store: Store, pid: int | None, args: argparse.Namespace) -> int:
         if cur is None:
             raise CheckCannotRun("the store has no complete rollback point")
         pid = cur.id
-    point = points.get_point(store, pid)
+    try:
+        point = points.get_point(store, pid)
+    except PointRefused as e:
+        raise CheckCannotRun(str(e)) from None
     if not point.complete:
         raise CheckCannotRun(f"rollback point {pid} was never finished recording")
     tree = phase3_of(store)
