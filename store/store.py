@@ -442,6 +442,10 @@ class Store:
         n = 0
         for k, _ in list(txn.range("meta", b"orphan:", b"orphan;")):
             ino = U64.unpack_from(k, 7)[0]
+            v = txn.get("inodes", ino_key(ino))
+            if v is not None and Inode.unpack(ino, v).nlink > 0:
+                txn.delete("meta", k)  # a stale mark: a name still holds the inode
+                continue
             self._purge(txn, ino)
             n += 1
         return n
