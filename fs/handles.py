@@ -31,6 +31,7 @@ class OpenFile:
     spans: list[tuple[int, bytearray]] = field(default_factory=list)
     dirty_bytes: int = 0
     dirty_end: int = 0  # end of the furthest buffered byte
+    flushing: bool = False  # spans taken out and not committed yet
 
     def add(self, off: int, data: bytes) -> None:
         """Buffer a write, merging it with the spans it overlaps or touches."""
@@ -66,6 +67,7 @@ class OpenFile:
         """Put back spans a failed flush took, under any written since."""
         newer = self.spans
         self.spans, self.dirty_bytes, self.dirty_end = [], 0, 0
+        self.flushing = False
         for off, data in [*spans, *((o, bytes(b)) for o, b in newer)]:
             self.add(off, data)
 
@@ -76,11 +78,13 @@ class OpenFile:
         out = [(o, bytes(b)) for o, b in self.spans]
         self.spans = []
         self.dirty_bytes = 0
+        self.flushing = bool(out)
         return out
 
     def settle(self) -> None:
         """The spans taken are committed (or dropped): only the buffer counts again."""
         self.dirty_end = max((o + len(b) for o, b in self.spans), default=0)
+        self.flushing = False
 
     def drop(self) -> None:
         """Forget every buffered byte (truncated away, or unwritable)."""

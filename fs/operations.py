@@ -367,8 +367,9 @@ class Operations(pyfuse3.Operations):
         self.counters.reads += 1
         f = h.file
         # A flush in progress has already taken the spans out of the buffer but not
-        # committed them yet: wait for it too, or this read gets the old bytes.
-        if f.spans or f.lock.locked():
+        # committed them yet: wait for it too, or this read gets the old bytes. Not
+        # for a first-open migration holding the lock: the Phase 3 bytes are the same.
+        if f.spans or f.flushing:
             async with f.lock:
                 await self._flush_file(f.ino)
         if h.legacy_fd is not None:
