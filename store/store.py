@@ -461,40 +461,33 @@ class Store:
             self._write(op)
 
     def unlink(self, parent: int, name: bytes) -> Inode:
-        ns.check_name(name)
-        t = now_ns()
-
-        def op(txn: Txn) -> Inode:
-            d = self._listed(txn, parent)
-            c = ns.child(txn, parent, name)
-            if c is None:
-                raise NotFound(name.decode(errors="replace"))
-            node = ns.get(txn, c)
-            if node.is_dir:
-                raise IsADir(name.decode(errors="replace"))
-            ns.remove_entry(txn, parent, name)
-            self._drop_link(txn, node, t)
-            self._touch_dir(d, t)
-            ns.put(txn, d)
-            return node
-
-        return self._write(op)
+        return self._remove(parent, name, directory=False)
 
     def rmdir(self, parent: int, name: bytes) -> Inode:
+        return self._remove(parent, name, directory=True)
+
+    def _remove(self, parent: int, name: bytes, directory: bool) -> Inode:
+        """unlink (a non-directory) or rmdir (an empty directory) `name` in `parent`."""
         ns.check_name(name)
         t = now_ns()
+        shown = name.decode(errors="replace")
 
         def op(txn: Txn) -> Inode:
             d = self._listed(txn, parent)
             c = ns.child(txn, parent, name)
             if c is None:
-                raise NotFound(name.decode(errors="replace"))
-            node = self._listed(txn, c)
-            if not ns.is_empty(txn, c):
-                raise NotEmpty(name.decode(errors="replace"))
+                raise NotFound(shown)
+            if directory:
+                node = self._listed(txn, c)  # NotADir for a file
+                if not ns.is_empty(txn, c):
+                    raise NotEmpty(shown)
+                d.nlink -= 1
+            else:
+                node = ns.get(txn, c)
+                if node.is_dir:
+                    raise IsADir(shown)
             ns.remove_entry(txn, parent, name)
             self._drop_link(txn, node, t)
-            d.nlink -= 1
             self._touch_dir(d, t)
             ns.put(txn, d)
             return node

@@ -46,15 +46,6 @@ def fsck(capsys: pytest.CaptureFixture[str], store: Path, *args: str) -> tuple[i
     return code, json.loads(out)
 
 
-@pytest.fixture
-def migrated(sample_tree, tmp_path: Path) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
-    src = tmp_path / "phase3"
-    shutil.copytree(sample_tree.root, src, symlinks=True)
-    store = tmp_path / "store"
-    assert cli.main(["migrate", str(src), "--store", str(store)]) == 0
-    return src, store
-
-
 def env(store: Path) -> lmdb.Environment:
     return lmdb.open(str(store / "db"), max_dbs=32)
 

@@ -35,15 +35,6 @@ def entries(root: Path) -> dict[bytes, os.stat_result]:
     return out
 
 
-@pytest.fixture
-def migrated(sample_tree, tmp_path: Path) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
-    src = tmp_path / "phase3"
-    shutil.copytree(sample_tree.root, src, symlinks=True)
-    store = tmp_path / "store"
-    assert cli.main(["migrate", str(src), "--store", str(store)]) == 0
-    return src, store
-
-
 def age(store: Path, days: int) -> None:
     """Move every point's creation `days` into the past."""
     with Store.open(str(store)) as s:
