@@ -420,9 +420,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
+        # The kernel sends this at every close() of every fd. Wait for the file's
+        # lock only when there is something to write: a first-open migration holds
+        # it for as long as the file takes to migrate.
         f = self.files.get(fh).file
-        async with f.lock:
-            await self._flush_file(f.ino)
+        if f.spans or f.flushing:
+            async with f.lock:
+                await self._flush_file(f.ino)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -435,8 +439,9 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         f = self.files.get(fh).file
         try:
-            async with f.lock:
-                await self._flush_file(f.ino)
+            if f.spans or f.flushing:  # as in flush: never wait for a migration
+                async with f.lock:
+                    await self._flush_file(f.ino)
         except OpError as e:
             if f.handles == 1:
                 # close() already returned flush's error to the app; the last handle

@@ -357,6 +357,29 @@ def test_state_xattr_is_read_only(tmp_path: Path) -> None:
         assert m.state(a) == "migrated"
 
 
+def test_first_open_close_does_not_wait_for_the_migration(tmp_path: Path) -> None:
+    # close() sends FLUSH; it once waited on the file's lock, which the first-open
+    # migration holds until the whole file is in the store (15 s for 1 GiB). 96 MB
+    # of incompressible bytes take far longer to migrate than open+read+close.
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(1 << 20) * 96
+    (src / "big").write_bytes(data)
+    (tmp_path / "mnt").mkdir()
+    with mounted(src, tmp_path / "mnt") as m:
+        big = m.mnt / "big"
+        fd = os.open(big, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 50 << 20) == data[50 << 20 : (50 << 20) + 4096]
+            dup = os.dup(fd)
+            os.close(dup)  # a FLUSH while the migration runs
+        finally:
+            os.close(fd)
+        assert m.state(big) == "legacy", "close waited for the migration"
+        wait_for(lambda: m.state(big) == "migrated", 60, "the file migrated after its read")
+        assert big.read_bytes() == data
+
+
 @pytest.mark.parametrize("where", ["phase3", "created"])
 def test_readdir_of_5000_entries_lists_each_once(tmp_path: Path, where: str) -> None:
     src = tmp_path / "src"
