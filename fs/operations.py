@@ -212,8 +212,10 @@ class Operations(pyfuse3.Operations):
         # hash: one of 2**63 collides with them). No lookup count for either.
         if start_id < DOTDOT_COOKIE:
             d = self.store.getattr(fh)
-            dots = [(b".", d, DOT_COOKIE), (b"..", self.store.getattr(d.parent or fh),
-                                             DOTDOT_COOKIE)]
+            dots = [
+                (b".", d, DOT_COOKIE),
+                (b"..", self.store.getattr(d.parent or fh), DOTDOT_COOKIE),
+            ]
             for name, node, cookie in dots[start_id:]:
                 if not pyfuse3.readdir_reply(token, name, self._attr(node), cookie):
                     return
