@@ -61,6 +61,7 @@ class Control:
             corrupt_reads=c.corrupt_reads,
             healed=c.healed,
             failsafe=self.store.failsafe,
+            mount_errors=c.errors[-20:],  # what went wrong in this mount (latest last)
         )
         s.update(self.status_extra())
         return s

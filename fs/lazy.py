@@ -6,12 +6,17 @@ task migrates it on a worker thread; later opens are served from the store. A
 file opened for writing is migrated before the open returns (operations.py).
 
 Files are migrated `jobs` at a time in the order they were opened; each holds
-the file's lock from OpenFiles while it migrates, so a write waits for it.
+the file's lock from OpenFiles while it migrates, so a write waits for it. A
+migration starts only once the mount has had no request for `QUIET` seconds:
+on two CPUs, chunking and compressing beside an app that is reading makes its
+reads wait (measured: reading a fresh tree took 1.4 times as long). Once
+started it runs to the end; the app's next pause picks up the queue.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Any
 
@@ -22,6 +27,8 @@ from ferryfs.store.store import Store
 from .handles import OpenFiles
 
 log = logging.getLogger("ferryfs.lazy")
+
+QUIET = 0.05
 
 
 class LazyMigrator:
@@ -49,8 +56,12 @@ class LazyMigrator:
     async def _worker(self) -> None:
         while True:
             while not self._queue:
-                self._wake = trio.Event()
+                if self._wake.is_set():  # one Event for all workers: each wakes
+                    self._wake = trio.Event()
                 await self._wake.wait()
+            await self._quiet()
+            if not self._queue:  # another worker took it meanwhile
+                continue
             ino = self._queue.popleft()
             try:
                 await self.migrate(ino)
@@ -58,6 +69,10 @@ class LazyMigrator:
                 log.warning("cannot migrate inode %d on first open: %s", ino, e)
             finally:
                 self._queued.discard(ino)
+
+    async def _quiet(self) -> None:
+        while (idle := time.monotonic() - self.counters.last_request) < QUIET:
+            await trio.sleep(QUIET - idle)
 
     async def migrate(self, ino: int) -> None:
         """Migrate `ino` now unless it already is (holding its lock)."""
@@ -74,5 +89,8 @@ class LazyMigrator:
         except OpError as e:
             self.store.record_error(ino, str(e))
             raise
-        if m is not None and self.store.commit_migrations([m]):
+        if m is None:
+            return
+        # The commit's fdatasync runs off the trio thread, as the sweep's does.
+        if await trio.to_thread.run_sync(self.store.commit_migrations, [m]):
             self.counters.migrated_on_open += 1

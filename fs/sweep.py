@@ -9,8 +9,10 @@ next quiet period. Its progress is the store's own state (a file is LEGACY or
 MIGRATED), so a daemon killed at any moment carries on where it stopped.
 
 Concurrency rules: the todo list and counters are touched only on the trio
-thread; worker threads only run `Store.prepare_migration`; commits are one
-write transaction each on the trio thread.
+thread; worker threads run `Store.prepare_migration`, then the batch's commit
+(one write transaction) and the directory listing, so that the trio thread
+never waits for an fdatasync. A foreground write waits for the store's writer
+lock at most one such transaction; a read never does.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import trio
 from ferryfs.store.errors import OpError, SourceError
 from ferryfs.store.ingest import Migration, Preempted
+from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 
 from .load import OtherLoad
@@ -73,7 +76,8 @@ class Sweep:
         self.cfg = config
         self.state = "waiting"
         self.stats = SweepStats()
-        self.last_request = time.monotonic()
+        # No foreground request has come yet: the first quiet period is now.
+        self.last_request = -float("inf")
         self._preempt = threading.Event()
         self._paused = False
         self._cancelled = False
@@ -84,6 +88,8 @@ class Sweep:
         self._failed: set[int] = set()
         self._todo: array[int] = array("Q")
         self._pending_bytes: int | None = None  # unknown until the first scan
+        # Directories still to visit for listing, breadth first; None before the walk.
+        self._listing: deque[int] | None = None
 
     # -- called by the adapter and the control channel --------------------------------
 
@@ -189,17 +195,19 @@ class Sweep:
         return False
 
     async def _import_some(self) -> bool:
-        """List a few UNLISTED directories. True if some were listed."""
-        dirs = self.store.unlisted_dirs(limit=16)
-        for ino in dirs:
-            if self._preempt.is_set():
-                return True
+        """List UNLISTED directories, a transaction at a time on a worker thread, until
+        none is left or a foreground request comes. True if there may be more."""
+        if self._listing is None:
+            self._listing = deque([ROOT_INO])
+        while self._listing and not self._preempt.is_set():
             try:
-                self.store.ensure_listed(ino)
-            except OpError as e:
-                log.warning("cannot list directory inode %d: %s", ino, e)
-            await trio.sleep(0)
-        return bool(dirs)
+                await trio.to_thread.run_sync(self.store.import_step, self._listing, 1024)
+            except OpError as e:  # the disk is full (or failsafe): the rest stays unlisted
+                log.warning("sweep: cannot list directories: %s", e)
+                self.stats.errors += 1
+                self._listing.clear()
+                return False
+        return bool(self._listing)
 
     async def _refill(self) -> bool:
         """Build the todo list from the store. True if there is work."""
@@ -278,7 +286,13 @@ class Sweep:
                 for _ in range(max(1, self.cfg.jobs)):
                     n.start_soon(worker)
             try:
-                committed = self.store.commit_migrations(done) if done else []
+                # On a worker thread: the commit's fdatasync takes milliseconds, and the
+                # trio thread must go on answering reads meanwhile.
+                committed = (
+                    await trio.to_thread.run_sync(self.store.commit_migrations, done)
+                    if done
+                    else []
+                )
             except OpError as e:  # the disk is full (or failsafe): they stay LEGACY
                 committed = []
                 self._give_up([m.ino for m in done], e)

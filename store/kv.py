@@ -133,7 +133,10 @@ class LmdbBackend:
     def __init__(self, path: str, readonly: bool = False, map_size: int | None = None) -> None:
         self.path = path
         self.readonly = readonly
-        size = map_size or self.INITIAL_MAP
+        # The map is address space, not disk (the file grows as pages are written), so
+        # make it as big as the filesystem holding it: growing it later needs every
+        # transaction of the process closed, and worker threads hold read ones.
+        size = map_size or max(self.INITIAL_MAP, _capacity(path))
         data = os.path.join(path, "data.mdb")
         had = os.path.getsize(data) if os.path.exists(data) else None
         if had == 0:
@@ -229,6 +232,16 @@ class LmdbBackend:
     def disk_bytes(self) -> int:
         st = os.stat(os.path.join(self.path, "data.mdb"))
         return st.st_blocks * 512
+
+
+def _capacity(path: str) -> int:
+    """Bytes of the filesystem holding `path`, rounded up to GiB (at most 16 TiB)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    gib = 1 << 30
+    return min(-(-st.f_blocks * st.f_frsize // gib) * gib, 16 << 40)
 
 
 class _MemTxn:

@@ -62,6 +62,9 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
+# Entries of UNLISTED subdirectories listed along with a directory a lookup or a
+# readdir needs: ~20 ms of lstat and one commit, instead of a commit per directory.
+LIST_AHEAD = 1024
 
 
 def now_ns() -> int:
@@ -300,15 +303,56 @@ class Store:
             d = ns.import_dir(txn, self.tree, d)
         return d
 
-    def ensure_listed(self, ino: int) -> Inode:
+    def ensure_listed(self, ino: int, ahead: int = 0) -> Inode:
+        """List directory `ino` if it is UNLISTED and, in the same transaction, its
+        UNLISTED subdirectories breadth first until about `ahead` more entries.
+
+        Listing ahead is metadata readahead: a synced commit costs milliseconds,
+        and whoever looks up one name in a fresh tree usually walks on into it."""
         d = self.getattr(ino)
-        if d.is_dir and not d.stored:
-            return self._write(lambda txn: self._listed(txn, ino))
-        return d
+        if not d.is_dir or d.stored:
+            return d
+
+        def op(txn: Txn) -> Inode:
+            listed = self._listed(txn, ino)
+            if ahead > 0:
+                subdirs = deque(c for _, _, c in ns.entries(txn, ino) if ns.get(txn, c).is_dir)
+                self._import_from(txn, subdirs, ahead)
+            return listed
+
+        return self._write(op)
+
+    def _import_from(self, txn: Txn, queue: deque[int], entries: int) -> int:
+        """List UNLISTED directories breadth first from `queue` (descending through
+        listed ones) until about `entries` entries were seen; what is left to visit
+        stays in `queue`. Returns how many directories were listed."""
+        listed = seen = 0
+        while queue and seen < entries:
+            ino = queue.popleft()
+            d = ns.get(txn, ino)
+            if not d.stored:
+                ns.import_dir(txn, self.tree, d)
+                listed += 1
+            for _, _, c in ns.entries(txn, ino):
+                seen += 1
+                if stat.S_ISDIR(ns.get(txn, c).mode):
+                    queue.append(c)
+        return listed
+
+    def import_step(self, queue: deque[int], entries: int = 4096) -> int:
+        """One transaction of `import_all`: see `_import_from`. On failure `queue` is
+        as it was (the transaction was undone, so is its progress)."""
+        snapshot = list(queue)
+        try:
+            return self._write(lambda txn: self._import_from(txn, queue, entries))
+        except BaseException:
+            queue.clear()
+            queue.extend(snapshot)
+            raise
 
     def lookup(self, parent: int, name: bytes) -> Inode:
         ns.check_name(name)
-        self.ensure_listed(parent)
+        self.ensure_listed(parent, ahead=LIST_AHEAD)
         with self.backend.read() as txn:
             c = ns.child(txn, parent, name)
             if c is None:
@@ -319,7 +363,7 @@ class Store:
         self, ino: int, after: int = 0, limit: int = 1024
     ) -> list[tuple[int, bytes, Inode]]:
         """Up to `limit` entries after cookie `after`: (cookie, name, inode)."""
-        self.ensure_listed(ino)
+        self.ensure_listed(ino, ahead=LIST_AHEAD)
         out: list[tuple[int, bytes, Inode]] = []
         with self.backend.read() as txn:
             for cookie, name, c in ns.entries(txn, ino, after):
@@ -900,29 +944,8 @@ class Store:
         grows with the tree). Returns how many directories were listed."""
         listed = 0
         queue: deque[int] = deque([ROOT_INO])
-
-        def op(txn: Txn) -> None:
-            nonlocal listed
-            seen = 0
-            while queue and seen < entries:
-                ino = queue.popleft()
-                d = ns.get(txn, ino)
-                if not d.stored:
-                    ns.import_dir(txn, self.tree, d)
-                    listed += 1
-                for _, _, c in ns.entries(txn, ino):
-                    seen += 1
-                    if stat.S_ISDIR(ns.get(txn, c).mode):
-                        queue.append(c)
-
         while queue:
-            snapshot = list(queue)
-            try:
-                self._write(op)
-            except BaseException:
-                queue.clear()  # the transaction was undone: so is its progress
-                queue.extend(snapshot)
-                raise
+            listed += self.import_step(queue, entries)
         return listed
 
     # -- figures ------------------------------------------------------------------

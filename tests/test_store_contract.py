@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from ferryfs.store import cas, ingest
+from ferryfs.store import store as store_module
 from ferryfs.store.chunker import Chunker, digest
 from ferryfs.store.errors import (
     CorruptChunk,
@@ -222,11 +223,28 @@ def test_import_keeps_names_types_owners_modes_and_ns_times(env: Env, store: Sto
 
 def test_import_is_per_directory_and_lazy(store: Store) -> None:
     assert store.stats().dirs_listed == 0
-    store.lookup(ROOT_INO, b"hello.txt")
+    store.ensure_listed(ROOT_INO)
     s = store.stats()
     assert s.dirs_listed == 1
     assert s.files_migrated == 0
     assert s.dirs_total == 1 + len([d for d in DIRS if b"/" not in d])
+
+
+def test_lookup_lists_ahead_a_bounded_number_of_entries(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "LIST_AHEAD", 1)
+    small = env.open()
+    small.lookup(ROOT_INO, b"hello.txt")
+    s = small.stats()
+    assert 1 < s.dirs_listed < s.dirs_total, s  # the root and some, not all
+    small.lookup(ROOT_INO, b"hello.txt")  # the root is listed: nothing more is
+    assert small.stats().dirs_listed == s.dirs_listed
+    monkeypatch.setattr(store_module, "LIST_AHEAD", 10_000)
+    with Store.memory(str(env.src)) as big:  # a fresh store: all of it is in reach
+        big.lookup(ROOT_INO, b"hello.txt")
+        s = big.stats()
+    assert s.dirs_listed == s.dirs_total and s.files_migrated == 0, s
 
 
 def test_names_are_bytes_up_to_255(store: Store) -> None:
