@@ -57,32 +57,60 @@ def has(txn: Txn, digest: bytes) -> bool:
 
 
 class ChunkCache:
-    """Plain bytes of recently read chunks, bounded in bytes (thread-safe)."""
+    """Plain bytes of recently read chunks, bounded in bytes (thread-safe).
+
+    A chunk another thread is decoding (the read-ahead) is "claimed": `get` waits
+    for it rather than decoding it a second time beside it."""
 
     def __init__(self, limit: int = 32 << 20) -> None:
         self.limit = limit
         self._items: OrderedDict[bytes, bytes] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._claimed: dict[bytes, threading.Event] = {}
 
     def get(self, digest: bytes) -> bytes | None:
         with self._lock:
             v = self._items.get(digest)
             if v is not None:
                 self._items.move_to_end(digest)
-            return v
+                return v
+            pending = self._claimed.get(digest)
+        if pending is None:
+            return None
+        pending.wait()
+        with self._lock:
+            return self._items.get(digest)
 
     def put(self, digest: bytes, plain: bytes) -> None:
-        if len(plain) > self.limit // 4:
-            return
         with self._lock:
-            if digest in self._items:
-                return
-            self._items[digest] = plain
-            self._bytes += len(plain)
-            while self._bytes > self.limit:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= len(old)
+            self._insert(digest, plain)
+
+    def _insert(self, digest: bytes, plain: bytes) -> None:
+        if len(plain) > self.limit // 4 or digest in self._items:
+            return
+        self._items[digest] = plain
+        self._bytes += len(plain)
+        while self._bytes > self.limit:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= len(old)
+
+    def claim(self, digest: bytes) -> bool:
+        """Mark `digest` as being decoded by the caller; False if it is cached or
+        claimed already. The caller must `settle` it, with its bytes or None."""
+        with self._lock:
+            if digest in self._items or digest in self._claimed:
+                return False
+            self._claimed[digest] = threading.Event()
+            return True
+
+    def settle(self, digest: bytes, plain: bytes | None) -> None:
+        with self._lock:
+            if plain is not None:
+                self._insert(digest, plain)
+            pending = self._claimed.pop(digest, None)
+        if pending is not None:
+            pending.set()
 
     def discard(self, digest: bytes) -> None:
         with self._lock:

@@ -165,6 +165,10 @@ class LmdbBackend:
                 f"{data} is truncated ({had} of at least {need} bytes); {StoreDamaged.advice}"
             )
         self._lock = threading.Lock()
+        self._gate = threading.Condition()
+        self._readers = 0
+        self._growing = False
+        self._local = threading.local()
         self._dbs: dict[str, lmdb._Database] = {}
         if readonly:
             for name in DBS:
@@ -179,15 +183,37 @@ class LmdbBackend:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Txn]:
+        self._enter_read()
         try:
-            txn = self._env.begin(buffers=True)
-        except lmdb.MapResizedError:
-            self._env.set_mapsize(0)
-            txn = self._env.begin(buffers=True)
-        try:
-            yield _LmdbTxn(txn, self._dbs)
+            try:
+                txn = self._env.begin(buffers=True)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+                txn = self._env.begin(buffers=True)
+            try:
+                yield _LmdbTxn(txn, self._dbs)
+            finally:
+                txn.abort()
         finally:
-            txn.abort()
+            self._leave_read()
+
+    # Growing the map remaps it: no other thread may hold a read transaction then
+    # (its buffers point into the old mapping). Readers are counted per thread, so
+    # a thread that grows, or nests reads, never waits for itself.
+
+    def _enter_read(self) -> None:
+        mine = getattr(self._local, "readers", 0)
+        with self._gate:
+            while self._growing and mine == 0:
+                self._gate.wait()
+            self._readers += 1
+        self._local.readers = mine + 1
+
+    def _leave_read(self) -> None:
+        self._local.readers -= 1
+        with self._gate:
+            self._readers -= 1
+            self._gate.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Txn]:
@@ -215,9 +241,19 @@ class LmdbBackend:
         return st.f_bavail * st.f_frsize < 16 << 20
 
     def grow(self) -> None:
-        """Double the map. Called between transactions of this process."""
+        """Double the map, once no other thread holds a read transaction."""
         with self._lock:
-            self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            mine = getattr(self._local, "readers", 0)
+            with self._gate:
+                self._growing = True
+                while self._readers > mine:
+                    self._gate.wait()
+            try:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            finally:
+                with self._gate:
+                    self._growing = False
+                    self._gate.notify_all()
 
     def map_size(self) -> int:
         size: int = self._env.info()["map_size"]

@@ -44,6 +44,7 @@ from .errors import (
 )
 from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
 from .phase3 import Phase3Tree
+from .readahead import ReadAhead
 from .records import (
     CHANGED,
     ROOT_INO,
@@ -106,6 +107,7 @@ class Store:
         # The FUSE adapter keeps unlinked inodes while the kernel still knows them.
         self.keep_orphans = keep_orphans
         self.cache = cas.ChunkCache()
+        self.readahead = ReadAhead(backend, lambda: self.cache)
         self.failsafe: str | None = None
         self._lock_fd: int | None = None
         self.chunker = Chunker()
@@ -252,6 +254,7 @@ class Store:
             return os.fsdecode(bytes(v)) if v is not None else None
 
     def close(self) -> None:
+        self.readahead.close()  # its thread reads the environment
         self.backend.close()
         if self.tree is not None:
             self.tree.close()
@@ -703,7 +706,9 @@ class Store:
             node = self.migrate(ino)
         with self.backend.read() as txn:
             node = ns.get(txn, ino)
-            return content.read(txn, ino, node.size, off, n, self.cache)
+            data = content.read(txn, ino, node.size, off, n, self.cache)
+        self.readahead.note(ino, off, off + len(data), node.size)
+        return data
 
     def plan_write(self, ino: int, spans: list[tuple[int, bytes]]) -> content.Rewrite:
         with self.backend.read() as txn:

@@ -380,6 +380,20 @@ def test_first_open_close_does_not_wait_for_the_migration(tmp_path: Path) -> Non
         assert big.read_bytes() == data
 
 
+def test_mount_reads_ahead_1_mib(tmp_path: Path) -> None:
+    # FUSE mounts start with 128 KiB of kernel read-ahead; the daemon (as root)
+    # raises its own mount's, so large files are read 1 MiB per request.
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "mnt").mkdir()
+    with mounted(src, tmp_path / "mnt") as m:
+        dev = os.stat(m.mnt).st_dev
+        knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        if os.geteuid() != 0:
+            pytest.skip("only root may raise read-ahead")
+        wait_for(lambda: knob.read_text().strip() == "1024", 10, "read-ahead raised to 1 MiB")
+
+
 @pytest.mark.parametrize("where", ["phase3", "created"])
 def test_readdir_of_5000_entries_lists_each_once(tmp_path: Path, where: str) -> None:
     src = tmp_path / "src"
