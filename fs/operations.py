@@ -423,13 +423,18 @@ class Operations(pyfuse3.Operations):
                 await self._flush_file(f.ino)
         return len(buf)
 
+    @fuse_errors
     async def flush(self, fh: int) -> None:
-        # ENOSYS on purpose: the kernel then stops sending FLUSH at every close() of
-        # every fd, a round trip per file read. Buffered writes are written at
-        # fsync, at 16 MiB, at release, or before anything reads the file; like a
-        # page-cache filesystem, close() does not report a later ENOSPC: fsync does.
-        # (The kernel still writes back an mmap's dirty pages at close.)
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        # The kernel sends this at every close() of every fd. Wait for the file's
+        # lock only when there is something to write: a first-open migration holds
+        # it for as long as the file takes to migrate. (Answering ENOSYS would stop
+        # FLUSH altogether, a round trip per file, but then bytes an app closed
+        # would sit in memory until release, and a daemon killed then loses them:
+        # tests/test_crash.py caught that.)
+        f = self.files.get(fh).file
+        if f.spans or f.flushing:
+            async with f.lock:
+                await self._flush_file(f.ino)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -447,9 +452,8 @@ class Operations(pyfuse3.Operations):
                     await self._flush_file(f.ino)
         except OpError as e:
             if f.handles == 1:
-                # The last handle going away must not keep unwritable bytes in memory
-                # forever. Only fsync could report this to the app (as on ext4, whose
-                # close() does not report a later ENOSPC either): say it loudly.
+                # close() already returned flush's error to the app; the last handle
+                # going away must not keep unwritable bytes in memory forever.
                 msg = f"dropped {f.dirty_bytes} unwritable buffered bytes of inode {f.ino}: {e}"
                 log.error("%s", msg)
                 self.counters.errors.append(msg)
