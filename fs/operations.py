@@ -28,7 +28,7 @@ from ferryfs.store.records import Inode
 from ferryfs.store.store import Store
 
 from .errmap import fuse_errors
-from .handles import FLUSH_BYTES, OpenFiles
+from .handles import FLUSH_BYTES, OpenFile, OpenFiles
 from .lazy import LazyMigrator
 
 log = logging.getLogger("ferryfs.fs")
@@ -130,6 +130,14 @@ class Operations(pyfuse3.Operations):
                 # flushing again loses nothing the app wrote.
                 f.restore(spans)
                 raise
+
+    async def _flush_dirty(self, f: OpenFile) -> None:
+        """Flush `f` if it has buffered bytes or a flush in flight (whose spans are
+        out of the buffer, not yet committed). A clean file's lock is not taken: a
+        first-open migration holds it for as long as the file takes to migrate."""
+        if f.spans or f.flushing:
+            async with f.lock:
+                await self._flush_file(f.ino)
 
     async def _migrate(self, ino: int) -> Inode:
         """Make sure `ino` is not LEGACY: migrate it now (before a write)."""
@@ -374,9 +382,7 @@ class Operations(pyfuse3.Operations):
         # A flush in progress has already taken the spans out of the buffer but not
         # committed them yet: wait for it too, or this read gets the old bytes. Not
         # for a first-open migration holding the lock: the Phase 3 bytes are the same.
-        if f.spans or f.flushing:
-            async with f.lock:
-                await self._flush_file(f.ino)
+        await self._flush_dirty(f)
         if h.legacy_fd is not None:
             if not self.store.getattr(f.ino).changed:
                 return os.pread(h.legacy_fd, size, off)  # inline: see _read
@@ -432,9 +438,7 @@ class Operations(pyfuse3.Operations):
         # would sit in memory until release, and a daemon killed then loses them:
         # tests/test_crash.py caught that.)
         f = self.files.get(fh).file
-        if f.spans or f.flushing:
-            async with f.lock:
-                await self._flush_file(f.ino)
+        await self._flush_dirty(f)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -447,9 +451,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         f = self.files.get(fh).file
         try:
-            if f.spans or f.flushing:  # never wait for a migration: nothing to write
-                async with f.lock:
-                    await self._flush_file(f.ino)
+            await self._flush_dirty(f)
         except OpError as e:
             if f.handles == 1:
                 # close() already returned flush's error to the app; the last handle

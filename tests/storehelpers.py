@@ -219,3 +219,18 @@ def deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def damage_chunk(store_dir: Path, digest: bytes) -> None:
+    """Flip one bit of the last byte of chunk `digest`'s record, in place (unmounted)."""
+    import lmdb
+
+    env = lmdb.open(str(Path(store_dir) / "db"), max_dbs=16)
+    try:
+        chunks = env.open_db(b"chunks")
+        with env.begin(write=True) as t:
+            rec = bytearray(t.get(digest, db=chunks))
+            rec[-1] ^= 0x40
+            t.put(digest, bytes(rec), db=chunks)
+    finally:
+        env.close()

@@ -34,6 +34,7 @@ from ferryfs.store.records import (
 from ferryfs.store.store import Store
 from ferryfs.tools import cli
 from mountutil import ferry
+from storehelpers import damage_chunk
 
 SEED = int(os.environ.get("FERRYFS_FSCK_SEED", random.randrange(1 << 30)))
 
@@ -339,13 +340,7 @@ def test_max_duration_stops_and_the_next_run_carries_on(
     lay = Layout(store)
     first = min(i for i, n in lay.inodes.items() if n.is_reg and n.size > 0)
     bad = next(d for d, h in sorted(lay.holders.items()) if first in h)
-    e = env(store)
-    chunks = e.open_db(b"chunks")
-    with e.begin(write=True) as t:
-        rec = bytearray(t.get(bad, db=chunks))
-        rec[-1] ^= 0x40
-        t.put(bad, bytes(rec), db=chunks)
-    e.close()
+    damage_chunk(store, bad)
     runs, files, rows = 0, 0, 0
     while True:
         runs += 1

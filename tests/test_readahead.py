@@ -9,13 +9,13 @@ import threading
 import time
 from pathlib import Path
 
-import lmdb
 import pytest
 from ferryfs.store import content, readahead
 from ferryfs.store.cas import ChunkCache
 from ferryfs.store.errors import CorruptChunk
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
+from storehelpers import damage_chunk
 
 STEP = 256 << 10
 
@@ -64,13 +64,7 @@ def test_a_damaged_chunk_ahead_reaches_the_reader_as_corrupt(tmp_path: Path) -> 
         with s.backend.read() as txn:
             extents = list(content.all_extents(txn, ino))
     bad_off, bad, _ = extents[len(extents) // 2]
-    env = lmdb.open(str(store / "db"), max_dbs=16)
-    chunks = env.open_db(b"chunks")
-    with env.begin(write=True) as txn:
-        rec = bytearray(txn.get(bad, db=chunks))
-        rec[-1] ^= 0x40
-        txn.put(bad, bytes(rec), db=chunks)
-    env.close()
+    damage_chunk(store, bad)
     with Store.open(str(store)) as s:
         good = bytearray()
         with pytest.raises(CorruptChunk):
