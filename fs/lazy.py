@@ -10,7 +10,10 @@ the file's lock from OpenFiles while it migrates, so a write waits for it. A
 migration starts only once the mount has had no request for `QUIET` seconds:
 on two CPUs, chunking and compressing beside an app that is reading makes its
 reads wait (measured: reading a fresh tree took 1.4 times as long). Once
-started it runs to the end; the app's next pause picks up the queue.
+started it runs to the end; the app's next pause picks up the queue. The wait
+is bounded by `PATIENCE`: an app that never pauses for 50 ms (one polling every
+20 ms, say) must not keep its files unmigrated for ever, so a file queued that
+long ago is migrated beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .handles import OpenFiles
 log = logging.getLogger("ferryfs.lazy")
 
 QUIET = 0.05
+PATIENCE = 1.0
 
 
 class LazyMigrator:
@@ -37,14 +41,14 @@ class LazyMigrator:
         self.files = files
         self.counters = counters
         self.jobs = jobs
-        self._queue: deque[int] = deque()
+        self._queue: deque[tuple[int, float]] = deque()  # (inode, when requested)
         self._queued: set[int] = set()
         self._wake = trio.Event()
 
     def request(self, ino: int) -> None:
         if ino not in self._queued:
             self._queued.add(ino)
-            self._queue.append(ino)
+            self._queue.append((ino, time.monotonic()))
             self._wake.set()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -62,7 +66,7 @@ class LazyMigrator:
             await self._quiet()
             if not self._queue:  # another worker took it meanwhile
                 continue
-            ino = self._queue.popleft()
+            ino, _ = self._queue.popleft()
             try:
                 await self.migrate(ino)
             except OpError as e:
@@ -71,8 +75,15 @@ class LazyMigrator:
                 self._queued.discard(ino)
 
     async def _quiet(self) -> None:
-        while (idle := time.monotonic() - self.counters.last_request) < QUIET:
-            await trio.sleep(QUIET - idle)
+        """Wait for `QUIET` seconds without a request, or until the oldest
+        queued file has waited `PATIENCE` seconds."""
+        while self._queue:
+            now = time.monotonic()
+            idle = now - self.counters.last_request
+            waited = now - self._queue[0][1]
+            if idle >= QUIET or waited >= PATIENCE:
+                return
+            await trio.sleep(min(QUIET - idle, PATIENCE - waited))
 
     async def migrate(self, ino: int) -> None:
         """Migrate `ino` now unless it already is (holding its lock)."""

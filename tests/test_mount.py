@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -378,6 +379,27 @@ def test_first_open_close_does_not_wait_for_the_migration(tmp_path: Path) -> Non
         assert m.state(big) == "legacy", "close waited for the migration"
         wait_for(lambda: m.state(big) == "migrated", 60, "the file migrated after its read")
         assert big.read_bytes() == data
+
+
+def test_an_app_that_never_pauses_still_gets_its_files_migrated(tmp_path: Path) -> None:
+    # First-open migrations wait for 50 ms without a request, but only so long:
+    # an app polling every 10 ms once kept every file it read LEGACY for ever.
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_bytes(os.urandom(64 << 10))
+    (tmp_path / "mnt").mkdir()
+    with mounted(src, tmp_path / "mnt") as m:
+        files = sorted(m.mnt.iterdir())
+        for f in files:
+            f.read_bytes()
+        deadline = time.monotonic() + 20
+        while any(m.state(f) != "migrated" for f in files):
+            os.listdir(m.mnt)  # a request (opendir, readdir) every ~10 ms
+            assert time.monotonic() < deadline, "a busy app kept its files unmigrated"
+            time.sleep(0.01)
+        for f in files:
+            assert f.read_bytes() == (src / f.name).read_bytes()
 
 
 def test_mount_reads_ahead_1_mib(tmp_path: Path) -> None:
