@@ -171,6 +171,9 @@ def run(
         try:
             store.sync()
         finally:
+            ops.lazy.background.close()
+            if sweep is not None:
+                sweep.background.close()
             store.close()
             pyfuse3.close(unmount=clean)
     log.info("unmounted %s", mnt)

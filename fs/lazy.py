@@ -27,6 +27,7 @@ import trio
 from ferryfs.store.errors import OpError
 from ferryfs.store.store import Store
 
+from .background import Background
 from .handles import OpenFiles
 
 log = logging.getLogger("ferryfs.lazy")
@@ -44,6 +45,7 @@ class LazyMigrator:
         self._queue: deque[tuple[int, float]] = deque()  # (inode, when requested)
         self._queued: set[int] = set()
         self._wake = trio.Event()
+        self.background = Background(jobs)
 
     def request(self, ino: int) -> None:
         if ino not in self._queued:
@@ -68,7 +70,7 @@ class LazyMigrator:
                 continue
             ino, _ = self._queue.popleft()
             try:
-                await self.migrate(ino)
+                await self.migrate(ino, background=True)
             except OpError as e:
                 log.warning("cannot migrate inode %d on first open: %s", ino, e)
             finally:
@@ -85,18 +87,22 @@ class LazyMigrator:
                 return
             await trio.sleep(min(QUIET - idle, PATIENCE - waited))
 
-    async def migrate(self, ino: int) -> None:
+    async def migrate(self, ino: int, background: bool = False) -> None:
         """Migrate `ino` now unless it already is (holding its lock)."""
         async with self.files.lock(ino):
-            await self.migrate_locked(ino)
+            await self.migrate_locked(ino, background)
 
-    async def migrate_locked(self, ino: int) -> None:
-        """Migrate `ino` unless it already is; the caller holds its lock."""
+    async def migrate_locked(self, ino: int, background: bool = False) -> None:
+        """Migrate `ino` unless it already is; the caller holds its lock. With
+        `background`, the work runs at low priority (nobody waits for it)."""
         node = self.store.getattr(ino)
         if not node.is_reg or node.stored:
             return
         try:
-            m = await trio.to_thread.run_sync(self.store.prepare_migration, ino)
+            if background:
+                m = await self.background.run(self.store.prepare_migration, ino)
+            else:
+                m = await trio.to_thread.run_sync(self.store.prepare_migration, ino)
         except OpError as e:
             self.store.record_error(ino, str(e))
             raise

@@ -2,7 +2,7 @@
 
 It runs when no foreground request came for `idle_ms` and the CPUs kept busy by
 other processes are under `max_load`; it works in batches of `batch` files
-with `batch_delay_ms` between them, on `jobs` worker threads. Any foreground
+with `batch_delay_ms` between them, on `jobs` low-priority threads (background.py). Any foreground
 request pre-empts it: the workers poll a flag between chunks and give up the
 file they are on (nothing of it was committed), and the sweep waits for the
 next quiet period. Its progress is the store's own state (a file is LEGACY or
@@ -30,9 +30,10 @@ from typing import Any
 import trio
 from ferryfs.store.errors import OpError, SourceError
 from ferryfs.store.ingest import Migration, Preempted
-from ferryfs.store.records import ROOT_INO
+from ferryfs.store.records import ROOT_INO, Inode
 from ferryfs.store.store import Store
 
+from .background import Background
 from .load import OtherLoad
 
 log = logging.getLogger("ferryfs.sweep")
@@ -90,6 +91,11 @@ class Sweep:
         self._pending_bytes: int | None = None  # unknown until the first scan
         # Directories still to visit for listing, breadth first; None before the walk.
         self._listing: deque[int] | None = None
+        # Files prepared by a batch that was pre-empted: committed with the next batch,
+        # not while the foreground request that pre-empted it is still being answered.
+        self._prepared: list[Migration] = []
+        # Chunking and compressing at nice 19 and idle I/O priority (background.py).
+        self.background = Background(config.jobs)
 
     # -- called by the adapter and the control channel --------------------------------
 
@@ -157,6 +163,9 @@ class Sweep:
             more = await self._import_some()
             if not more:
                 batch = await self._next_batch()
+                if not batch and self._prepared:
+                    await self._run_batch([])  # commits what a pre-empted batch prepared
+                    continue
                 if not batch:
                     if await self._refill():
                         continue
@@ -252,13 +261,15 @@ class Sweep:
                 self.store.record_error(ino, str(e))
 
     async def _run_batch(self, batch: list[int]) -> None:
+        """Prepare `batch` on the background threads and commit it, with any files
+        prepared before, in one transaction; an empty batch commits those alone."""
         self._idle = trio.Event()
         t0 = time.monotonic()
         done: list[Migration] = []
         gave_way: list[int] = []
+        committed: list[Inode] = []
         try:
             queue = deque(batch)
-            limiter = trio.CapacityLimiter(max(1, self.cfg.jobs))
 
             async def worker() -> None:
                 while queue:
@@ -267,11 +278,8 @@ class Sweep:
                         gave_way.append(ino)
                         continue
                     try:
-                        m = await trio.to_thread.run_sync(
-                            self.store.prepare_migration,
-                            ino,
-                            self._preempt.is_set,
-                            limiter=limiter,
+                        m = await self.background.run(
+                            self.store.prepare_migration, ino, self._preempt.is_set
                         )
                     except Preempted:
                         gave_way.append(ino)
@@ -285,17 +293,18 @@ class Sweep:
             async with trio.open_nursery() as n:
                 for _ in range(max(1, self.cfg.jobs)):
                     n.start_soon(worker)
-            try:
-                # On a worker thread: the commit's fdatasync takes milliseconds, and the
-                # trio thread must go on answering reads meanwhile.
-                committed = (
-                    await trio.to_thread.run_sync(self.store.commit_migrations, done)
-                    if done
-                    else []
-                )
-            except OpError as e:  # the disk is full (or failsafe): they stay LEGACY
-                committed = []
-                self._give_up([m.ino for m in done], e)
+            self._prepared += done
+            # Pre-empted: the request that did it is still being answered, and an
+            # fdatasync beside it would make it wait for the disk. The files prepared
+            # so far go with the next batch, after the next quiet period.
+            if not gave_way and self._prepared:
+                ms, self._prepared = self._prepared, []
+                try:
+                    # On a worker thread: the commit's fdatasync takes milliseconds,
+                    # and the trio thread must go on answering requests meanwhile.
+                    committed = await trio.to_thread.run_sync(self.store.commit_migrations, ms)
+                except OpError as e:  # the disk is full (or failsafe): they stay LEGACY
+                    self._give_up([m.ino for m in ms], e)
         finally:
             self._todo.extend(reversed(gave_way))
             self._idle.set()
@@ -312,6 +321,8 @@ class Sweep:
                 len(committed),
                 nbytes / 1e6,
                 time.monotonic() - t0,
-                f", gave way on {len(gave_way)}" if gave_way else "",
+                f", gave way on {len(gave_way)} ({len(self._prepared)} prepared held back)"
+                if gave_way
+                else "",
                 len(self._todo),
             )
