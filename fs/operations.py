@@ -482,7 +482,7 @@ class Operations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and name.startswith(CONTROL_PREFIX) and self.control:
             if not self._control_allowed(ctx):
                 raise pyfuse3.FUSEError(errno.EACCES)
-            value: bytes = self.control.get(name[len(CONTROL_PREFIX) :])
+            value: bytes = await self.control.get(name[len(CONTROL_PREFIX) :])
             return value
         return self.store.getxattr(inode, name)
 

@@ -109,6 +109,9 @@ class Store:
         self.cache = cas.ChunkCache()
         self.readahead = ReadAhead(backend, lambda: self.cache)
         self.failsafe: str | None = None
+        # Write transactions committed by this process: a cheap "has anything
+        # changed" for callers that cache what they read (the mount's status).
+        self.commits = 0
         self._lock_fd: int | None = None
         self.chunker = Chunker()
 
@@ -279,7 +282,9 @@ class Store:
         for _ in range(16):
             try:
                 with self.backend.write() as txn:
-                    return fn(txn)
+                    out = fn(txn)
+                self.commits += 1
+                return out
             except MapFull:
                 self.backend.grow()
             except OSError as e:
