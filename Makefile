@@ -12,7 +12,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 FUSE_DEBS := fuse3 libfuse3-dev pkg-config
-BENCH_DEBS := borgbackup restic fuse-overlayfs
+# python3-llfuse: `borg mount` needs it, and borgbackup only recommends it.
+BENCH_DEBS := borgbackup python3-llfuse restic fuse-overlayfs
 
 # $(call apt_ensure,PACKAGES,CHECK): unless the shell command CHECK succeeds,
 # install whichever PACKAGES `dpkg -s` does not report installed, as root or
@@ -49,7 +50,7 @@ deps:
 	@$(call apt_ensure,$(FUSE_DEBS),pkg-config --exists fuse3 2>/dev/null && command -v fusermount3 >/dev/null)
 
 bench-deps:
-	@$(call apt_ensure,$(BENCH_DEBS),command -v borg && command -v restic && command -v fuse-overlayfs)
+	@$(call apt_ensure,$(BENCH_DEBS),command -v borg && /usr/bin/python3 -c "import llfuse" 2>/dev/null && command -v restic && command -v fuse-overlayfs)
 
 # pyfuse3 builds against libfuse3, hence deps first.
 venv: deps
