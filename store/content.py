@@ -48,6 +48,14 @@ def all_extents(txn: Txn, ino: int) -> Iterator[Extent]:
 
 def read(txn: Txn, ino: int, size: int, off: int, n: int, cache: cas.ChunkCache | None) -> bytes:
     """Bytes [off, off+n) of a stored file of `size` bytes; CorruptChunk on a bad chunk."""
+    return bytes(read_view(txn, ino, size, off, n, cache))
+
+
+def read_view(
+    txn: Txn, ino: int, size: int, off: int, n: int, cache: cas.ChunkCache | None
+) -> bytes | memoryview:
+    """As `read`, but a range within one chunk comes back as a view of the chunk's
+    plain bytes, not a copy (most reads of small files are one chunk)."""
     end = min(size, off + n)
     if off >= end:
         return b""
@@ -59,13 +67,13 @@ def read(txn: Txn, ino: int, size: int, off: int, n: int, cache: cas.ChunkCache 
         plain = cas.load(txn, d, length, cache)
         lo = pos - eoff
         hi = min(length, end - eoff)
-        parts.append(memoryview(plain)[lo:hi])
+        parts.append(memoryview(plain)[lo:hi] if (lo, hi) != (0, length) else plain)
         pos = eoff + hi
         if pos >= end:
             break
     if pos < end:
         raise CorruptChunk(HOLE)
-    return b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 @dataclass

@@ -706,12 +706,22 @@ class Store:
 
     def read(self, ino: int, off: int, n: int) -> bytes:
         """Bytes of a file; a LEGACY file is migrated first."""
-        node = self.getattr(ino)
-        if node.is_reg and not node.stored:
-            node = self.migrate(ino)
+        data = self.read_stored(ino, off, n)
+        if data is None:
+            self.migrate(ino)
+            data = self.read_stored(ino, off, n)
+            if data is None:
+                raise SourceError("not migrated")
+        return bytes(data)
+
+    def read_stored(self, ino: int, off: int, n: int) -> bytes | memoryview | None:
+        """Bytes of a file in one read transaction, a view rather than a copy when
+        they lie in one chunk (content.read_view); None if the file is LEGACY."""
         with self.backend.read() as txn:
             node = ns.get(txn, ino)
-            data = content.read(txn, ino, node.size, off, n, self.cache)
+            if node.is_reg and not node.stored:
+                return None
+            data = content.read_view(txn, ino, node.size, off, n, self.cache)
         self.readahead.note(ino, off, off + len(data), node.size)
         return data
 
