@@ -947,6 +947,43 @@ class Store:
                         break
         return out
 
+    def legacy_files_by_path(self) -> Iterator[int]:
+        """LEGACY files of the listed tree, depth first with names in byte order:
+        the order of `sorted(paths)`, and of an app reading a session's files
+        together. Migrating in this order lays each session's chunks side by side
+        in the store, so a cold read of a session is one run of the disk, not
+        seeks to wherever a hash or inode order put each file. One directory's
+        entries are held at a time (per level of the walk)."""
+        stack: list[Iterator[tuple[bytes, int, int]]] = [iter(self._sorted_entries(ROOT_INO))]
+        linked: set[int] = set()  # files of several names: yielded at the first
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
+            _, ino, nlink = entry
+            if nlink == 0:
+                stack.append(iter(self._sorted_entries(ino)))
+            elif nlink == 1:
+                yield ino
+            elif ino not in linked:
+                linked.add(ino)
+                yield ino
+
+    def _sorted_entries(self, d: int) -> list[tuple[bytes, int, int]]:
+        """(name, ino, link count, or 0 for a directory) of `d`'s directories and
+        LEGACY files, by name."""
+        out = []
+        with self.backend.read() as txn:
+            for _, name, c in ns.entries(txn, d):
+                node = ns.get(txn, c)
+                if node.is_dir:
+                    out.append((name, c, 0))
+                elif node.is_reg and not node.stored:
+                    out.append((name, c, max(1, node.nlink)))
+        out.sort()
+        return out
+
     def unlisted_dirs(self, limit: int = 1000) -> list[int]:
         out = []
         with self.backend.read() as txn:

@@ -230,6 +230,18 @@ def test_import_is_per_directory_and_lazy(store: Store) -> None:
     assert s.dirs_total == 1 + len([d for d in DIRS if b"/" not in d])
 
 
+def test_legacy_files_by_path_come_in_sorted_path_order_and_skip_migrated(
+    store: Store,
+) -> None:
+    store.import_all()
+    path = {resolve(store, rel).ino: rel for rel in FILES}  # each a regular file
+    regular = sorted(FILES)  # HARD[0] is a second name of HARD[1]: that file once
+    assert [path[ino] for ino in store.legacy_files_by_path()] == regular
+    store.migrate(resolve(store, b"sessions/s1/log.jsonl").ino)
+    regular.remove(b"sessions/s1/log.jsonl")
+    assert [path[ino] for ino in store.legacy_files_by_path()] == regular
+
+
 def test_lookup_lists_ahead_a_bounded_number_of_entries(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

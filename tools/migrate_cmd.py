@@ -12,7 +12,6 @@ import argparse
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ferryfs.store import points
@@ -72,14 +71,6 @@ def check_source(store: Store, src: str) -> None:
         raise UsageError(f"store belongs to {recorded}, not {os.path.abspath(src)}")
 
 
-def _legacy_inodes(store: Store) -> Iterator[int]:
-    """LEGACY files in inode order, a page at a time: memory stays flat in the file count."""
-    after = 0
-    while page := store.legacy_files(after):
-        yield from page
-        after = page[-1]
-
-
 def migrate_all(store: Store, jobs: int) -> dict[str, int]:
     """Migrate every LEGACY file of `store`. Returns files, bytes and errors counts."""
     total = store.stats().bytes_legacy
@@ -98,7 +89,7 @@ def migrate_all(store: Store, jobs: int) -> dict[str, int]:
 
     with ThreadPoolExecutor(jobs) as pool, Bar("migrating", total) as bar:
         pending: deque[tuple[int, Future[Migration | None]]] = deque()
-        it = _legacy_inodes(store)
+        it = store.legacy_files_by_path()
         for ino in it:
             pending.append((ino, pool.submit(store.prepare_migration, ino)))
             if len(pending) >= jobs * 4:
