@@ -25,7 +25,8 @@ from ferryfs.store.store import Store
 
 from .control import Control
 from .operations import Operations
-from .sweep import ORDERS, Sweep, SweepConfig
+from .sweep import Sweep
+from .sweep_config import SweepConfig, add_sweep_arguments, sweep_config
 
 log = logging.getLogger("ferryfs.daemon")
 
@@ -204,60 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return run(a.src, a.mnt, a.store, a.allow_other, a.ready_fd, sweep_config(a))
-
-
-def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    """The sweep's knobs, shared by `ferryfs mount` and the daemon."""
-    d = SweepConfig()
-    p.add_argument("--no-sweep", action="store_true", help="migrate only on first open")
-    p.add_argument(
-        "--idle-ms",
-        type=int,
-        default=d.idle_ms,
-        help=f"quiet time before the sweep runs (default {d.idle_ms})",
-    )
-    p.add_argument(
-        "--max-load",
-        type=float,
-        default=d.max_load,
-        help=f"CPUs busy with other processes above which the sweep waits (default {d.max_load})",
-    )
-    p.add_argument(
-        "--batch", type=int, default=d.batch, help=f"files per batch (default {d.batch})"
-    )
-    p.add_argument(
-        "--batch-delay-ms",
-        type=int,
-        default=d.batch_delay_ms,
-        help=f"pause between batches (default {d.batch_delay_ms})",
-    )
-    p.add_argument(
-        "--order",
-        choices=ORDERS,
-        default=d.order,
-        help=f"which files first (default {d.order}: most recently modified)",
-    )
-    p.add_argument("--jobs", type=int, default=d.jobs, help=f"worker threads (default {d.jobs})")
-
-
-def sweep_config(a: argparse.Namespace) -> SweepConfig | None:
-    if a.no_sweep:
-        return None
-    return SweepConfig(a.idle_ms, a.max_load, a.batch, a.batch_delay_ms, a.order, a.jobs)
-
-
-def sweep_argv(a: argparse.Namespace) -> list[str]:
-    """The sweep arguments of a parsed `ferryfs mount`, for the daemon's command line."""
-    if a.no_sweep:
-        return ["--no-sweep"]
-    return [
-        f"--idle-ms={a.idle_ms}",
-        f"--max-load={a.max_load}",
-        f"--batch={a.batch}",
-        f"--batch-delay-ms={a.batch_delay_ms}",
-        f"--order={a.order}",
-        f"--jobs={a.jobs}",
-    ]
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from array import array
@@ -35,21 +34,9 @@ from ferryfs.store.store import Store
 
 from .background import Background
 from .load import OtherLoad
+from .sweep_config import SweepConfig
 
 log = logging.getLogger("ferryfs.sweep")
-
-ORDERS = ("recent", "oldest", "inode", "largest", "smallest")
-
-
-@dataclass
-class SweepConfig:
-    idle_ms: int = 500
-    # CPUs kept busy by other processes above which the sweep waits: half the machine.
-    max_load: float = field(default_factory=lambda: (os.cpu_count() or 2) / 2)
-    batch: int = 64
-    batch_delay_ms: int = 10
-    order: str = "recent"
-    jobs: int = 2
 
 
 @dataclass

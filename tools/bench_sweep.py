@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ferryfs.fs.sweep import SweepConfig
+from ferryfs.fs.sweep_config import SweepConfig
 
 from .bench import (
     Result,

@@ -19,6 +19,7 @@ from ferryfs.store.errors import SourceError, UsageError
 from ferryfs.store.ingest import Migration
 from ferryfs.store.store import Store
 
+from .paths import default_store
 from .progress import Bar
 
 GROUP_BYTES = 32 << 20
@@ -33,10 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="the store directory (default: SRC.ferry beside SRC)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="reader threads")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-def default_store(src: str) -> str:
-    return os.path.abspath(src).rstrip("/") + ".ferry"
 
 
 def run(args: argparse.Namespace) -> int:

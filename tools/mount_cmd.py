@@ -13,12 +13,12 @@ import subprocess
 import sys
 import time
 
-from ferryfs.fs import daemon
+from ferryfs.fs.sweep_config import add_sweep_arguments, sweep_argv
 from ferryfs.store.errors import FerryError, UsageError
 
 from . import rollbacks
-from .migrate_cmd import default_store
 from .mounts import fs_type
+from .paths import default_store
 
 READY_SECONDS = 60
 
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("-o", dest="options", action="append", default=[], help="allow_other")
     p.add_argument("--debug", action="store_true", help="log every request")
-    daemon.add_sweep_arguments(p)
+    add_sweep_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,10 +57,12 @@ def run(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "ferryfs.fs.daemon", src, mnt, "--store", store]
     if "allow_other" in opts:
         cmd.append("--allow-other")
-    cmd.extend(daemon.sweep_argv(args))
+    cmd.extend(sweep_argv(args))
     if args.debug:
         cmd.append("--debug")
     if args.foreground:
+        from ferryfs.fs import daemon  # trio and pyfuse3: only when serving here
+
         return daemon.main(cmd[3:])
     os.makedirs(store, exist_ok=True)
     pid = spawn_daemon([*cmd], os.path.join(store, "daemon.log"))
