@@ -52,8 +52,16 @@ class Phase3Tree:
             self.root_fd = -1
 
     def _walk_to(self, parts: list[bytes]) -> int:
-        """An fd of the directory at `parts`, opened component by component."""
-        fd = os.dup(self.root_fd)
+        """An fd of the directory at `parts`, opened component by component.
+
+        Each is a new open of the directory, never a dup of the root's fd: a dup
+        shares its read position, so two threads listing the root at once (the
+        sweep and the rollback point's walk, at mount) each saw part of it, or
+        none (found by test_sweep: a whole tree mounted as empty)."""
+        try:
+            fd = os.open(".", _DIR_FLAGS, dir_fd=self.root_fd)
+        except OSError as e:
+            raise SourceError(_why(e)) from e
         try:
             for part in parts:
                 if part in (b"", b".", b"..") or b"/" in part:
