@@ -2,17 +2,20 @@
 
 It runs when no foreground request came for `idle_ms` and the CPUs kept busy by
 other processes are under `max_load`; it works in batches of `batch` files
-with `batch_delay_ms` between them, on `jobs` low-priority threads (background.py). Any foreground
-request pre-empts it: the workers poll a flag between chunks and give up the
-file they are on (nothing of it was committed), and the sweep waits for the
-next quiet period. Its progress is the store's own state (a file is LEGACY or
-MIGRATED), so a daemon killed at any moment carries on where it stopped.
+with `batch_delay_ms` between them, on `jobs` low-priority threads
+(background.py). Any foreground request pre-empts it: the workers poll a flag
+between chunks and give up the file they are on (nothing of it was committed),
+and the sweep waits for the next quiet period. Its progress is the store's own
+state (a file is LEGACY or MIGRATED), so a daemon killed at any moment carries
+on where it stopped.
 
 Concurrency rules: the todo list and counters are touched only on the trio
-thread; worker threads run `Store.prepare_migration`, then the batch's commit
-(one write transaction) and the directory listing, so that the trio thread
-never waits for an fdatasync. A foreground write waits for the store's writer
-lock at most one such transaction; a read never does.
+thread; background threads run `Store.prepare_migration`; a committer task
+commits each prepared batch (one write transaction, on a worker thread) while
+the next is being prepared; the directory listing also runs on a worker
+thread. So the trio thread never waits for an fdatasync. A foreground write
+waits for the store's writer lock at most one such transaction; a read never
+does.
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ class Sweep:
         self._paused = False
         self._cancelled = False
         self._wake = trio.Event()
-        self._idle = trio.Event()  # set while no batch is in flight
+        self._idle = trio.Event()  # set while no batch is being prepared or committed
         self._idle.set()
+        self._inflight = 0  # batches being prepared or committed
+        self._to_commit: trio.MemorySendChannel[tuple[list[Migration], float]] | None = None
         self._load = OtherLoad()
         self._failed: set[int] = set()
         self._todo: array[int] = array("Q")
@@ -135,7 +140,17 @@ class Sweep:
     # -- the task ----------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        # Unbuffered: a prepared batch waits for the commit before it, so at most two
+        # batches are held in memory, and preparing one overlaps committing the other.
+        send, recv = trio.open_memory_channel[tuple[list[Migration], float]](0)
+        self._to_commit = send
+        async with trio.open_nursery() as n:
+            n.start_soon(self._committer, recv)
+            task_status.started()
+            async with send:
+                await self._loop()
+
+    async def _loop(self) -> None:
         while True:
             if self._cancelled:
                 self.state = "cancelled"
@@ -154,6 +169,7 @@ class Sweep:
                     await self._run_batch([])  # commits what a pre-empted batch prepared
                     continue
                 if not batch:
+                    await self._idle.wait()  # what is committing is no longer LEGACY
                     if await self._refill():
                         continue
                     self.state = "done"
@@ -247,14 +263,24 @@ class Sweep:
             with contextlib.suppress(OpError):
                 self.store.record_error(ino, str(e))
 
+    def _hold(self) -> None:
+        if self._inflight == 0:
+            self._idle = trio.Event()
+        self._inflight += 1
+
+    def _release(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
     async def _run_batch(self, batch: list[int]) -> None:
-        """Prepare `batch` on the background threads and commit it, with any files
-        prepared before, in one transaction; an empty batch commits those alone."""
-        self._idle = trio.Event()
+        """Prepare `batch` on the background threads and hand it, with any files
+        prepared before, to the committer; an empty batch hands those alone."""
+        self._hold()
         t0 = time.monotonic()
         done: list[Migration] = []
         gave_way: list[int] = []
-        committed: list[Inode] = []
+        handed = False
         try:
             queue = deque(batch)
 
@@ -284,32 +310,47 @@ class Sweep:
             # Pre-empted: the request that did it is still being answered, and an
             # fdatasync beside it would make it wait for the disk. The files prepared
             # so far go with the next batch, after the next quiet period.
-            if not gave_way and self._prepared:
+            if not gave_way and self._prepared and self._to_commit is not None:
                 ms, self._prepared = self._prepared, []
-                try:
-                    # On a worker thread: the commit's fdatasync takes milliseconds,
-                    # and the trio thread must go on answering requests meanwhile.
-                    committed = await trio.to_thread.run_sync(self.store.commit_migrations, ms)
-                except OpError as e:  # the disk is full (or failsafe): they stay LEGACY
-                    self._give_up([m.ino for m in ms], e)
+                await self._to_commit.send((ms, t0))
+                handed = True
         finally:
             self._todo.extend(reversed(gave_way))
-            self._idle.set()
-        nbytes = sum(x.size for x in committed)
-        self.stats.files += len(committed)
-        self.stats.bytes += nbytes
-        self.stats.batches += 1
-        self._pending_bytes = max(0, (self._pending_bytes or 0) - nbytes)
-        self.stats.window.append((time.monotonic(), self.stats.bytes))
-        if committed or gave_way:
+            if not handed:
+                self._release()
+        if gave_way:
             log.info(
-                "sweep: batch %d: %d files, %.1f MB in %.2f s%s; %d files left",
+                "sweep: gave way on %d files (%d prepared held back); %d files left",
+                len(gave_way),
+                len(self._prepared),
+                len(self._todo),
+            )
+
+    async def _committer(
+        self, batches: trio.MemoryReceiveChannel[tuple[list[Migration], float]]
+    ) -> None:
+        """Commit prepared batches in order, one transaction each, on a worker thread
+        (its fdatasync takes milliseconds, and the trio thread must go on answering
+        requests), while the loop prepares the next batch."""
+        async for ms, t0 in batches:
+            committed: list[Inode] = []
+            try:
+                committed = await trio.to_thread.run_sync(self.store.commit_migrations, ms)
+            except OpError as e:  # the disk is full (or failsafe): they stay LEGACY
+                self._give_up([m.ino for m in ms], e)
+            finally:
+                self._release()
+            nbytes = sum(x.size for x in committed)
+            self.stats.files += len(committed)
+            self.stats.bytes += nbytes
+            self.stats.batches += 1
+            self._pending_bytes = max(0, (self._pending_bytes or 0) - nbytes)
+            self.stats.window.append((time.monotonic(), self.stats.bytes))
+            log.info(
+                "sweep: batch %d: %d files, %.1f MB in %.2f s; %d files left",
                 self.stats.batches,
                 len(committed),
                 nbytes / 1e6,
                 time.monotonic() - t0,
-                f", gave way on {len(gave_way)} ({len(self._prepared)} prepared held back)"
-                if gave_way
-                else "",
                 len(self._todo),
             )
