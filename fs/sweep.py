@@ -41,6 +41,9 @@ from .sweep_config import SweepConfig
 
 log = logging.getLogger("ferryfs.sweep")
 
+# Plain bytes at which a batch stops taking files (see _next_batch).
+BATCH_BYTES = 64 << 20
+
 
 @dataclass
 class SweepStats:
@@ -80,6 +83,7 @@ class Sweep:
         self._load = OtherLoad()
         self._failed: set[int] = set()
         self._todo: array[int] = array("Q")
+        self._sizes: array[int] = array("Q")  # of the files in _todo, index for index
         self._pending_bytes: int | None = None  # unknown until the first scan
         # Directories still to visit for listing, breadth first; None before the walk.
         self._listing: deque[int] | None = None
@@ -223,11 +227,10 @@ class Sweep:
 
     async def _refill(self) -> bool:
         """Build the todo list from the store. True if there is work."""
-        todo = await trio.to_thread.run_sync(self._scan)
-        self._todo = todo
-        return bool(todo)
+        self._todo, self._sizes = await trio.to_thread.run_sync(self._scan)
+        return bool(self._todo)
 
-    def _scan(self) -> array[int]:
+    def _scan(self) -> tuple[array[int], array[int]]:
         items = []
         pending = 0
         for node in self.store.iter_inodes():
@@ -245,12 +248,19 @@ class Sweep:
             items.sort(key=lambda x: x[1])
         self._pending_bytes = pending
         # Popped from the end, so keep the first to do last.
-        return array("Q", reversed([i for _, _, i in items]))
+        items.reverse()
+        return array("Q", [i for _, _, i in items]), array("Q", [n for _, n, _ in items])
 
-    async def _next_batch(self) -> list[int]:
-        out: list[int] = []
-        while self._todo and len(out) < self.cfg.batch:
-            out.append(self._todo.pop())
+    async def _next_batch(self) -> list[tuple[int, int]]:
+        """Up to `batch` files (inode, size), taken until their sizes reach
+        BATCH_BYTES: a prepared file is held in memory until its batch commits, and
+        64 large attachments would be gigabytes. (One large file still goes, in a
+        batch that ends with it.)"""
+        out: list[tuple[int, int]] = []
+        nbytes = 0
+        while self._todo and len(out) < self.cfg.batch and (not out or nbytes < BATCH_BYTES):
+            out.append((self._todo.pop(), self._sizes.pop()))
+            nbytes += out[-1][1]
         return out
 
     def _give_up(self, inos: list[int], e: OpError) -> None:
@@ -273,29 +283,29 @@ class Sweep:
         if self._inflight == 0:
             self._idle.set()
 
-    async def _run_batch(self, batch: list[int]) -> None:
+    async def _run_batch(self, batch: list[tuple[int, int]]) -> None:
         """Prepare `batch` on the background threads and hand it, with any files
         prepared before, to the committer; an empty batch hands those alone."""
         self._hold()
         t0 = time.monotonic()
         done: list[Migration] = []
-        gave_way: list[int] = []
+        gave_way: list[tuple[int, int]] = []
         handed = False
         try:
             queue = deque(batch)
 
             async def worker() -> None:
                 while queue:
-                    ino = queue.popleft()
+                    ino, size = queue.popleft()
                     if self._preempt.is_set():
-                        gave_way.append(ino)
+                        gave_way.append((ino, size))
                         continue
                     try:
                         m = await self.background.run(
                             self.store.prepare_migration, ino, self._preempt.is_set
                         )
                     except Preempted:
-                        gave_way.append(ino)
+                        gave_way.append((ino, size))
                         continue
                     except (SourceError, OpError) as e:
                         self._give_up([ino], e)
@@ -315,7 +325,9 @@ class Sweep:
                 await self._to_commit.send((ms, t0))
                 handed = True
         finally:
-            self._todo.extend(reversed(gave_way))
+            for ino, size in reversed(gave_way):
+                self._todo.append(ino)
+                self._sizes.append(size)
             if not handed:
                 self._release()
         if gave_way:

@@ -12,9 +12,12 @@ import sys
 import tempfile
 import threading
 import time
+from array import array
 from pathlib import Path
 
 import pytest
+from ferryfs.fs.sweep import BATCH_BYTES, Sweep
+from ferryfs.fs.sweep_config import SweepConfig
 from ferryfs.store.store import Store
 from mountutil import cli, mounted, pid_alive, wait_for
 
@@ -200,3 +203,25 @@ def steer_as_nobody(src: Path, where: Path, store: Path) -> None:
         assert r.stderr.strip().count("\n") == 0 and "owner" in r.stderr
         assert "Traceback" not in r.stderr
         assert m.status()["sweep_state"] == "paused"
+
+
+async def test_a_batch_stops_taking_files_at_batch_bytes(tmp_path: Path) -> None:
+    # Prepared files stay in memory until their batch commits: 64 large attachments
+    # in one batch would be gigabytes.
+    (tmp_path / "src").mkdir()
+    store = Store.open(str(tmp_path / "store"), source=str(tmp_path / "src"), create=True)
+    sweep = Sweep(store, SweepConfig(batch=64))
+    try:
+        sizes = [BATCH_BYTES // 2] * 5 + [10] * 100 + [BATCH_BYTES * 2]
+        sweep._todo = array("Q", reversed(range(1, len(sizes) + 1)))
+        sweep._sizes = array("Q", reversed(sizes))
+        assert [ino for ino, _ in await sweep._next_batch()] == [1, 2]  # 2 reach BATCH_BYTES
+        assert [ino for ino, _ in await sweep._next_batch()] == [3, 4]
+        small = await sweep._next_batch()  # one half and 63 small ones: the count binds
+        assert [ino for ino, _ in small] == list(range(5, 69))
+        rest = await sweep._next_batch()
+        assert rest[-1] == (len(sizes), BATCH_BYTES * 2)  # a big file still goes, alone or last
+        assert await sweep._next_batch() == []
+    finally:
+        sweep.background.close()
+        store.close()
