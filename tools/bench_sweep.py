@@ -67,6 +67,9 @@ PROBE_SIZES = (8192, 65536)  # small files: session exports and short logs
 READ_SIZE = 4096
 JITTER = (0.02, 0.25)
 RUNNING_WAIT = 20.0  # seconds a read waits for the sweep to be running
+# Mounts per latency row at most. A 200 MB tree is swept in about 1.2 s, room for
+# about three spaced reads, and a p99 needs its 300: 40 mounts gave 134.
+MAX_MOUNTS = 120
 STATE_XATTR = "user.ferryfs.state"
 
 
@@ -322,7 +325,7 @@ def run_latency(tree: Path, work: Path, reads: int) -> tuple[list[Latency], list
     for lat, sweep in ((busy, True), (idle, False)):
         print(f"bench: read latency {lat.name}", file=sys.stderr)
         per_mount = reads if sweep else max(10, math.ceil(len(busy.ns) / max(1, busy.mounts)))
-        while len(lat.ns) < reads and lat.mounts < 40 and not lat.error:
+        while len(lat.ns) < reads and lat.mounts < MAX_MOUNTS and not lat.error:
             want = min(per_mount, reads - len(lat.ns))
             try:
                 got, why = episode(
