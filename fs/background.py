@@ -65,9 +65,8 @@ class Background:
     """A fixed pool of low-priority threads, awaited from trio."""
 
     def __init__(self, threads: int) -> None:
-        self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(
-            self.threads, thread_name_prefix="ferryfs-background", initializer=_init_thread
+            max(1, threads), thread_name_prefix="ferryfs-background", initializer=_init_thread
         )
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:

@@ -79,7 +79,9 @@ class Sweep:
         self._idle = trio.Event()  # set while no batch is being prepared or committed
         self._idle.set()
         self._inflight = 0  # batches being prepared or committed
-        self._to_commit: trio.MemorySendChannel[tuple[list[Migration], float]] | None = None
+        # Unbuffered: a prepared batch waits for the commit before it, so at most two
+        # batches are held in memory, and preparing one overlaps committing the other.
+        self._to_commit, self._commits = trio.open_memory_channel[tuple[list[Migration], float]](0)
         self._load = OtherLoad()
         self._failed: set[int] = set()
         self._todo: array[int] = array("Q")
@@ -144,14 +146,10 @@ class Sweep:
     # -- the task ----------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        # Unbuffered: a prepared batch waits for the commit before it, so at most two
-        # batches are held in memory, and preparing one overlaps committing the other.
-        send, recv = trio.open_memory_channel[tuple[list[Migration], float]](0)
-        self._to_commit = send
         async with trio.open_nursery() as n:
-            n.start_soon(self._committer, recv)
+            n.start_soon(self._committer, self._commits)
             task_status.started()
-            async with send:
+            async with self._to_commit:  # closed when the loop ends: the committer ends
                 await self._loop()
 
     async def _loop(self) -> None:
@@ -170,7 +168,7 @@ class Sweep:
             if not more:
                 batch = await self._next_batch()
                 if not batch and self._prepared:
-                    await self._run_batch([])  # commits what a pre-empted batch prepared
+                    await self._hand_over(time.monotonic())  # what a pre-empted batch prepared
                     continue
                 if not batch:
                     await self._idle.wait()  # what is committing is no longer LEGACY
@@ -283,14 +281,23 @@ class Sweep:
         if self._inflight == 0:
             self._idle.set()
 
+    async def _hand_over(self, t0: float) -> None:
+        """Give the prepared files to the committer, which releases this hold."""
+        ms, self._prepared = self._prepared, []
+        self._hold()
+        try:
+            await self._to_commit.send((ms, t0))
+        except BaseException:
+            self._release()
+            raise
+
     async def _run_batch(self, batch: list[tuple[int, int]]) -> None:
         """Prepare `batch` on the background threads and hand it, with any files
-        prepared before, to the committer; an empty batch hands those alone."""
+        prepared before, to the committer."""
         self._hold()
         t0 = time.monotonic()
         done: list[Migration] = []
         gave_way: list[tuple[int, int]] = []
-        handed = False
         try:
             queue = deque(batch)
 
@@ -320,16 +327,13 @@ class Sweep:
             # Pre-empted: the request that did it is still being answered, and an
             # fdatasync beside it would make it wait for the disk. The files prepared
             # so far go with the next batch, after the next quiet period.
-            if not gave_way and self._prepared and self._to_commit is not None:
-                ms, self._prepared = self._prepared, []
-                await self._to_commit.send((ms, t0))
-                handed = True
+            if not gave_way and self._prepared:
+                await self._hand_over(t0)
         finally:
             for ino, size in reversed(gave_way):
                 self._todo.append(ino)
                 self._sizes.append(size)
-            if not handed:
-                self._release()
+            self._release()
         if gave_way:
             log.info(
                 "sweep: gave way on %d files (%d prepared held back); %d files left",
