@@ -31,7 +31,11 @@ def fuse_errors(fn: F) -> F:
         except pyfuse3.FUSEError:
             raise
         except CorruptChunk as e:
-            self.on_corrupt(e)
+            # Only the store-backed Operations has a failsafe to trip; the
+            # read-only Phase 3 tree has none.
+            on_corrupt = getattr(self, "on_corrupt", None)
+            if on_corrupt is not None:
+                on_corrupt(e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OpError as e:
             raise pyfuse3.FUSEError(e.errno) from None

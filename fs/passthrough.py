@@ -92,10 +92,14 @@ class ReadOnlyTree(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # The kernel adds no "." and "..": they come first, under cookies 1 and 2,
+        # as in the ferryfs mount and the Phase 3 tree itself ("ls -a" alike).
         rel = self.paths[fh]
-        entries = sorted(self._list(rel), key=lambda e: e.name)
-        for i, e in enumerate(entries[start_id:], start_id + 1):
-            if not pyfuse3.readdir_reply(token, e.name, self._attr(join(rel, e.name)), i):
+        up = os.path.dirname(rel)  # the mount's root is its own parent here
+        dots = [(b".", rel), (b"..", up)]
+        names = [(e.name, join(rel, e.name)) for e in sorted(self._list(rel), key=lambda e: e.name)]
+        for i, (name, path) in enumerate([*dots, *names][start_id:], start_id + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attr(path), i):
                 return
 
     @fuse_errors
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src")
     p.add_argument("mnt")
     p.add_argument("--ready-fd", type=int)
+    p.add_argument("--allow-other", action="store_true", help="as the ferryfs mount had it")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ferryfs: {e}", file=sys.stderr)
         return e.exit_code
     opts = {"fsname=ferryfs-phase3", "subtype=ferryfs-ro", "ro", "default_permissions", "nodev"}
+    if a.allow_other:  # the app's other users keep reading; the kernel checks each mode
+        opts.add("allow_other")
     pyfuse3.init(ReadOnlyTree(tree), a.mnt, opts)
     clean = False
     try:

@@ -66,10 +66,17 @@ def find_changes(store: Store, tree: Phase3Tree | None) -> Changes:
 
 
 def _walk(txn: Txn, ino: int, path: bytes) -> Iterator[tuple[bytes, Inode]]:
-    """(path, inode) of everything under directory `ino`, not descending into UNLISTED ones."""
-    for _, name, child in list(ns.entries(txn, ino)):
-        node = ns.get(txn, child)
-        p = join(path, name)
-        yield p, node
-        if node.is_dir and node.stored:
-            yield from _walk(txn, child, p)
+    """(path, inode) of everything under directory `ino`, not descending into UNLISTED
+    ones; parents before children. A stack, not recursion: a tree thousands of
+    directories deep must still roll back."""
+    stack: list[tuple[int, bytes]] = [(ino, path)]
+    while stack:
+        d, dpath = stack.pop()
+        subdirs: list[tuple[int, bytes]] = []
+        for _, name, child in list(ns.entries(txn, d)):
+            node = ns.get(txn, child)
+            p = join(dpath, name)
+            yield p, node
+            if node.is_dir and node.stored:
+                subdirs.append((child, p))
+        stack.extend(reversed(subdirs))

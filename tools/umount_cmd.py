@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     mnt = os.path.abspath(args.mnt)
     if fs_type(mnt) != "fuse.ferryfs" and rollbacks.lookup(mnt) is not None:
+        if fs_type(mnt) is None:  # a rollback killed before its read-only mount
+            rollbacks.forget(mnt)
+            print(f"nothing was mounted at {args.mnt}; its rollback record is removed")
+            return 0
         fuse = fs_type(mnt) == "fuse.ferryfs-ro"
         r = subprocess.run(
             ["fusermount3", "-u", mnt] if fuse else ["umount", mnt], capture_output=True, text=True
