@@ -9,6 +9,7 @@ its owner writes."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -20,6 +21,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from ferryfs.store import content
+from ferryfs.store.changes import find_changes
+from ferryfs.store.export import export_changes, open_dest
+from ferryfs.store.phase3 import Phase3Tree
+from ferryfs.store.records import ROOT_INO
+from ferryfs.store.store import Store
 from ferryfs.tools import rollbacks
 from ferryfs.tools.mounts import fs_type
 from mountutil import ferry, mounted
@@ -279,3 +286,67 @@ def test_rollback_record_refuses_a_directory_another_user_made(tmp_path: Path) -
         assert err == "", err
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _store_with_changes(tmp_path: Path) -> tuple[Store, Phase3Tree]:
+    """A store of a small Phase 3 tree with new files under sub/: a 3 MiB one and
+    one that is 4 bytes then a 1 GiB hole."""
+    src = tmp_path / "phase3"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "old.txt").write_text("old")
+    tree = Phase3Tree.open(str(src))
+    store = Store.open(str(tmp_path / "store"), source=str(src), create=True, tree=tree)
+    sub = store.lookup(ROOT_INO, b"sub")
+    big = store.create(sub.ino, b"big.bin", 0o644, 0, 0)
+    store.write(big.ino, 0, os.urandom(3 << 20))
+    holey = store.create(sub.ino, b"holey.bin", 0o644, 0, 0)
+    store.write(holey.ino, 0, b"head")
+    store.truncate(holey.ino, 1 << 30)
+    return store, tree
+
+
+def test_export_never_follows_a_link_below_dest(tmp_path: Path) -> None:
+    """Below DEST every component is opened with O_NOFOLLOW: a symlink standing where
+    the export makes a directory fails the export; nothing lands at its target."""
+    store, tree = _store_with_changes(tmp_path)
+    target = tmp_path / "target"
+    target.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir(mode=0o700)
+    (dest / "sub").symlink_to(target)
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) as e:
+            export_changes(store, tree, find_changes(store, tree), fd)
+        assert e.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    finally:
+        os.close(fd)
+        store.close()
+        tree.close()
+    assert list(target.iterdir()) == []
+
+
+def test_export_reads_in_bounded_pieces_and_keeps_holes(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every store read of an export is at most 1 MiB; a hole is seeked over."""
+    store, tree = _store_with_changes(tmp_path)
+    sizes: list[int] = []
+    real_read = content.read
+
+    def counting(txn, ino, size, off, n, cache):  # type: ignore[no-untyped-def]
+        sizes.append(n)
+        return real_read(txn, ino, size, off, n, cache)
+
+    monkeypatch.setattr(content, "read", counting)
+    dest = tmp_path / "dest"
+    fd = open_dest(str(dest), [])
+    try:
+        done = export_changes(store, tree, find_changes(store, tree), fd)
+        assert done.entries == 2
+    finally:
+        os.close(fd)
+        store.close()
+        tree.close()
+    assert sizes and max(sizes) <= 1 << 20, max(sizes)
+    st = os.stat(dest / "sub" / "holey.bin")
+    assert st.st_size == 1 << 30 and st.st_blocks * 512 < 1 << 20
+    assert (dest / "sub" / "big.bin").stat().st_size == 3 << 20
