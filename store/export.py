@@ -137,12 +137,10 @@ def open_dest(dest: str, forbidden: list[tuple[str, str]]) -> int:
     return fd
 
 
-def export_changes(
-    store: Store, tree: Phase3Tree, changes: Changes, dest_fd: int, as_owner: bool | None = None
-) -> Exported:
-    """Write `changes` under the directory `dest_fd` (from `open_dest`). `as_owner`
-    (default: when root) gives each entry the owner the mount showed."""
-    out = _Out(dest_fd, os.geteuid() == 0 if as_owner is None else as_owner)
+def export_changes(store: Store, tree: Phase3Tree, changes: Changes, dest_fd: int) -> Exported:
+    """Write `changes` under the directory `dest_fd` (from `open_dest`). As root,
+    each entry gets the owner the mount showed; otherwise it is the caller's."""
+    out = _Out(dest_fd, chown=os.geteuid() == 0)
     dir_meta = _StoreDirs(store)
     for path, node in changes.changed:
         parent, name = out.parent(path, dir_meta.meta)
