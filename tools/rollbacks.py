@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import pwd
 import stat
@@ -136,6 +137,7 @@ def record(mnt: str, src: str, store: str) -> None:
     dfd = open_dir()
     assert dfd is not None
     try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)  # two rollbacks at once must not lose a row
         _write(dfd, [r for r in _read(dfd) if r[0] != mnt] + [[mnt, src, store]])
     finally:
         os.close(dfd)
@@ -155,6 +157,7 @@ def forget(mnt: str) -> None:
     if dfd is None:
         return
     try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)
         rows = _read(dfd)
         if any(r[0] == mnt for r in rows):
             _write(dfd, [r for r in rows if r[0] != mnt])
