@@ -190,7 +190,8 @@ def test_in_place_mount_refuses_while_a_process_uses_files_under_src(
         "fd": f"f = open({str(f)!r}, 'a')",
         "cwd": "",
         # The fd is closed: only the mapping keeps the file.
-        "mmap": f"import mmap\nf = open({str(f)!r}, 'r+b')\nm = mmap.mmap(f.fileno(), 0)\nf.close()",
+        "mmap": f"import mmap\nf = open({str(f)!r}, 'r+b')\n"
+        "m = mmap.mmap(f.fileno(), 0)\nf.close()",
     }[use]
     store = tmp_path / "store"
     unmount_after.append(src)

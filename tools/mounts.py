@@ -104,7 +104,8 @@ def is_dead(path: str) -> bool:
     if fs_type(path) != FS_TYPE:
         return False
     try:
-        os.stat(path)
+        # statfs always asks the daemon; stat may be answered from cached attributes.
+        os.statvfs(path)
     except OSError as e:
         return e.errno in DEAD_ERRNOS
     return False
