@@ -521,8 +521,7 @@ class Operations(pyfuse3.Operations):
         failed = []
         for ino, f in list(self.files.by_ino.items()):
             try:
-                async with f.lock:
-                    await self._flush_file(ino)
+                await self._flush_dirty(f)  # a clean file's lock may be held by its migration
             except Exception as e:
                 failed.append((ino, f.dirty_bytes, e))
         return failed
