@@ -5,7 +5,10 @@ mount's owner or root (checked by the Operations adapter).
 the mount, `user.ferryfs.srcfd` which of its fds holds the Phase 3 tree;
 `user.ferryfs.status` is a JSON document; setting
 `user.ferryfs.control` to a command (`pause`, `resume`, `cancel`, `sync`)
-acts on the mount and returns once it has.
+acts on the mount and returns once it has. `user.ferryfs.open` first writes
+out every buffered write it can, then answers (JSON) the files still open and
+those whose bytes could not be saved: `ferryfs umount` asks it before it
+unmounts anything.
 
 The status counts come from a scan of the store (Store.stats), which takes
 time in proportion to it (about 25 ms at 200 MB): it runs on a worker thread,
@@ -35,6 +38,8 @@ class Control:
         self.counters = counters
         self.commands: dict[bytes, Callable[[], Awaitable[None]]] = {}
         self.status_extra: Callable[[], dict[str, Any]] = dict
+        # Other names whose value is a JSON document the daemon builds (`open`).
+        self.reports: dict[bytes, Callable[[], Awaitable[Any]]] = {}
         self._stats: tuple[int, Stats] | None = None  # (store.commits when scanned, counts)
         self._scan = trio.Lock()  # one scan at a time; callers queued behind it reuse it
 
@@ -49,6 +54,8 @@ class Control:
             return str(self.store.tree.root_fd).encode()
         if name == b"status":
             return json.dumps(await self.status()).encode()
+        if name in self.reports:
+            return json.dumps(await self.reports[name]()).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def set(self, name: bytes, value: bytes) -> None:

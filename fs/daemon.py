@@ -11,10 +11,13 @@ mountpoint is worse than a dead one, since a script might rsync into it.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
 import sys
+import tempfile
+from typing import Any
 
 import pyfuse3
 import trio
@@ -78,14 +81,48 @@ async def _record_point(store: Store) -> None:
 
 
 async def _signals(ops: Operations, sweep: Sweep | None) -> None:
+    """Stop on SIGTERM/SIGINT: write out what is buffered, then unmount. A signal
+    cannot be refused (the machine may be shutting down), so bytes that cannot be
+    written are lost: each such file is logged as an error, and `ferryfs umount`
+    asks first (`open` report) so that it never gets here with any unless forced."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
             log.info("stopping: flushing open files")
             if sweep is not None:
                 await sweep.cancel()
-            await ops.flush_all()
+            for ino, n, e in await ops.flush_all():
+                msg = f"lost {n} buffered bytes of inode {ino} at shutdown: could not write: {e}"
+                log.error("%s", msg)
+                ops.counters.errors.append(msg)
             pyfuse3.terminate()
             return
+
+
+# At most this many files in an `open` report: an xattr value holds 64 KiB.
+REPORT_FILES = 200
+
+
+async def open_report(ops: Operations) -> dict[str, Any]:
+    """Write out every buffered file it can, then say which files are open (by inode:
+    the daemon does not keep names) and which hold bytes that could not be saved."""
+    failed = {ino: e for ino, _n, e in await ops.flush_all()}
+    files: list[dict[str, Any]] = [
+        {
+            "ino": ino,
+            "handles": f.handles,
+            "unsaved": f.dirty_bytes,
+            "error": str(failed[ino]) if ino in failed else None,
+        }
+        for ino, f in ops.files.by_ino.items()
+        if f.handles or f.spans
+    ]
+    files.sort(key=lambda d: -d["unsaved"])  # the ones that matter most survive the cut
+    return {
+        "handles": len(ops.files.by_fh),
+        "unsaved": sum(d["unsaved"] for d in files),
+        "files": files[:REPORT_FILES],
+        "more": max(0, len(files) - REPORT_FILES),
+    }
 
 
 READ_AHEAD_KB = 1024
@@ -141,10 +178,15 @@ def run(
     ops.control = control
 
     async def sync() -> None:
-        await ops.flush_all()
+        failed = await ops.flush_all()
         store.sync()
+        if failed:  # the caller must not take a sync that saved nothing for a good one
+            ino, n, e = failed[0]
+            log.warning("sync: could not write %d buffered bytes of inode %d: %s", n, ino, e)
+            raise pyfuse3.FUSEError(getattr(e, "errno", None) or errno.EIO)
 
     control.commands[b"sync"] = sync
+    control.reports[b"open"] = lambda: open_report(ops)
     sweep = Sweep(store, sweep_config) if sweep_config is not None else None
     if sweep is not None:
         ops.on_request = sweep.poke
@@ -154,11 +196,10 @@ def run(
         control.status_extra = sweep.status
     else:
         control.status_extra = lambda: {"sweep_state": "off"}
-    try:
-        pyfuse3.init(ops, mnt, mount_options(allow_other))
-    except RuntimeError as e:
+    why = _mount(ops, mnt, mount_options(allow_other))
+    if why is not None:
         store.close()
-        _fail(ready, f"cannot mount on {mnt}: {e}")
+        _fail(ready, f"cannot mount on {mnt}: {why}")
         return 1
     # Request handlers wait for the GIL whenever a migration thread holds it; at
     # the default 5 ms switch interval that made a first read 12x slower.
@@ -179,6 +220,38 @@ def run(
             pyfuse3.close(unmount=clean)
     log.info("unmounted %s", mnt)
     return 0
+
+
+def _mount(ops: Operations, mnt: str, options: set[str]) -> str | None:
+    """pyfuse3.init; None once mounted, else why not. pyfuse3 only says
+    "fuse_session_mount failed": the reason is what libfuse (or fusermount3, which
+    it runs for a user who is not root) wrote on stderr, so stderr is caught for
+    the call, copied back (to daemon.log) and its last line given as the reason."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            pyfuse3.init(ops, mnt, options)
+            failure = None
+        except RuntimeError as e:
+            failure = str(e)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        said = caught.read()
+    if said:
+        os.write(2, said)
+    if failure is None:
+        return None
+    lines = [ln.strip() for ln in said.decode(errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        return failure
+    reason = lines[-1].removeprefix("fuse: ")
+    if "/dev/fuse" in reason and "ermission denied" in reason:
+        reason += " (a user who is not root needs read-write access to /dev/fuse)"
+    return reason
 
 
 def _fail(ready: int | None, message: str) -> None:

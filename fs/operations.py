@@ -514,13 +514,14 @@ class Operations(pyfuse3.Operations):
 
     # -- shutdown ------------------------------------------------------------------
 
-    async def flush_all(self) -> None:
-        """Write out every buffered file (before unmount)."""
+    async def flush_all(self) -> list[tuple[int, int, Exception]]:
+        """Write out every buffered file; the (inode, bytes, error) of each file
+        whose buffered bytes could not be written (they stay buffered). Callers
+        say what that means: lost at shutdown, a failed sync, a refused umount."""
+        failed = []
         for ino, f in list(self.files.by_ino.items()):
             try:
-                async with f.lock:
-                    await self._flush_file(ino)
-            except Exception as e:  # stopping anyway: say what is lost, unmount cleanly
-                log.error(
-                    "could not write %d buffered bytes of inode %d: %s", f.dirty_bytes, ino, e
-                )
+                await self._flush_dirty(f)  # a clean file's lock may be held by its migration
+            except Exception as e:
+                failed.append((ino, f.dirty_bytes, e))
+        return failed

@@ -232,6 +232,9 @@ class Mount:
             self._watchdog = None
         if self._watchdog_fired:
             problems.append(f"the watchdog killed daemon {self.pid} after {WATCHDOG_SECONDS} s")
+        if self.pid is not None and not self._watchdog_fired and not pid_alive(self.pid):
+            # `ferryfs umount` cleans up a dead mount and succeeds: say it died.
+            problems.append(f"daemon {self.pid} had died before ferryfs umount at teardown")
         if is_mounted(self.mnt):
             try:
                 r = subprocess.run(

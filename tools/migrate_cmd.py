@@ -19,6 +19,7 @@ from ferryfs.store.errors import SourceError, UsageError
 from ferryfs.store.ingest import Migration
 from ferryfs.store.store import Store
 
+from . import layout
 from .paths import default_store
 from .progress import Bar
 
@@ -37,11 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    store_dir = args.store or default_store(args.src)
+    layout.check(args.src, store_dir)  # first: a dead ferryfs mount is no directory either
     if not os.path.isdir(args.src):
         raise UsageError(f"source {args.src} is not a directory")
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    store_dir = args.store or default_store(args.src)
     t0 = time.monotonic()
     with Store.open(store_dir, source=args.src, create=True) as store:
         check_source(store, args.src)

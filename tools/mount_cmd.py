@@ -16,14 +16,18 @@ import time
 from ferryfs.fs.sweep_config import add_sweep_arguments, sweep_argv
 from ferryfs.store.errors import FerryError, UsageError
 
-from . import rollbacks
-from .mounts import fs_type
+from . import layout, procscan, rollbacks
+from .mounts import clean_dead, fs_type, is_dead
 from .paths import default_store
 
 READY_SECONDS = 60
 
 
 class MountFailed(FerryError):
+    exit_code = 1
+
+
+class SourceBusy(FerryError):
     exit_code = 1
 
 
@@ -34,11 +38,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("-o", dest="options", action="append", default=[], help="allow_other")
     p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="mount in place even while processes use files under SRC (they keep the hidden copy)",
+    )
     add_sweep_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     src, mnt = os.path.abspath(args.src), os.path.abspath(args.mnt)
+    for path in dict.fromkeys((src, mnt)):
+        if is_dead(path):  # killed daemon: every request there fails until unmounted
+            clean_dead(path)
+            print(f"cleaned up a dead ferryfs mount at {path} (its daemon was gone)")
     if not os.path.isdir(src):
         raise UsageError(f"source {args.src} is not a directory")
     if not os.path.isdir(mnt):
@@ -54,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"unknown mount option {unknown[0]} (known: allow_other)")
     store = os.path.abspath(args.store or default_store(src))
+    layout.check(args.src, args.store or store, args.mnt)
+    if layout.in_place(src, mnt) and not args.force:
+        refuse_busy_source(args.src)
     cmd = [sys.executable, "-m", "ferryfs.fs.daemon", src, mnt, "--store", store]
     if "allow_other" in opts:
         cmd.append("--allow-other")
@@ -70,6 +86,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_busy_source(src: str) -> None:
+    """An app that has a file (or its cwd) under SRC when the mount goes over it keeps
+    using the Phase 3 copy underneath: its writes never show in the mount and are
+    lost for Phase 4. Mmapped files and cwds count as fuser -m counts them."""
+    holders = procscan.under(src)
+    if holders:
+        raise SourceBusy(
+            f"processes use files under {src}, which an in-place mount would hide from them: "
+            f"{procscan.describe(holders)}; stop them first, or --force"
+        )
+
+
 def spawn_daemon(cmd: list[str], log_path: str) -> int:
     """Start a daemon that reports "ready" or one error line on `--ready-fd`;
     return its pid once ready, or raise MountFailed with its error line."""
@@ -82,6 +110,7 @@ def spawn_daemon(cmd: list[str], log_path: str) -> int:
             stdout=log,
             stderr=log,
             start_new_session=True,
+            cwd="/",  # a daemon's cwd must not keep any mount (or SRC) busy
         )
     os.close(w)
     try:
