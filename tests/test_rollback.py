@@ -307,3 +307,35 @@ def test_readonly_passthrough_mount(sample_tree, tmp_path: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 15)
+
+
+def test_rollback_refuses_while_an_app_holds_a_file_open(sample_tree, tmp_path: Path) -> None:
+    """As umount does: an app with a file open on the mount would lose it."""
+    if os.geteuid() != 0:
+        pytest.skip("the bind-mount path needs root")
+    with phase3_copy(sample_tree, tmp_path) as src, mounted(src) as m:
+        held = next(p for p in sorted(src.rglob("*.jsonl")))
+        app = subprocess.Popen(
+            [sys.executable, "-c", "import sys,time; f=open(sys.argv[1]); sys.stdin.read()", held],
+            stdin=subprocess.PIPE,
+        )
+        try:
+            wait_for(
+                lambda: any(
+                    os.path.realpath(f"/proc/{app.pid}/fd/{fd}") == str(held)
+                    for fd in os.listdir(f"/proc/{app.pid}/fd")
+                ),
+                10,
+                "the app to open its file",
+            )
+            r = ferry("rollback", src, "--yes")
+            assert r.returncode == 1, r.stderr
+            assert "busy" in r.stderr and str(app.pid) in r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1
+            assert fs_type(str(src)) == "fuse.ferryfs", "a refused rollback changes nothing"
+        finally:
+            app.communicate(b"")
+        r = ferry("rollback", src, "--yes")
+        assert r.returncode == 0, r.stderr
+        m.pid = None
+        assert ferry("umount", src).returncode == 0

@@ -35,7 +35,7 @@ from ferryfs.store.store import Store
 from . import rollbacks
 from .mount_cmd import spawn_daemon
 from .mounts import _unescape, control_get, control_set, status
-from .umount_cmd import stop_daemon
+from .umount_cmd import Busy, in_use, stop_daemon
 
 
 class ChangesPending(FerryError):
@@ -45,6 +45,11 @@ class ChangesPending(FerryError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mnt", help="the ferryfs mountpoint")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="roll back even while processes use files on the mount (they lose them)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--export-changes",
@@ -66,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
     store_dir, pid = st["store"], int(control_get(mnt, "pid"))
     allow_other = "allow_other" in mount_options(mnt)
     rollbacks.check()  # a private place for the record, before anything changes
+    use = in_use(mnt)  # an app still using the mount would lose its files: as umount does
+    if use.busy and not args.force:
+        raise Busy(
+            f"{args.mnt} is busy: {use.describe()}; close them and retry, or --force "
+            "(roll back now; they lose their open files)"
+        )
     with Store.open(store_dir, readonly=True) as store:
         src = store.source_path()
         if src is None:
