@@ -28,7 +28,7 @@ from ferryfs.store.records import Inode
 from ferryfs.store.store import Store
 
 from .errmap import fuse_errors
-from .handles import FLUSH_BYTES, OpenFile, OpenFiles
+from .handles import OpenFile, OpenFiles
 from .lazy import LazyMigrator
 
 log = logging.getLogger("ferryfs.fs")
@@ -428,7 +428,7 @@ class Operations(pyfuse3.Operations):
             if not node.stored:
                 await self.lazy.migrate_locked(f.ino)
             f.add(off, buf)
-            if f.dirty_bytes >= FLUSH_BYTES:
+            if f.full:
                 await self._flush_file(f.ino)
         return len(buf)
 
