@@ -282,7 +282,7 @@ def _clusters(
 
 
 def _bridge(txn: Txn, ino: int, size: int, lo: int, end: int, nxt: int) -> bool:
-    if end - lo >= REGION_MAX:
+    if end - lo >= REGION_MAX and _apart(txn, ino, size, end, nxt):
         return False
     gap = nxt - end
     if gap <= HOLE_BRIDGE:
@@ -290,6 +290,20 @@ def _bridge(txn: Txn, ino: int, size: int, lo: int, end: int, nxt: int) -> bool:
     if gap > CLUSTER_GAP or nxt > size:
         return False
     return all(d != HOLE for _, d, _ in overlapping(txn, ino, end, nxt))
+
+
+def _apart(txn: Txn, ino: int, size: int, end: int, nxt: int) -> bool:
+    """Whether spans ending at `end` and starting at `nxt` can be planned as separate
+    regions: no old data extent holds both (its re-chunking would join them), and
+    they do not touch inside a hole (two edits would each claim it)."""
+    if nxt >= size:
+        return True
+    ext = next(overlapping(txn, ino, nxt, nxt + 1), None)
+    if ext is None:
+        return True
+    if ext[1] == HOLE:
+        return nxt > end or ext[0] == nxt
+    return ext[0] >= end
 
 
 def _region_bytes(

@@ -22,6 +22,7 @@ import blake3
 import lmdb
 import pytest
 from ferryfs.fs.handles import OpenFile
+from ferryfs.store.cas import ChunkCache
 from ferryfs.store.errors import CorruptChunk
 from ferryfs.store.fsck import _hash_stored
 from ferryfs.store.kv import Txn
@@ -431,3 +432,25 @@ def test_truncate_64g_through_the_mount_keeps_the_file_readable(tmp_path: Path) 
     with Store.open(str(store), readonly=True) as s:
         ino = s.lookup(ROOT_INO, b"s.json").ino
         assert [h for _, _, h in s.data_ranges(ino)] == [False, True, False]
+
+
+def test_scattered_writes_over_a_large_file_re_chunk_it_in_bounded_pieces(
+    small: tuple[Store, int],
+) -> None:
+    """One byte every 4 KiB of a 64 MiB file, one flush: every chunk changes, but it is
+    re-chunked in regions of about REGION_MAX, not from one 64 MiB buffer."""
+    s, ino = small
+    size = 64 * MiB
+    body = b"".join(b"line %010d\n" % i for i in range(size // 16))
+    for off in range(0, size, 4 * MiB):
+        s.write(ino, off, body[off : off + 4 * MiB])
+    s.cache = ChunkCache(limit=0)  # count the plan's buffers, not cached chunks
+    spans = [(off, b"#") for off in range(0, size, 4096)]
+    _, peak = peak_of(lambda: s.write_spans(ino, spans))
+    assert peak < 40 * MiB, peak  # REGION_MAX is 16 MiB
+    want = bytearray(body)
+    for off, _ in spans:
+        want[off] = ord("#")
+    for off in range(0, size, 8 * MiB):
+        assert s.read(ino, off, 8 * MiB) == want[off : off + 8 * MiB]
+    check_invariants(s)
