@@ -253,8 +253,10 @@ def _joins(txn: Txn, ino: int, size: int, prev: list[int], s: int) -> bool:
     boundary (inside a hole, the two edits would each claim the hole)."""
     if s != prev[1]:
         return s < prev[1]
-    if prev[1] - prev[0] < REGION_MAX or s >= size:
-        return prev[1] - prev[0] < REGION_MAX
+    if prev[1] - prev[0] < REGION_MAX:
+        return True
+    if s >= size:
+        return False
     ext = next(overlapping(txn, ino, s, s + 1), None)
     return ext is not None and ext[0] != s
 
