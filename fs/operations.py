@@ -114,7 +114,8 @@ class Operations(pyfuse3.Operations):
         """Write a file's buffered spans to the store. Call with its lock held."""
         f = self.files.by_ino.get(ino)
         while f is not None and f.spans:
-            big = f.dirty_bytes >= 1 << 20
+            # Many small spans cost as much to plan as a MiB of bytes.
+            big = f.dirty_bytes >= 1 << 20 or len(f.spans) >= 4096
             spans = f.take()
             try:
                 while True:

@@ -421,6 +421,11 @@ def test_truncate_64g_through_the_mount_keeps_the_file_readable(tmp_path: Path) 
             os.fsync(fd)
             assert os.pread(fd, 10, 100 * GiB - 2) == b"\0\0far"
             assert os.pread(fd, MiB, 80 * GiB) == bytes(MiB)
+            # Scattered writes into the hole, one flush: each its own small region.
+            for i in range(2000):
+                os.pwrite(fd, b"y", GiB + i * MiB)
+            os.fsync(fd)
+            assert os.pread(fd, 3, GiB + 7 * MiB - 1) == b"\0y\0"
         finally:
             os.close(fd)
         assert f.stat().st_size == 100 * GiB + 3
@@ -431,7 +436,9 @@ def test_truncate_64g_through_the_mount_keeps_the_file_readable(tmp_path: Path) 
     assert code == 0, doc["problems"]
     with Store.open(str(store), readonly=True) as s:
         ino = s.lookup(ROOT_INO, b"s.json").ino
-        assert [h for _, _, h in s.data_ranges(ino)] == [False, True, False]
+        runs = s.data_ranges(ino)
+        assert [h for _, _, h in runs] == [False, True] + [False, True] * 2000 + [False]
+        assert sum(n for _, n, h in runs if not h) == len(ORIGINAL) + 2000 + 3
 
 
 def test_scattered_writes_over_a_large_file_re_chunk_it_in_bounded_pieces(
