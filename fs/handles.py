@@ -19,6 +19,9 @@ import trio
 
 # A file's buffered bytes are written out when they pass this, not only at close.
 FLUSH_BYTES = 16 << 20
+# ...or when this many separate spans are buffered: each costs a hundred-odd bytes
+# of Python objects beside its payload, so many 1-byte writes must flush too.
+FLUSH_SPANS = 1 << 16
 
 
 @dataclass
@@ -32,6 +35,11 @@ class OpenFile:
     dirty_bytes: int = 0
     dirty_end: int = 0  # end of the furthest buffered byte
     flushing: bool = False  # spans taken out and not committed yet
+
+    @property
+    def full(self) -> bool:
+        """Enough is buffered that it should be written out now."""
+        return self.dirty_bytes >= FLUSH_BYTES or len(self.spans) >= FLUSH_SPANS
 
     def add(self, off: int, data: bytes) -> None:
         """Buffer a write, merging it with the spans it overlaps or touches."""
@@ -56,12 +64,17 @@ class OpenFile:
             new_off = min(new_off, spans[j][0])
             new_end = max(new_end, spans[j][0] + len(spans[j][1]))
             j += 1
+        # Only the spans this write touches are visited: a write costs its bytes
+        # and a bisection, not a pass over every span buffered (scattered small
+        # writes would make that quadratic).
         merged = bytearray(new_end - new_off)
+        replaced = 0
         for s_off, s in spans[i:j]:
             merged[s_off - new_off : s_off - new_off + len(s)] = s
+            replaced += len(s)
         merged[off - new_off : end - new_off] = data
         spans[i:j] = [(new_off, merged)]
-        self.dirty_bytes = sum(len(b) for _, b in spans)
+        self.dirty_bytes += len(merged) - replaced
 
     def restore(self, spans: list[tuple[int, bytes]]) -> None:
         """Put back spans a failed flush took, under any written since."""

@@ -28,7 +28,7 @@ from ferryfs.store.records import Inode
 from ferryfs.store.store import Store
 
 from .errmap import fuse_errors
-from .handles import FLUSH_BYTES, OpenFile, OpenFiles
+from .handles import OpenFile, OpenFiles
 from .lazy import LazyMigrator
 
 log = logging.getLogger("ferryfs.fs")
@@ -114,7 +114,8 @@ class Operations(pyfuse3.Operations):
         """Write a file's buffered spans to the store. Call with its lock held."""
         f = self.files.by_ino.get(ino)
         while f is not None and f.spans:
-            big = f.dirty_bytes >= 1 << 20
+            # Many small spans cost as much to plan as a MiB of bytes.
+            big = f.dirty_bytes >= 1 << 20 or len(f.spans) >= 4096
             spans = f.take()
             try:
                 while True:
@@ -428,7 +429,7 @@ class Operations(pyfuse3.Operations):
             if not node.stored:
                 await self.lazy.migrate_locked(f.ino)
             f.add(off, buf)
-            if f.dirty_bytes >= FLUSH_BYTES:
+            if f.full:
                 await self._flush_file(f.ino)
         return len(buf)
 

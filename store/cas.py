@@ -4,8 +4,11 @@ freeing at zero in the same transaction, and a small cache of plain chunks.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections import OrderedDict
+
+import zstandard
 
 from . import codec
 from .errors import CorruptChunk
@@ -120,17 +123,34 @@ class ChunkCache:
 
 
 def load(txn: Txn, digest: bytes, length: int, cache: ChunkCache | None) -> bytes:
-    """The plain bytes of a chunk, verified against its digest (CorruptChunk if not)."""
-    if digest == HOLE:
-        return bytes(length)
-    if cache is not None:
-        hit = cache.get(digest)
-        if hit is not None:
-            return hit
-    rec = txn.get("chunks", digest)
-    if rec is None:
+    """The plain bytes of a chunk, verified against its digest (CorruptChunk if not).
+
+    A HOLE names no chunk: callers answer holes themselves, in the size they need
+    (a hole may be terabytes long), so asking for one here is a CorruptChunk."""
+    plain = cache.get(digest) if cache is not None else None
+    if plain is None:
+        rec = txn.get("chunks", digest)
+        if rec is None:
+            raise CorruptChunk(digest)
+        plain = codec.decode(rec, digest, length)
+        if cache is not None:
+            cache.put(digest, plain)
+    if len(plain) != length:  # the extent and the chunk disagree: never short bytes
         raise CorruptChunk(digest)
-    plain = codec.decode(rec, digest, length)
-    if cache is not None:
-        cache.put(digest, plain)
     return plain
+
+
+def plain_length(record: bytes | memoryview) -> int | None:
+    """How many plain bytes a chunk record says it holds, read from its header
+    without decoding it; None when the header does not say (or is unreadable)."""
+    try:
+        kind, _ = struct.unpack_from(">BI", record, 0)
+        body = memoryview(record)[codec.HEADER_SIZE :]
+        if kind == codec.RAW:
+            return len(body)
+        if kind == codec.ZSTD:
+            n = zstandard.frame_content_size(body)
+            return n if n >= 0 else None
+    except (struct.error, zstandard.ZstdError, ValueError):
+        pass
+    return None

@@ -1,7 +1,20 @@
 """File contents as extents: reading any range, and planning and applying rewrites.
 
-A file's extents tile [0, size): key (ino, offset), value (digest, length);
-HOLE extents are zeros that name no chunk. A change is planned under a read
+A file's extents tile [0, size): key (ino, offset), value (digest, length).
+
+Holes are explicit extents, not gaps: an extent whose digest is `HOLE` (32 zero
+bytes; no blake3 output is that in practice) stands for `length` zero bytes and
+names no chunk. So the tiling invariant counts holes like any extent, reference
+counts ignore them, and a gap between extents stays an error (never read as
+zeros). The record layout is the one data extents have, so stores written
+before holes were used read unchanged. A hole costs one extent record whatever
+its length: growing a file (truncate, a write past the end) adds a hole, and a
+read of a hole makes only the zeros it returns. Nothing here ever builds a
+buffer as long as a hole: reads of holes are sized by the read, writes into a
+hole chunk only the bytes written (and gaps of at most `HOLE_BRIDGE` zeros
+between them), and hashing a hole goes through `zeros()`.
+
+A change is planned under a read
 transaction (chunking, hashing and compression, the CPU work, with no lock
 held) and applied in one write transaction that first checks the inode's
 `version` is still the one planned against, so a crash or a race leaves the
@@ -25,6 +38,16 @@ from .records import HOLE, extent_key, extent_value, unpack_extent
 
 # Writes further apart than this are re-chunked as separate regions.
 CLUSTER_GAP = 1 << 20
+# ...and so are writes with a gap of more than this in a hole or past the end: the
+# zeros between them are chunked only when few, as a 4 KiB-block filesystem fills
+# the rest of a block, so a write costs at most this much beyond its own bytes.
+HOLE_BRIDGE = 4096
+# A region of one rewrite (the bytes chunked together) stops growing past this at
+# the next old extent boundary: scattered writes over a large file re-chunk it in
+# pieces, never as one buffer as long as the file.
+REGION_MAX = 16 << 20
+# Zeros shared by whoever must hash or write a hole, in pieces of this size.
+_ZEROS = bytes(1 << 20)
 
 Extent = tuple[int, bytes, int]  # offset, digest, length
 
@@ -46,6 +69,34 @@ def all_extents(txn: Txn, ino: int) -> Iterator[Extent]:
         yield unpack_extent(k, v)
 
 
+def zeros(n: int) -> Iterator[memoryview]:
+    """`n` zero bytes as views of one shared 1 MiB buffer (hashing a hole)."""
+    mv = memoryview(_ZEROS)
+    while n > 0:
+        k = min(n, len(_ZEROS))
+        yield mv[:k]
+        n -= k
+
+
+def data_ranges(txn: Txn, ino: int, size: int) -> list[tuple[int, int, bool]]:
+    """(offset, length, is_hole) runs tiling [0, size) of a stored file: adjacent
+    extents of the same kind merged, so a file without holes is one run. What a
+    copy needs to make the same sparse file: write the data runs, seek over the
+    holes (and set the size at the end)."""
+    out: list[tuple[int, int, bool]] = []
+    for off, d, n in all_extents(txn, ino):
+        if off >= size:
+            break
+        n = min(n, size - off)
+        hole = d == HOLE
+        if out and out[-1][2] == hole and out[-1][0] + out[-1][1] == off:
+            o, m, _ = out[-1]
+            out[-1] = (o, m + n, hole)
+        else:
+            out.append((off, n, hole))
+    return out
+
+
 def read(txn: Txn, ino: int, size: int, off: int, n: int, cache: cas.ChunkCache | None) -> bytes:
     """Bytes [off, off+n) of a stored file of `size` bytes; CorruptChunk on a bad chunk."""
     return bytes(read_view(txn, ino, size, off, n, cache))
@@ -64,10 +115,13 @@ def read_view(
     for eoff, d, length in overlapping(txn, ino, off, end):
         if eoff > pos:  # a gap would break invariant 2; never invent bytes
             raise CorruptChunk(d)
-        plain = cas.load(txn, d, length, cache)
         lo = pos - eoff
         hi = min(length, end - eoff)
-        parts.append(memoryview(plain)[lo:hi] if (lo, hi) != (0, length) else plain)
+        if d == HOLE:  # only the zeros asked for, never the whole hole
+            parts.append(bytes(hi - lo))
+        else:
+            plain = cas.load(txn, d, length, cache)
+            parts.append(memoryview(plain)[lo:hi] if (lo, hi) != (0, length) else plain)
         pos = eoff + hi
         if pos >= end:
             break
@@ -126,13 +180,19 @@ def plan_write(
     chunker: Chunker,
     cache: cas.ChunkCache | None,
 ) -> Rewrite:
-    """Plan writing `spans` (sorted, disjoint (offset, bytes)) into a file of `size` bytes."""
+    """Plan writing `spans` (sorted, disjoint (offset, bytes)) into a file of `size` bytes.
+
+    The spans are cut into regions, each re-chunked from one buffer: a region
+    spreads to the old data extents it touches (CDC then resynchronises at
+    their edges) but never into a hole, so a write far into a hole or past the
+    end chunks its own bytes and the hole around it stays a hole extent."""
     spans = [(o, b) for o, b in spans if len(b)]  # writing nothing extends nothing
     new_size = max([size] + [o + len(b) for o, b in spans])
     rw = Rewrite(ino, version, size, new_size)
-    # Regions: [S, E) aligned to old extent boundaries (or past the old end).
+    # Regions: [S, E) aligned to old data extent boundaries (or in a hole, or past
+    # the old end), and the slice [I, J) of `spans` they hold.
     regions: list[list[int]] = []
-    for a, b in _clusters(spans):
+    for a, b, i, j in _clusters(txn, ino, size, spans):
         s, e = a, b
         if a < size or (a == size and size > 0):
             probe = a if a < size else size - 1
@@ -143,18 +203,19 @@ def plan_write(
             ext = next(overlapping(txn, ino, b - 1, b), None)
             if ext is not None and ext[1] != HOLE:
                 e = ext[0] + ext[2]
-        if regions and s <= regions[-1][1]:
+        if regions and _joins(txn, ino, size, regions[-1], s):
             regions[-1][1] = max(regions[-1][1], e)
+            regions[-1][3] = j
         else:
-            regions.append([s, e])
+            regions.append([s, e, i, j])
     covered = 0
-    for s, e in regions:
-        if s > max(covered, size):  # zeros between the old end and this region
-            rw.edits.append(
-                Edit(max(covered, size), s, [(max(covered, size), HOLE, s - max(covered, size))])
-            )
-        buf, old, lo, hi = _region_bytes(txn, ino, size, s, e, spans, cache)
+    for s, e, i, j in regions:
+        gap = max(covered, size)
+        if s > gap:  # zeros between the old end and this region: a hole
+            rw.edits.append(_grow_hole(txn, ino, size, covered, s))
+        buf, lo, hi = _region_bytes(txn, ino, size, s, e, spans[i:j], cache)
         new = chunk_into(txn, buf, s, chunker, rw)
+        del buf
         out: list[Extent] = []
         start = lo
         if lo < covered:
@@ -170,22 +231,81 @@ def plan_write(
             out.append((e, HOLE, hi - e))
         rw.edits.append(Edit(start, max(hi, e), out))
         covered = max(hi, e)
-        del old
     return rw
 
 
-def _clusters(spans: list[tuple[int, bytes]]) -> Iterator[tuple[int, int]]:
-    cur: list[int] | None = None
-    for off, data in spans:
-        end = off + len(data)
-        if cur is not None and off - cur[1] <= CLUSTER_GAP:
-            cur[1] = max(cur[1], end)
-            continue
-        if cur is not None:
-            yield cur[0], cur[1]
-        cur = [off, end]
-    if cur is not None:
-        yield cur[0], cur[1]
+def _grow_hole(txn: Txn, ino: int, size: int, covered: int, stop: int) -> Edit:
+    """The edit making [max(covered, size), stop) zeros: the file's trailing hole
+    lengthened if it has one no earlier edit touched, else a new hole extent."""
+    start = max(covered, size)
+    if size > 0 and covered <= size:
+        last = next(overlapping(txn, ino, size - 1, size), None)
+        if last is not None and last[1] == HOLE and last[0] >= covered:
+            return Edit(last[0], stop, [(last[0], HOLE, stop - last[0])])
+    return Edit(start, stop, [(start, HOLE, stop - start)])
+
+
+def _joins(txn: Txn, ino: int, size: int, prev: list[int], s: int) -> bool:
+    """Whether a region starting at `s` must (or may usefully) join the one before.
+
+    Overlapping regions share an old extent: they must. Touching ones may stay
+    apart once the first is REGION_MAX long, but only where `s` is an extent
+    boundary (inside a hole, the two edits would each claim the hole)."""
+    if s != prev[1]:
+        return s < prev[1]
+    if prev[1] - prev[0] < REGION_MAX:
+        return True
+    if s >= size:
+        return False
+    ext = next(overlapping(txn, ino, s, s + 1), None)
+    return ext is not None and ext[0] != s
+
+
+def _clusters(
+    txn: Txn, ino: int, size: int, spans: list[tuple[int, bytes]]
+) -> Iterator[tuple[int, int, int, int]]:
+    """(start, end, first span, end span) of runs of spans chunked together.
+
+    A gap joins two spans when it is at most HOLE_BRIDGE, or at most CLUSTER_GAP
+    of old data (re-chunked with them); a gap in a hole or past the end stays a
+    hole. A run stops growing at REGION_MAX, so its buffer stays bounded."""
+    first = 0
+    lo = end = -1
+    for k, (off, data) in enumerate(spans):
+        if k and not _bridge(txn, ino, size, lo, end, off):
+            yield lo, end, first, k
+            first = k
+        if k == first:
+            lo, end = off, off + len(data)
+        else:
+            end = max(end, off + len(data))
+    if spans:
+        yield lo, end, first, len(spans)
+
+
+def _bridge(txn: Txn, ino: int, size: int, lo: int, end: int, nxt: int) -> bool:
+    if end - lo >= REGION_MAX and _apart(txn, ino, size, end, nxt):
+        return False
+    gap = nxt - end
+    if gap <= HOLE_BRIDGE:
+        return True
+    if gap > CLUSTER_GAP or nxt > size:
+        return False
+    return all(d != HOLE for _, d, _ in overlapping(txn, ino, end, nxt))
+
+
+def _apart(txn: Txn, ino: int, size: int, end: int, nxt: int) -> bool:
+    """Whether spans ending at `end` and starting at `nxt` can be planned as separate
+    regions: no old data extent holds both (its re-chunking would join them), and
+    they do not touch inside a hole (two edits would each claim it)."""
+    if nxt >= size:
+        return True
+    ext = next(overlapping(txn, ino, nxt, nxt + 1), None)
+    if ext is None:
+        return True
+    if ext[1] == HOLE:
+        return nxt > end or ext[0] == nxt
+    return ext[0] >= end
 
 
 def _region_bytes(
@@ -196,33 +316,35 @@ def _region_bytes(
     e: int,
     spans: list[tuple[int, bytes]],
     cache: cas.ChunkCache | None,
-) -> tuple[bytearray, list[Extent], int, int]:
-    """The new bytes of [s, e), and the old extents it replaces with their span [lo, hi)."""
+) -> tuple[bytearray, int, int]:
+    """The new bytes of [s, e) (`spans` those that fall in it), and the span [lo, hi)
+    of the old extents it replaces (a hole it lies in may reach far beyond it)."""
     buf = bytearray(e - s)
-    old = list(overlapping(txn, ino, s, e)) if s < size else []
     lo, hi = s, e
-    for eoff, d, n in old:
-        lo, hi = min(lo, eoff), max(hi, eoff + n)
-        if d == HOLE:
-            continue
-        plain = cas.load(txn, d, n, cache)
-        a, b = max(s, eoff), min(e, eoff + n)
-        buf[a - s : b - s] = plain[a - eoff : b - eoff]
+    if s < size:
+        for eoff, d, n in overlapping(txn, ino, s, e):
+            lo, hi = min(lo, eoff), max(hi, eoff + n)
+            if d == HOLE:
+                continue
+            plain = cas.load(txn, d, n, cache)
+            a, b = max(s, eoff), min(e, eoff + n)
+            buf[a - s : b - s] = plain[a - eoff : b - eoff]
     for off, data in spans:
         a, b = max(s, off), min(e, off + len(data))
         if a < b:
             buf[a - s : b - s] = data[a - off : b - off]
-    return buf, old, lo, hi
+    return buf, lo, hi
 
 
 def plan_truncate(
     txn: Txn, ino: int, version: int, size: int, new_size: int, cache: cas.ChunkCache | None
 ) -> Rewrite:
-    """Plan cutting or extending a file to `new_size` (extensions are holes)."""
+    """Plan cutting or extending a file to `new_size` (extensions are holes: one
+    record, whatever their length; a trailing hole is lengthened, not followed)."""
     rw = Rewrite(ino, version, size, new_size)
     if new_size >= size:
         if new_size > size:
-            rw.edits.append(Edit(size, new_size, [(size, HOLE, new_size - size)]))
+            rw.edits.append(_grow_hole(txn, ino, size, 0, new_size))
         return rw
     tail: list[Extent] = []
     ext = next(overlapping(txn, ino, new_size, new_size + 1), None)

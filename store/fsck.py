@@ -12,10 +12,17 @@ Each invariant is a few small `check_*` methods that add `Problem`s:
 1. dirents name existing inodes (in directories), every inode is reachable from
    the root or recorded as an orphan (`meta orphan:<ino>`), link counts and
    directories' parent pointers are right;
-2. a MIGRATED file's extents tile [0, size); nothing else has extents;
-3. refs[d] equals the extents naming d; no orphan chunk, no dangling ref;
+2. a MIGRATED file's extents tile [0, size); nothing else has extents. A hole
+   is an extent (digest HOLE, see content.py) and tiles like any other; a gap
+   is an error. Every extent record is well formed (key and value sizes, a
+   non-zero length), and every extent naming a chunk gives the length that
+   chunk's record declares: otherwise reads of the file get EIO, and it is
+   reported without --deep;
+3. refs[d] equals the extents naming d (holes name nothing); no orphan chunk,
+   no dangling ref;
 4. (--deep) every chunk decodes to bytes that hash to its key;
-5. (--deep) an unmodified MIGRATED file hashes to its Phase 3 hash;
+5. (--deep) an unmodified MIGRATED file hashes to its Phase 3 hash (holes
+   hashed as zeros from a shared buffer: memory does not grow with them);
 6. the Phase 3 tree still matches the rollback point: every manifest row by
    lstat, and (--deep) every file whose hash is known by content (points.py);
 7. the search index: nothing writes it yet, so an empty index is all there is.
@@ -52,8 +59,9 @@ from typing import Any
 
 import blake3
 
-from . import codec, content, points
+from . import cas, codec, content, points
 from . import namespace as ns
+from .chunker import DIGEST_SIZE
 from .errors import CorruptChunk, NotFound, OpError, SourceError, StoreLocked
 from .kv import Buf, LmdbBackend, Txn
 from .phase3 import Phase3Tree
@@ -75,7 +83,14 @@ from .store import Store
 CURSOR = "fsck.cursor"
 PHASES = ("points", "files", "chunks")
 # Kinds a re-import from Phase 3 fixes (for an unmodified file).
-REIMPORT = ("extent-gap", "extent-overlap", "extents-past-end", "content-differs")
+REIMPORT = (
+    "extent-gap",
+    "extent-overlap",
+    "extents-past-end",
+    "content-differs",
+    "malformed-extent",
+    "extent-length-differs",
+)
 STRAY_EXTENTS = ("extents-of-missing-inode", "extents-of-non-file", "extents-of-legacy-file")
 REFS = ("bad-refcount", "dangling-ref", "orphan-chunk")
 
@@ -155,6 +170,8 @@ class Checker:
         self.refs_counted: Counter[bytes] = Counter()
         self.damaged: set[int] = set()  # files with structural extent problems
         self.missing: set[bytes] = set()  # chunks extents name that are not stored
+        self.extent_len: dict[bytes, int] = {}  # chunk -> the length its first extent gives
+        self.length_differs: dict[bytes, int] = {}  # chunk -> a length disagreeing with that
         self.bad: dict[bytes, tuple[str, bytes]] = {}  # chunk failing its hash -> origin
         self.verified: set[bytes] = set()  # chunks decoded and hashed right this run
         self.point: points.Point | None = None
@@ -438,39 +455,53 @@ class Checker:
                 self._tiling(ino, "extents-past-end", f"extents reach {pos}, size is {node.size}")
 
         for k, v in txn.range("extents", b""):
+            if len(k) < U64.size:
+                self.add("malformed-extent", f"an extents key of {len(k)} bytes", path="")
+                continue
             ino = U64.unpack_from(k, 0)[0]
-            off, d, n = unpack_extent(k, v)
             if ino != cur:
                 if cur >= 0:
                     close(cur)
                 cur, pos, flagged = ino, 0, False
-                node = self.inodes.get(ino)
-                if node is None:
-                    self.add(
-                        "extents-of-missing-inode", "extents of no inode", ino, repairable=True
-                    )
-                elif not node.is_reg:
-                    self.add("extents-of-non-file", "extents of a non-file", ino, repairable=True)
-                elif not node.stored:
-                    self.add(
-                        "extents-of-legacy-file",
-                        "a LEGACY file (content in Phase 3) has extents",
-                        ino,
-                        repairable=not node.changed,
-                    )
+                self._stray_extents(ino)
+            bad = _malformed_extent(k, v)
+            if bad is not None:
+                # Unreadable, so no tiling can be judged after it: one problem.
+                if not flagged:
+                    self._tiling(ino, "malformed-extent", bad)
+                flagged = True
+                continue
+            off, d, n = unpack_extent(k, v)
             if off != pos and not flagged:
                 kind = "extent-gap" if off > pos else "extent-overlap"
                 self._tiling(ino, kind, f"an extent starts at {off}, the one before ends at {pos}")
                 flagged = True
             pos = off + n
-            if d != HOLE:
+            if d != HOLE:  # holes tile like any extent but name no chunk
                 self.refs_counted[d] += 1
+                if self.extent_len.setdefault(d, n) != n:
+                    self.length_differs[d] = n
         if cur >= 0:
             close(cur)
         with_extents = {U64.unpack_from(k, 0)[0] for k, _ in _first_of_each_ino(txn)}
         for ino, node in self.inodes.items():
             if node.is_reg and node.stored and node.size > 0 and ino not in with_extents:
                 self._tiling(ino, "extent-gap", f"no extents for its {node.size} bytes")
+
+    def _stray_extents(self, ino: int) -> None:
+        """Extents of something that should have none (invariant 2's other half)."""
+        node = self.inodes.get(ino)
+        if node is None:
+            self.add("extents-of-missing-inode", "extents of no inode", ino, repairable=True)
+        elif not node.is_reg:
+            self.add("extents-of-non-file", "extents of a non-file", ino, repairable=True)
+        elif not node.stored:
+            self.add(
+                "extents-of-legacy-file",
+                "a LEGACY file (content in Phase 3) has extents",
+                ino,
+                repairable=not node.changed,
+            )
 
     def _tiling(self, ino: int, kind: str, detail: str) -> None:
         node = self.inodes.get(ino)
@@ -485,7 +516,13 @@ class Checker:
         """refs[d] equals the extents naming d; no orphan chunk, no dangling ref. A chunk
         staged by a migration in flight (`pending`) may have no reference yet."""
         stored: dict[bytes, int] = {k: U64.unpack(v)[0] for k, v in txn.range("refs", b"")}
-        chunks = {k for k, _ in txn.range("chunks", b"")}
+        chunks: set[bytes] = set()
+        for k, v in txn.range("chunks", b""):
+            chunks.add(k)
+            want = self.extent_len.get(k)
+            said = cas.plain_length(v) if want is not None else None
+            if said is not None and said != want:
+                self.length_differs.setdefault(k, said)
         pending = {k for k, _ in txn.range("pending", b"")}
         for d, n in self.refs_counted.items():
             if stored.get(d) != n:
@@ -506,6 +543,33 @@ class Checker:
             )
         for d in chunks - self.refs_counted.keys() - pending:
             self.add("orphan-chunk", "a chunk no extent names", repairable=True, digest=d)
+        self._name_length_differs(txn)
+
+    def _name_length_differs(self, txn: Txn) -> None:
+        """A chunk whose extents disagree on its length, or with the length its record
+        declares: a read of that file gets EIO. One problem per file holding it."""
+        if not self.length_differs:
+            return
+        holders: dict[bytes, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+        for k, v in txn.range("extents", b""):
+            if _malformed_extent(k, v) is None:
+                _off, d, n = unpack_extent(k, v)
+                if d in self.length_differs:
+                    holders[d][U64.unpack_from(k, 0)[0]].add(n)
+        for d in sorted(self.length_differs):
+            for ino, lengths in sorted(holders[d].items()):
+                node = self.inodes.get(ino)
+                if node is None or not (node.is_reg and node.stored):
+                    continue
+                self.damaged.add(ino)
+                self.add(
+                    "extent-length-differs",
+                    f"extents of {sorted(lengths)} bytes name chunk {d.hex()[:16]}, which "
+                    f"other extents or its record give {self.length_differs[d]} bytes",
+                    ino,
+                    repairable=self.healable(node),
+                    digest=d,
+                )
 
     # -- invariant 4: chunk hashes (--deep) --------------------------------------------------
 
@@ -712,6 +776,20 @@ class Checker:
             os.unlink(p)
 
 
+def _malformed_extent(key: bytes, value: Buf) -> str | None:
+    """Why an extents record cannot be read, or None if it is well formed."""
+    if len(key) != 2 * U64.size:
+        return f"an extents key of {len(key)} bytes, not {2 * U64.size}"
+    if len(value) != DIGEST_SIZE + U64.size:
+        return f"an extent value of {len(value)} bytes, not {DIGEST_SIZE + U64.size}"
+    off, n = U64.unpack_from(key, 8)[0], U64.unpack_from(value, DIGEST_SIZE)[0]
+    if n == 0:
+        return f"an empty extent at {off}"
+    if off + n > 1 << 64:
+        return f"an extent at {off} of {n} bytes runs past the largest offset"
+    return None
+
+
 def _first_of_each_ino(txn: Txn) -> Iterator[tuple[bytes, Buf]]:
     """The first extent of each inode (a seek per inode, not a scan of all extents)."""
     start = b""
@@ -741,8 +819,9 @@ def _hash_stored(
     ok: list[bytes] = []
     n = 0
     for d, rec, length in items:
-        if d == HOLE:
-            h.update(bytes(length))
+        if d == HOLE:  # bounded memory, however long the hole
+            for z in content.zeros(length):
+                h.update(z)
             continue
         if rec is None:
             return "missing", d, ok, n

@@ -47,6 +47,7 @@ from .phase3 import Phase3Tree
 from .readahead import ReadAhead
 from .records import (
     CHANGED,
+    HOLE,
     ROOT_INO,
     SCHEMA_VERSION,
     STORED,
@@ -725,6 +726,16 @@ class Store:
         self.readahead.note(ino, off, off + len(data), node.size)
         return data
 
+    def data_ranges(self, ino: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, is_hole) runs tiling a MIGRATED file, from one snapshot:
+        a copy writes the data runs and seeks over the holes (see content.data_ranges).
+        Invalid for anything else (a LEGACY file's bytes are in Phase 3)."""
+        with self.backend.read() as txn:
+            node = ns.get(txn, ino)
+            if not (node.is_reg and node.stored):
+                raise Invalid("not a migrated regular file")
+            return content.data_ranges(txn, ino, node.size)
+
     def plan_write(self, ino: int, spans: list[tuple[int, bytes]]) -> content.Rewrite:
         with self.backend.read() as txn:
             node = ns.get(txn, ino)
@@ -898,8 +909,8 @@ class Store:
         """Rewrite the chunk `bad` from the Phase 3 copy of `ino`, if the file is
         unmodified since Phase 3 and its bytes there still hash to `bad`. Not in
         failsafe or read-only: the read then gets EIO (its ReadOnly was EROFS)."""
-        if self.readonly or self.failsafe is not None:
-            return False
+        if self.readonly or self.failsafe is not None or bad == HOLE:
+            return False  # (a gap between extents reads as CorruptChunk(HOLE))
         with self.backend.read() as txn:
             node = ns.get(txn, ino)
             leg = ns.get_legacy(txn, ino)
