@@ -4,17 +4,36 @@ Everything goes through a directory fd opened once (before an in-place mount
 shadows the path) and `openat` with `O_NOFOLLOW` on every component, so a
 symlink anywhere in the tree, or one swapped in later, is never followed out.
 Nothing here writes: the tree is the rollback point.
+
+Other filesystems mounted inside the tree are not crossed (as `find -xdev`):
+a directory on another device lists as empty. An entry that cannot be
+lstat'ed is skipped, never the end of a listing.
+
+The tree is supposed to be frozen. `drift` says how a file's stat differs from
+the one its entry was imported with, and `Phase3File` checks it around every
+read, so a file changed underneath the mount is never served as a mix of old
+and new bytes (the mount answers EIO for it instead; see store.open_legacy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import NotFound, SourceError, StoreMissing
+from .records import Legacy
+
+log = logging.getLogger("ferryfs.phase3")
+
+# Directory fds a thread inside `cached_walks` keeps (see there).
+WALK_CACHE = 64
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -127,6 +146,50 @@ class Phase3Tree:
             raise SourceError(_why(e)) from e
         finally:
             os.close(dfd)
+
+
+def drift(want: Legacy, st: os.stat_result) -> str:
+    """How the Phase 3 file `st` differs from the stat its entry was imported with
+    ('' if it does not): a file replaced, rewritten or touched since."""
+    if (st.st_ino, st.st_dev) != (want.st_ino, want.st_dev):
+        return "replaced in Phase 3 since the mount imported it"
+    if st.st_size != want.size:
+        return (
+            f"changed in Phase 3 since the mount imported it "
+            f"(size {want.size} -> {st.st_size} bytes)"
+        )
+    if (st.st_mtime_ns, st.st_ctime_ns) != (want.mtime_ns, want.ctime_ns):
+        return "changed in Phase 3 since the mount imported it (mtime or ctime)"
+    return ""
+
+
+class Phase3File:
+    """A read fd of a Phase 3 file and the stat its entry was imported with. Each
+    read checks the file still has that stat before and after it (fstat of the same
+    fd), so a change before or during the read is an error, never a mix of bytes."""
+
+    def __init__(self, fd: int, want: Legacy) -> None:
+        self.fd = fd
+        self.want = want
+
+    def check(self) -> None:
+        why = drift(self.want, os.fstat(self.fd))
+        if why:
+            raise SourceError(why)
+
+    def pread(self, n: int, off: int) -> bytes:
+        self.check()
+        try:
+            data = os.pread(self.fd, n, off)
+        except OSError as e:
+            raise SourceError(_why(e)) from e
+        self.check()
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _split(rel: bytes) -> list[bytes]:

@@ -43,7 +43,7 @@ from .errors import (
     StoreMissing,
 )
 from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
-from .phase3 import Phase3Tree
+from .phase3 import Phase3File, Phase3Tree
 from .readahead import ReadAhead
 from .records import (
     CHANGED,
@@ -881,18 +881,39 @@ class Store:
             self.commit_migrations([m])
         return self.getattr(ino)
 
-    def open_legacy(self, ino: int) -> int:
-        """A read fd of a LEGACY file's Phase 3 copy (SourceError if that is unsafe)."""
+    def open_legacy(self, ino: int) -> Phase3File:
+        """The Phase 3 copy of a LEGACY file, to serve its reads until it is migrated.
+
+        SourceError, recorded in status, if that is unsafe or the file changed in
+        Phase 3 since its entry was imported. Such a file then stays LEGACY and its
+        opens and reads get EIO: the mount keeps showing the entry it imported
+        (stat, and the rollback point's manifest, describe the old version), and
+        quietly taking the new content would serve bytes that match neither.
+        Truncating it to 0 or deleting it through the mount still works."""
         with self.backend.read() as txn:
             leg = ns.get_legacy(txn, ino)
         if leg is None or self.tree is None:
             raise SourceError("no Phase 3 origin")
-        fd = self.tree.open_file(leg.path)
-        st = os.fstat(fd)
-        if (st.st_ino, st.st_dev) != (leg.st_ino, leg.st_dev):
-            os.close(fd)
-            raise SourceError("replaced since the snapshot")
-        return fd
+        try:
+            f = Phase3File(self.tree.open_file(leg.path), leg)
+            try:
+                f.check()
+            except BaseException:
+                f.close()
+                raise
+        except SourceError as e:
+            self.record_error(ino, str(e))
+            raise
+        return f
+
+    def read_legacy(self, f: Phase3File, ino: int, off: int, n: int) -> bytes:
+        """Bytes of a LEGACY file from its Phase 3 copy `f` (open_legacy); SourceError,
+        recorded in status, if the file changed there before or during the read."""
+        try:
+            return f.pread(n, off)
+        except SourceError as e:
+            self.record_error(ino, str(e))
+            raise
 
     def heal(self, ino: int, bad: bytes) -> bool:
         """Rewrite the chunk `bad` from the Phase 3 copy of `ino`, if the file is
