@@ -11,6 +11,7 @@ underneath (the inode's version) and retries otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -66,6 +67,10 @@ XATTR_REPLACE = 2
 # Entries of UNLISTED subdirectories listed along with a directory a lookup or a
 # readdir needs: ~20 ms of lstat and one commit, instead of a commit per directory.
 LIST_AHEAD = 1024
+# ... and for at most this long: a chain of directories 1,024 deep has one entry
+# each, and listing all of them at once held the thread answering every request
+# for a third of a second.
+LIST_AHEAD_SECONDS = 0.02
 
 
 def now_ns() -> int:
@@ -322,23 +327,43 @@ class Store:
             return d
 
         def op(txn: Txn) -> Inode:
+            with self._walks():
+                return listed_ahead(txn)
+
+        def listed_ahead(txn: Txn) -> Inode:
             listed = self._listed(txn, ino)
             if ahead > 0:
                 subdirs = deque(c for _, _, c in ns.entries(txn, ino) if ns.get(txn, c).is_dir)
-                self._import_from(txn, subdirs, ahead)
+                self._import_from(txn, subdirs, ahead, time.monotonic() + LIST_AHEAD_SECONDS)
             return listed
 
         return self._write(op)
 
-    def _import_from(self, txn: Txn, queue: deque[int], entries: int) -> int:
+    def _import_from(
+        self, txn: Txn, queue: deque[int], entries: int, deadline: float | None = None
+    ) -> int:
         """List UNLISTED directories breadth first from `queue` (descending through
-        listed ones) until about `entries` entries were seen; what is left to visit
-        stays in `queue`. Returns how many directories were listed."""
+        listed ones) until about `entries` entries were seen, or `deadline`
+        (time.monotonic) passed; what is left to visit stays in `queue`. Returns how
+        many directories were listed."""
+        with self._walks():
+            return self._import_queue(txn, queue, entries, deadline)
+
+    def _walks(self) -> contextlib.AbstractContextManager[None]:
+        """Phase3Tree.cached_walks: listing a deep chain opens each directory once."""
+        return self.tree.cached_walks() if self.tree is not None else contextlib.nullcontext()
+
+    def _import_queue(
+        self, txn: Txn, queue: deque[int], entries: int, deadline: float | None
+    ) -> int:
         listed = seen = 0
         while queue and seen < entries:
             ino = queue.popleft()
             d = ns.get(txn, ino)
             if not d.stored:
+                if deadline is not None and listed and time.monotonic() > deadline:
+                    queue.appendleft(ino)
+                    break
                 ns.import_dir(txn, self.tree, d)
                 listed += 1
             for _, _, c in ns.entries(txn, ino):
