@@ -129,3 +129,12 @@ def free_pending(txn: Txn) -> int:
         if txn.get("refs", d) is None and txn.delete("chunks", d):
             freed += 1
     return freed
+
+
+def unstage(txn: Txn, m: Migration) -> None:
+    """A prepared migration that will not commit: free the chunks it staged that
+    nothing references (free_pending would, at the next open)."""
+    for d in m.staged:
+        txn.delete("pending", d)
+        if txn.get("refs", d) is None:
+            txn.delete("chunks", d)

@@ -869,30 +869,53 @@ class Store:
         )
 
     def commit_migrations(self, ms: list[ingest.Migration]) -> list[Inode]:
-        """Commit prepared migrations in one transaction; files no longer LEGACY are skipped."""
+        """Commit prepared migrations in one transaction. A file deleted meanwhile, or
+        no longer LEGACY (written, truncated, migrated by someone else), is dropped
+        from the batch and the rest commit: the app deleting or rewriting a file is
+        not an error. The chunks a dropped file staged are freed unless referenced."""
 
         def op(txn: Txn) -> list[Inode]:
             done = []
+            dropped = []
             for m in ms:
-                node = ns.get(txn, m.ino)
-                if node.stored or node.version != m.base_version:
+                v = txn.get("inodes", ino_key(m.ino))
+                node = None if v is None else Inode.unpack(m.ino, v)
+                if node is None or node.stored or node.version != m.base_version:
+                    dropped.append(m)
                     continue
                 ingest.commit_extents(txn, m)
+                # Not the times: the Phase 3 file had the entry's stat when it was
+                # read (ingest.prepare checks), and a utimens or rename through the
+                # mount since then must not be undone.
                 node.flags |= STORED
                 node.size = m.size
-                node.mtime_ns, node.ctime_ns = m.mtime_ns, m.ctime_ns
                 ns.put(txn, node)
                 ns.put_legacy(txn, m.ino, m.legacy)
                 txn.delete("errors", ino_key(m.ino))
                 done.append(node)
+            for m in dropped:  # after the others: one of them may share a staged chunk
+                ingest.unstage(txn, m)
             return done
 
         for _ in range(3):
             try:
                 return self._write(op)
             except cas.MissingChunk:
-                # A chunk deduplicated against was freed meanwhile: redo those files.
-                ms = [p for m in ms if (p := self.prepare_migration(m.ino)) is not None]
+                # A chunk deduplicated against was freed meanwhile: redo those files,
+                # without the ones deleted since. One that cannot be read again (it
+                # changed in Phase 3) gets its error; the others still commit.
+                again = []
+                for m in ms:
+                    try:
+                        p = self.prepare_migration(m.ino)
+                    except NotFound:
+                        continue
+                    except SourceError as e:
+                        self.record_error(m.ino, str(e))
+                        continue
+                    if p is not None:
+                        again.append(p)
+                ms = again
         raise FerryError("migration keeps racing with writes; try again")
 
     def migrate(self, ino: int) -> Inode:
@@ -971,15 +994,43 @@ class Store:
         self._write(lambda txn: txn.put("chunks", digest, record))
 
     def record_error(self, ino: int, message: str) -> None:
+        """Say in status why `ino` is not migrated; nothing if it was deleted meanwhile."""
+
+        def op(txn: Txn) -> None:
+            if txn.get("inodes", ino_key(ino)) is not None:
+                ns.record_error(txn, ino, message)
+
         if not self.readonly and self.failsafe is None:
-            self._write(lambda txn: ns.record_error(txn, ino, message))
+            self._write(op)
 
     def errors(self) -> list[tuple[int, str]]:
+        """The per-file errors that still apply (see `_error_applies`)."""
         with self.backend.read() as txn:
             return [
-                (U64.unpack(k)[0], bytes(v).decode(errors="replace"))
+                (ino, bytes(v).decode(errors="replace"))
                 for k, v in txn.range("errors", b"")
+                if _error_applies(txn, ino := U64.unpack(k)[0])
             ]
+
+    def prune_errors(self) -> int:
+        """Delete the error records that no longer apply; returns how many."""
+
+        def op(txn: Txn) -> int:
+            stale = [
+                bytes(k)
+                for k, _ in txn.range("errors", b"")
+                if not _error_applies(txn, U64.unpack(k)[0])
+            ]
+            for k in stale:
+                txn.delete("errors", k)
+            return len(stale)
+
+        if self.readonly or self.failsafe is not None:
+            return 0
+        with self.backend.read() as txn:
+            if all(_error_applies(txn, U64.unpack(k)[0]) for k, _ in txn.range("errors", b"")):
+                return 0
+        return self._write(op)
 
     def legacy_files(self, after: int = 0, limit: int = 1000) -> list[int]:
         """Inodes of LEGACY files past `after`, in inode order."""
@@ -1073,8 +1124,8 @@ class Store:
             for _, v in txn.range("chunks", b""):
                 s.chunks += 1
                 s.bytes_compressed += len(v)
-            for _ in txn.range("errors", b""):
-                s.errors += 1
+            for k, _ in txn.range("errors", b""):
+                s.errors += _error_applies(txn, U64.unpack(k)[0])
         s.bytes_stored = self.backend.disk_bytes()
         return s
 
@@ -1087,3 +1138,14 @@ class Store:
         """(block size, total blocks, free blocks, files) of the store's filesystem."""
         st = os.statvfs(self.path or ".")
         return st.f_frsize, st.f_blocks, st.f_bavail, st.f_files
+
+
+def _error_applies(txn: Txn, ino: int) -> bool:
+    """An error record is about migrating a file or listing a directory: it stops
+    applying when the inode is gone or the file is no longer LEGACY (migrated since,
+    or its content replaced through the mount)."""
+    v = txn.get("inodes", ino_key(ino))
+    if v is None:
+        return False
+    node = Inode.unpack(ino, v)
+    return not (node.is_reg and node.stored)
