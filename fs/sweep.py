@@ -275,7 +275,8 @@ class Sweep:
             self.store.prune_errors()
         skip = self._failed | self._no_space
         for node in self.store.iter_inodes():
-            if node.is_reg and not node.stored and node.ino not in skip:
+            # nlink 0: deleted, kept only while the kernel still knows it; not worth migrating.
+            if node.is_reg and not node.stored and node.nlink > 0 and node.ino not in skip:
                 items.append((node.mtime_ns, node.size, node.ino))
                 pending += node.size
         order = self.cfg.order
