@@ -9,6 +9,13 @@ and the sweep waits for the next quiet period. Its progress is the store's own
 state (a file is LEGACY or MIGRATED), so a daemon killed at any moment carries
 on where it stopped.
 
+What the app does meanwhile is not an error: a file deleted or rewritten while
+its batch was prepared is dropped from the batch and the rest commit. A full
+disk is not the files' error either: a batch that does not fit commits what
+fits, and the rest wait for space (state "waiting for space", looked at again
+every SPACE_RETRY seconds). `cancel` is for the rest of the mount's life:
+`resume` after it is refused.
+
 Concurrency rules: the todo list and counters are touched only on the trio
 thread; background threads run `Store.prepare_migration`; a committer task
 commits each prepared batch (one write transaction, on a worker thread) while
