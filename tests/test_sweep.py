@@ -478,3 +478,48 @@ async def test_listing_that_meets_enospc_goes_on_once_there_is_space(
     finally:
         sweep.background.close()
         st.close()
+
+
+def test_an_app_busy_beside_the_sweep_leaves_no_errors(tmp_path: Path) -> None:
+    # Issue #10's load, shortened: an app appending and fsyncing, creating, renaming
+    # and deleting sessions, rewriting an index and reading, while the sweep runs.
+    # Nothing the app does is an error of the sweep's, and fsck is clean after.
+    import random
+
+    src = tmp_path / "phase3"
+    small_tree(src, sessions=30, files=15)
+    args = ("--idle-ms", "5", "--max-load", "64", "--batch", "8", "--batch-delay-ms", "0")
+    rng = random.Random(3)
+    with mounted(src, None, tmp_path / "store", args=args) as m:
+        deadline = time.monotonic() + 10
+        n = 0
+        while time.monotonic() < deadline:
+            sessions = sorted(p for p in m.mnt.iterdir() if p.is_dir())
+            s = rng.choice(sessions)
+            files = sorted(s.iterdir())
+            what = rng.random()
+            if what < 0.3 and files:
+                rng.choice(files).unlink()
+            elif what < 0.45:
+                s.rename(m.mnt / f"r{n:04}")
+            elif what < 0.6 and files:
+                rng.choice(files).read_bytes()
+            elif what < 0.8:
+                with open(s / "log.jsonl", "ab") as f:
+                    f.write(b'{"n": %d}\n' % n)
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                (m.mnt / "index.json").write_bytes(b'{"sessions": %d}\n' % len(sessions))
+            n += 1
+            time.sleep(0.002)
+        wait_for(lambda: m.status()["sweep_state"] == "done", 120, "the sweep to finish")
+        s = m.status()
+        assert s["files_migrated"] == s["files_total"], s
+        assert s["errors"] == 0 and s["sweep_errors"] == 0, s
+    r = subprocess.run(
+        [sys.executable, "-m", "ferryfs.tools.cli", "fsck", str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
