@@ -409,6 +409,8 @@ def stat_drift(
         return [Drift(path, "gone")]
     except SourceError as e:
         return [Drift(path, f"cannot be reached ({e})")]
+    if stat.S_ISDIR(r.mode) and stat.S_ISDIR(st.st_mode) and tree.other_fs(st):
+        return []  # another filesystem's root: not crossed, so not the tree's to drift
     how = compare(r, st)
     if not how:
         return []
