@@ -12,10 +12,10 @@ for the lock sees either the old bytes or the new ones.
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass, field
 
 import trio
+from ferryfs.store.phase3 import Phase3File
 
 # A file's buffered bytes are written out when they pass this, not only at close.
 FLUSH_BYTES = 16 << 20
@@ -110,7 +110,7 @@ class Handle:
     fh: int
     file: OpenFile
     writable: bool
-    legacy_fd: int | None = None  # reads of a LEGACY file come from its Phase 3 copy
+    legacy: Phase3File | None = None  # reads of a LEGACY file come from its Phase 3 copy
 
 
 class OpenFiles:
@@ -149,9 +149,9 @@ class OpenFiles:
 
     def close(self, fh: int) -> OpenFile:
         h = self.by_fh.pop(fh)
-        if h.legacy_fd is not None:
-            os.close(h.legacy_fd)
-            h.legacy_fd = None
+        if h.legacy is not None:
+            h.legacy.close()
+            h.legacy = None
         h.file.handles -= 1
         if h.file.handles == 0 and not h.file.spans:
             self.by_ino.pop(h.file.ino, None)

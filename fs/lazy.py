@@ -25,7 +25,7 @@ from collections import deque
 from typing import Any
 
 import trio
-from ferryfs.store.errors import OpError
+from ferryfs.store.errors import NotFound, OpError
 from ferryfs.store.store import Store
 
 from .background import Background
@@ -72,6 +72,8 @@ class LazyMigrator:
             ino, _ = self._queue.popleft()
             try:
                 await self.migrate(ino, background=True)
+            except NotFound:  # the app deleted it since it opened it: nothing to do
+                log.debug("inode %d was deleted before its first-open migration", ino)
             except OpError as e:
                 log.warning("cannot migrate inode %d on first open: %s", ino, e)
             finally:
@@ -104,6 +106,8 @@ class LazyMigrator:
                 m = await self.background.run(self.store.prepare_migration, ino)
             else:
                 m = await trio.to_thread.run_sync(self.store.prepare_migration, ino)
+        except NotFound:
+            raise  # deleted meanwhile: no error to record about it
         except OpError as e:
             self.store.record_error(ino, str(e))
             raise

@@ -345,21 +345,20 @@ class Operations(pyfuse3.Operations):
                     f.drop()
                 node = self.store.truncate(inode, 0)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        legacy_fd = None
+        legacy = None
         if node.is_reg and not node.stored:
             if writable:
                 node = await self._migrate(inode)
             else:
                 # Serve this open from Phase 3 (same bytes) while it migrates behind.
                 try:
-                    legacy_fd = self.store.open_legacy(inode)
-                except SourceError as e:  # a per-file error in status, as a migration's
-                    self.store.record_error(inode, str(e))
+                    legacy = self.store.open_legacy(inode)  # records its error in status
+                except SourceError as e:
                     log.warning("cannot migrate inode %d on first open: %s", inode, e)
                     raise
                 self.lazy.request(inode)
         h = self.files.open(inode, writable)
-        h.legacy_fd = legacy_fd
+        h.legacy = legacy
         keep = self.opened_version.get(inode) == node.version
         self.opened_version[inode] = node.version
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=keep)
@@ -386,11 +385,18 @@ class Operations(pyfuse3.Operations):
         # committed them yet: wait for it too, or this read gets the old bytes. Not
         # for a first-open migration holding the lock: the Phase 3 bytes are the same.
         await self._flush_dirty(f)
-        if h.legacy_fd is not None:
-            if not self.store.getattr(f.ino).changed:
-                return os.pread(h.legacy_fd, size, off)  # inline: see _read
-            os.close(h.legacy_fd)  # written through another handle: the store has it now
-            h.legacy_fd = None
+        if h.legacy is not None:
+            node = self.store.getattr(f.ino)
+            try:
+                if not node.changed:
+                    return self.store.read_legacy(h.legacy, f.ino, off, size)  # inline: see _read
+            except SourceError as e:  # changed in Phase 3: EIO, never a mix
+                if not node.stored:
+                    log.warning("cannot read inode %d from Phase 3: %s", f.ino, e)
+                    raise
+                # Migrated before it changed there: the store has the version shown.
+            h.legacy.close()  # written through another handle: the store has it now
+            h.legacy = None
         try:
             return await self._read(f.ino, off, size)
         except CorruptChunk as e:

@@ -9,6 +9,13 @@ and the sweep waits for the next quiet period. Its progress is the store's own
 state (a file is LEGACY or MIGRATED), so a daemon killed at any moment carries
 on where it stopped.
 
+What the app does meanwhile is not an error: a file deleted or rewritten while
+its batch was prepared is dropped from the batch and the rest commit. A full
+disk is not the files' error either: a batch that does not fit commits what
+fits, and the rest wait for space (state "waiting for space", looked at again
+every SPACE_RETRY seconds). `cancel` is for the rest of the mount's life:
+`resume` after it is refused.
+
 Concurrency rules: the todo list and counters are touched only on the trio
 thread; background threads run `Store.prepare_migration`; a committer task
 commits each prepared batch (one write transaction, on a worker thread) while
@@ -21,6 +28,7 @@ does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -30,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from ferryfs.store.errors import OpError, SourceError
+from ferryfs.store.errors import NoSpace, NotFound, OpError, SourceError
 from ferryfs.store.ingest import Migration, Preempted
 from ferryfs.store.records import ROOT_INO, Inode
 from ferryfs.store.store import Store
@@ -43,6 +51,14 @@ log = logging.getLogger("ferryfs.sweep")
 
 # Plain bytes at which a batch stops taking files (see _next_batch).
 BATCH_BYTES = 64 << 20
+# Seconds between looks for space when files wait for the store's disk to have room.
+SPACE_RETRY = 30.0
+
+
+class SweepCancelled(OpError):
+    """`resume` of a cancelled sweep: refused (ECANCELED), see control_cmd."""
+
+    errno = errno.ECANCELED
 
 
 @dataclass
@@ -84,6 +100,9 @@ class Sweep:
         self._to_commit, self._commits = trio.open_memory_channel[tuple[list[Migration], float]](0)
         self._load = OtherLoad()
         self._failed: set[int] = set()
+        self._no_space: set[int] = set()  # files waiting for the store's disk to have room
+        self._listing_waits = False  # listing directories met a full disk, too
+        self.space_retry = SPACE_RETRY
         self._todo: array[int] = array("Q")
         self._sizes: array[int] = array("Q")  # of the files in _todo, index for index
         self._pending_bytes: int | None = None  # unknown until the first scan
@@ -110,6 +129,10 @@ class Sweep:
             self.state = "paused"
 
     async def resume(self) -> None:
+        if self._cancelled:
+            # Cancel is for the rest of this mount's life (control_cmd says so):
+            # a resume that silently did nothing would look like it worked.
+            raise SweepCancelled("the sweep was cancelled for the life of this mount")
         self._paused = False
         if self.state == "paused":
             self.state = "waiting"
@@ -126,8 +149,10 @@ class Sweep:
     def status(self) -> dict[str, Any]:
         rate = self.stats.rate()
         left = self._pending_bytes
-        if left == 0 or self.state == "done":
-            eta: float | None = 0.0
+        if self.state == "cancelled":
+            eta: float | None = None  # it will not finish: no time to show
+        elif left == 0 or self.state == "done":
+            eta = 0.0
         elif left is None or rate <= 0:
             eta = None
         else:
@@ -138,6 +163,7 @@ class Sweep:
             "sweep_bytes": self.stats.bytes,
             "sweep_batches": self.stats.batches,
             "sweep_errors": self.stats.errors,
+            "sweep_waiting_for_space": len(self._no_space),
             "sweep_rate": round(rate, 1),
             "sweep_eta_seconds": None if eta is None else round(eta, 1),
             "other_load": round(self._load.value, 2),
@@ -174,6 +200,9 @@ class Sweep:
                     await self._idle.wait()  # what is committing is no longer LEGACY
                     if await self._refill():
                         continue
+                    if self._no_space or self._listing_waits:
+                        await self._wait_space()
+                        continue
                     self.state = "done"
                     log.info(
                         "sweep done: %d files, %.1f MB migrated in the background, %d errors",
@@ -191,6 +220,16 @@ class Sweep:
     async def _wait_wake(self) -> None:
         self._wake = trio.Event()
         await self._wake.wait()
+
+    async def _wait_space(self) -> None:
+        """Everything else is done; files wait for space: look again after
+        `space_retry` seconds (or at resume), with them back in the todo list."""
+        self.state = "waiting for space"
+        self._wake = trio.Event()
+        with trio.move_on_after(self.space_retry):
+            await self._wake.wait()
+        self._no_space.clear()
+        self._listing_waits = False
 
     async def _wait_quiet(self) -> bool:
         """Wait until the mount is idle and the machine is not busy. False to re-check state."""
@@ -213,10 +252,16 @@ class Sweep:
         none is left or a foreground request comes. True if there may be more."""
         if self._listing is None:
             self._listing = deque([ROOT_INO])
+        if self._listing_waits:
+            return False
         while self._listing and not self._preempt.is_set():
             try:
                 await trio.to_thread.run_sync(self.store.import_step, self._listing, 1024)
-            except OpError as e:  # the disk is full (or failsafe): the rest stays unlisted
+            except NoSpace as e:  # the queue is as it was: listing goes on at the next look
+                log.warning("sweep: cannot list directories: %s; waiting for space", e)
+                self._listing_waits = True
+                return False
+            except OpError as e:  # failsafe or read-only: the rest stays unlisted
                 log.warning("sweep: cannot list directories: %s", e)
                 self.stats.errors += 1
                 self._listing.clear()
@@ -231,8 +276,14 @@ class Sweep:
     def _scan(self) -> tuple[array[int], array[int]]:
         items = []
         pending = 0
+        # Errors of files deleted or migrated since (by a read, a write, a truncation)
+        # no longer apply: status stops counting them.
+        with contextlib.suppress(OpError):
+            self.store.prune_errors()
+        skip = self._failed | self._no_space
         for node in self.store.iter_inodes():
-            if node.is_reg and not node.stored and node.ino not in self._failed:
+            # nlink 0: deleted, kept only while the kernel still knows it; not worth migrating.
+            if node.is_reg and not node.stored and node.nlink > 0 and node.ino not in skip:
                 items.append((node.mtime_ns, node.size, node.ino))
                 pending += node.size
         order = self.cfg.order
@@ -260,6 +311,34 @@ class Sweep:
             out.append((self._todo.pop(), self._sizes.pop()))
             nbytes += out[-1][1]
         return out
+
+    def _commit(self, ms: list[Migration]) -> tuple[list[Inode], list[Migration]]:
+        """(committed, not committed for want of space). A batch that does not fit
+        is committed file by file, smallest first, so that what fits is migrated."""
+        try:
+            return self.store.commit_migrations(ms), []
+        except NoSpace:
+            if len(ms) == 1:
+                return [], ms
+        done: list[Inode] = []
+        full: list[Migration] = []
+        for m in sorted(ms, key=lambda m: m.size):
+            try:
+                done += self.store.commit_migrations([m])
+            except NoSpace:
+                full.append(m)
+        return done, full
+
+    def _wait_for_space(self, inos: list[int]) -> None:
+        """The store's disk is full: these files wait (out of the todo list) until
+        the sweep next looks for space (SPACE_RETRY); not an error of theirs."""
+        if not self._no_space:
+            log.warning(
+                "sweep: no space left for the store; %d files wait for space (retried every %g s)",
+                len(inos),
+                self.space_retry,
+            )
+        self._no_space.update(inos)
 
     def _give_up(self, inos: list[int], e: OpError) -> None:
         """Skip these files until the next mount, and say why in status and the log."""
@@ -314,6 +393,11 @@ class Sweep:
                     except Preempted:
                         gave_way.append((ino, size))
                         continue
+                    except NotFound:  # the app deleted it: not an error
+                        continue
+                    except NoSpace:  # staging its chunks: it waits for space
+                        self._wait_for_space([ino])
+                        continue
                     except (SourceError, OpError) as e:
                         self._give_up([ino], e)
                         continue
@@ -351,8 +435,10 @@ class Sweep:
         async for ms, t0 in batches:
             committed: list[Inode] = []
             try:
-                committed = await trio.to_thread.run_sync(self.store.commit_migrations, ms)
-            except OpError as e:  # the disk is full (or failsafe): they stay LEGACY
+                committed, full = await trio.to_thread.run_sync(self._commit, ms)
+                if full:
+                    self._wait_for_space([m.ino for m in full])
+            except OpError as e:  # failsafe or read-only: they stay LEGACY
                 self._give_up([m.ino for m in ms], e)
             finally:
                 self._release()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from . import cas, codec
+from . import cas, codec, phase3
 from .chunker import Chunker, digest
 from .errors import SourceError
 from .kv import Txn
@@ -60,8 +60,11 @@ def prepare(
     fd = tree.open_file(legacy.path)
     try:
         before = os.fstat(fd)
-        if (before.st_ino, before.st_dev) != (legacy.st_ino, legacy.st_dev):
-            raise SourceError("replaced since the snapshot")
+        drift = phase3.drift(legacy, before)
+        if drift:
+            # The mount shows the entry it imported; migrating what is there now
+            # would quietly take other content under that entry's stat.
+            raise SourceError(drift)
         m = Migration(ino, version, 0, before.st_mtime_ns, before.st_ctime_ns, legacy)
         whole = blake3.blake3()
         held = 0
@@ -126,3 +129,12 @@ def free_pending(txn: Txn) -> int:
         if txn.get("refs", d) is None and txn.delete("chunks", d):
             freed += 1
     return freed
+
+
+def unstage(txn: Txn, m: Migration) -> None:
+    """A prepared migration that will not commit: free the chunks it staged that
+    nothing references (free_pending would, at the next open)."""
+    for d in m.staged:
+        txn.delete("pending", d)
+        if txn.get("refs", d) is None:
+            txn.delete("chunks", d)

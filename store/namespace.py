@@ -8,6 +8,7 @@ files costs nothing up front.
 
 from __future__ import annotations
 
+import logging
 import stat
 from collections.abc import Iterator
 
@@ -23,6 +24,8 @@ from .records import (
     dirent_prefix,
     ino_key,
 )
+
+log = logging.getLogger("ferryfs.phase3")
 
 NAME_MAX = 255
 
@@ -151,6 +154,16 @@ def _import_entry(
         node.nlink = max(2, st.st_nlink)
         node.size = 4096
         subdir = 1
+        if tree.other_fs(st):
+            # Another filesystem mounted inside SRC (proc, a tmpfs, ...): not
+            # crossed, as `find -xdev`. Shown as an empty directory, listed now.
+            node.flags |= STORED
+            node.nlink = 2
+            log.info(
+                "not crossing into another filesystem mounted at %r in Phase 3: "
+                "shown as an empty directory",
+                join(parent_path, name),
+            )
     elif stat.S_ISLNK(mode):
         node.flags |= STORED
         node.target = target

@@ -254,6 +254,19 @@ def _record_manifest(store: Store, tree: Phase3Tree, p: Point) -> None:
         store._write(op)
         batch.clear()
 
+    with tree.cached_walks():  # a deep chain: each directory opened once, not per level
+        _walk_manifest(tree, p, queue, batch, flush)
+    p.entries += len(batch)
+    flush()
+
+
+def _walk_manifest(
+    tree: Phase3Tree,
+    p: Point,
+    queue: deque[bytes],
+    batch: list[tuple[bytes, Row]],
+    flush: Callable[[], None],
+) -> None:
     while queue:
         d = queue.popleft()
         try:
@@ -264,7 +277,8 @@ def _record_manifest(store: Store, tree: Phase3Tree, p: Point) -> None:
             path = join(d, entry.name)
             r = Row.of(entry.st)
             batch.append((path, r))
-            if stat.S_ISDIR(r.mode):
+            # Another filesystem mounted inside (proc, say) is not crossed.
+            if stat.S_ISDIR(r.mode) and not tree.other_fs(entry.st):
                 queue.append(path)
             elif stat.S_ISREG(r.mode):
                 p.files += 1
@@ -272,8 +286,6 @@ def _record_manifest(store: Store, tree: Phase3Tree, p: Point) -> None:
             if len(batch) >= ROWS_PER_TXN:
                 p.entries += len(batch)
                 flush()
-    p.entries += len(batch)
-    flush()
 
 
 def _drop_rows(store: Store, pid: int) -> None:
@@ -397,6 +409,8 @@ def stat_drift(
         return [Drift(path, "gone")]
     except SourceError as e:
         return [Drift(path, f"cannot be reached ({e})")]
+    if stat.S_ISDIR(r.mode) and stat.S_ISDIR(st.st_mode) and tree.other_fs(st):
+        return []  # another filesystem's root: not crossed, so not the tree's to drift
     how = compare(r, st)
     if not how:
         return []

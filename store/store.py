@@ -11,6 +11,7 @@ underneath (the inode's version) and retries otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -43,7 +44,7 @@ from .errors import (
     StoreMissing,
 )
 from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
-from .phase3 import Phase3Tree
+from .phase3 import Phase3File, Phase3Tree
 from .readahead import ReadAhead
 from .records import (
     CHANGED,
@@ -67,6 +68,10 @@ XATTR_REPLACE = 2
 # Entries of UNLISTED subdirectories listed along with a directory a lookup or a
 # readdir needs: ~20 ms of lstat and one commit, instead of a commit per directory.
 LIST_AHEAD = 1024
+# ... and for at most this long: a chain of directories 1,024 deep has one entry
+# each, and listing all of them at once held the thread answering every request
+# for a third of a second.
+LIST_AHEAD_SECONDS = 0.02
 
 
 def now_ns() -> int:
@@ -323,23 +328,43 @@ class Store:
             return d
 
         def op(txn: Txn) -> Inode:
+            with self._walks():
+                return listed_ahead(txn)
+
+        def listed_ahead(txn: Txn) -> Inode:
             listed = self._listed(txn, ino)
             if ahead > 0:
                 subdirs = deque(c for _, _, c in ns.entries(txn, ino) if ns.get(txn, c).is_dir)
-                self._import_from(txn, subdirs, ahead)
+                self._import_from(txn, subdirs, ahead, time.monotonic() + LIST_AHEAD_SECONDS)
             return listed
 
         return self._write(op)
 
-    def _import_from(self, txn: Txn, queue: deque[int], entries: int) -> int:
+    def _import_from(
+        self, txn: Txn, queue: deque[int], entries: int, deadline: float | None = None
+    ) -> int:
         """List UNLISTED directories breadth first from `queue` (descending through
-        listed ones) until about `entries` entries were seen; what is left to visit
-        stays in `queue`. Returns how many directories were listed."""
+        listed ones) until about `entries` entries were seen, or `deadline`
+        (time.monotonic) passed; what is left to visit stays in `queue`. Returns how
+        many directories were listed."""
+        with self._walks():
+            return self._import_queue(txn, queue, entries, deadline)
+
+    def _walks(self) -> contextlib.AbstractContextManager[None]:
+        """Phase3Tree.cached_walks: listing a deep chain opens each directory once."""
+        return self.tree.cached_walks() if self.tree is not None else contextlib.nullcontext()
+
+    def _import_queue(
+        self, txn: Txn, queue: deque[int], entries: int, deadline: float | None
+    ) -> int:
         listed = seen = 0
         while queue and seen < entries:
             ino = queue.popleft()
             d = ns.get(txn, ino)
             if not d.stored:
+                if deadline is not None and listed and time.monotonic() > deadline:
+                    queue.appendleft(ino)
+                    break
                 ns.import_dir(txn, self.tree, d)
                 listed += 1
             for _, _, c in ns.entries(txn, ino):
@@ -855,30 +880,53 @@ class Store:
         )
 
     def commit_migrations(self, ms: list[ingest.Migration]) -> list[Inode]:
-        """Commit prepared migrations in one transaction; files no longer LEGACY are skipped."""
+        """Commit prepared migrations in one transaction. A file deleted meanwhile, or
+        no longer LEGACY (written, truncated, migrated by someone else), is dropped
+        from the batch and the rest commit: the app deleting or rewriting a file is
+        not an error. The chunks a dropped file staged are freed unless referenced."""
 
         def op(txn: Txn) -> list[Inode]:
             done = []
+            dropped = []
             for m in ms:
-                node = ns.get(txn, m.ino)
-                if node.stored or node.version != m.base_version:
+                v = txn.get("inodes", ino_key(m.ino))
+                node = None if v is None else Inode.unpack(m.ino, v)
+                if node is None or node.stored or node.version != m.base_version:
+                    dropped.append(m)
                     continue
                 ingest.commit_extents(txn, m)
+                # Not the times: the Phase 3 file had the entry's stat when it was
+                # read (ingest.prepare checks), and a utimens or rename through the
+                # mount since then must not be undone.
                 node.flags |= STORED
                 node.size = m.size
-                node.mtime_ns, node.ctime_ns = m.mtime_ns, m.ctime_ns
                 ns.put(txn, node)
                 ns.put_legacy(txn, m.ino, m.legacy)
                 txn.delete("errors", ino_key(m.ino))
                 done.append(node)
+            for m in dropped:  # after the others: one of them may share a staged chunk
+                ingest.unstage(txn, m)
             return done
 
         for _ in range(3):
             try:
                 return self._write(op)
             except cas.MissingChunk:
-                # A chunk deduplicated against was freed meanwhile: redo those files.
-                ms = [p for m in ms if (p := self.prepare_migration(m.ino)) is not None]
+                # A chunk deduplicated against was freed meanwhile: redo those files,
+                # without the ones deleted since. One that cannot be read again (it
+                # changed in Phase 3) gets its error; the others still commit.
+                again = []
+                for m in ms:
+                    try:
+                        p = self.prepare_migration(m.ino)
+                    except NotFound:
+                        continue
+                    except SourceError as e:
+                        self.record_error(m.ino, str(e))
+                        continue
+                    if p is not None:
+                        again.append(p)
+                ms = again
         raise FerryError("migration keeps racing with writes; try again")
 
     def migrate(self, ino: int) -> Inode:
@@ -892,18 +940,39 @@ class Store:
             self.commit_migrations([m])
         return self.getattr(ino)
 
-    def open_legacy(self, ino: int) -> int:
-        """A read fd of a LEGACY file's Phase 3 copy (SourceError if that is unsafe)."""
+    def open_legacy(self, ino: int) -> Phase3File:
+        """The Phase 3 copy of a LEGACY file, to serve its reads until it is migrated.
+
+        SourceError, recorded in status, if that is unsafe or the file changed in
+        Phase 3 since its entry was imported. Such a file then stays LEGACY and its
+        opens and reads get EIO: the mount keeps showing the entry it imported
+        (stat, and the rollback point's manifest, describe the old version), and
+        quietly taking the new content would serve bytes that match neither.
+        Truncating it to 0 or deleting it through the mount still works."""
         with self.backend.read() as txn:
             leg = ns.get_legacy(txn, ino)
         if leg is None or self.tree is None:
             raise SourceError("no Phase 3 origin")
-        fd = self.tree.open_file(leg.path)
-        st = os.fstat(fd)
-        if (st.st_ino, st.st_dev) != (leg.st_ino, leg.st_dev):
-            os.close(fd)
-            raise SourceError("replaced since the snapshot")
-        return fd
+        try:
+            f = Phase3File(self.tree.open_file(leg.path), leg)
+            try:
+                f.check()
+            except BaseException:
+                f.close()
+                raise
+        except SourceError as e:
+            self.record_error(ino, str(e))
+            raise
+        return f
+
+    def read_legacy(self, f: Phase3File, ino: int, off: int, n: int) -> bytes:
+        """Bytes of a LEGACY file from its Phase 3 copy `f` (open_legacy); SourceError,
+        recorded in status, if the file changed there before or during the read."""
+        try:
+            return f.pread(n, off)
+        except SourceError as e:
+            self.record_error(ino, str(e))
+            raise
 
     def heal(self, ino: int, bad: bytes) -> bool:
         """Rewrite the chunk `bad` from the Phase 3 copy of `ino`, if the file is
@@ -936,15 +1005,43 @@ class Store:
         self._write(lambda txn: txn.put("chunks", digest, record))
 
     def record_error(self, ino: int, message: str) -> None:
+        """Say in status why `ino` is not migrated; nothing if it was deleted meanwhile."""
+
+        def op(txn: Txn) -> None:
+            if txn.get("inodes", ino_key(ino)) is not None:
+                ns.record_error(txn, ino, message)
+
         if not self.readonly and self.failsafe is None:
-            self._write(lambda txn: ns.record_error(txn, ino, message))
+            self._write(op)
 
     def errors(self) -> list[tuple[int, str]]:
+        """The per-file errors that still apply (see `_error_applies`)."""
         with self.backend.read() as txn:
             return [
-                (U64.unpack(k)[0], bytes(v).decode(errors="replace"))
+                (ino, bytes(v).decode(errors="replace"))
                 for k, v in txn.range("errors", b"")
+                if _error_applies(txn, ino := U64.unpack(k)[0])
             ]
+
+    def prune_errors(self) -> int:
+        """Delete the error records that no longer apply; returns how many."""
+
+        def op(txn: Txn) -> int:
+            stale = [
+                bytes(k)
+                for k, _ in txn.range("errors", b"")
+                if not _error_applies(txn, U64.unpack(k)[0])
+            ]
+            for k in stale:
+                txn.delete("errors", k)
+            return len(stale)
+
+        if self.readonly or self.failsafe is not None:
+            return 0
+        with self.backend.read() as txn:
+            if all(_error_applies(txn, U64.unpack(k)[0]) for k, _ in txn.range("errors", b"")):
+                return 0
+        return self._write(op)
 
     def legacy_files(self, after: int = 0, limit: int = 1000) -> list[int]:
         """Inodes of LEGACY files past `after`, in inode order."""
@@ -1038,8 +1135,8 @@ class Store:
             for _, v in txn.range("chunks", b""):
                 s.chunks += 1
                 s.bytes_compressed += len(v)
-            for _ in txn.range("errors", b""):
-                s.errors += 1
+            for k, _ in txn.range("errors", b""):
+                s.errors += _error_applies(txn, U64.unpack(k)[0])
         s.bytes_stored = self.backend.disk_bytes()
         return s
 
@@ -1052,3 +1149,14 @@ class Store:
         """(block size, total blocks, free blocks, files) of the store's filesystem."""
         st = os.statvfs(self.path or ".")
         return st.f_frsize, st.f_blocks, st.f_bavail, st.f_files
+
+
+def _error_applies(txn: Txn, ino: int) -> bool:
+    """An error record is about migrating a file or listing a directory: it stops
+    applying when the inode is gone or the file is no longer LEGACY (migrated since,
+    or its content replaced through the mount)."""
+    v = txn.get("inodes", ino_key(ino))
+    if v is None:
+        return False
+    node = Inode.unpack(ino, v)
+    return not (node.is_reg and node.stored)

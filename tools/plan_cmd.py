@@ -43,8 +43,17 @@ def rows(p: planner.Plan) -> list[tuple[str, str]]:
     note = "" if sampled >= 0.999 else " (lower bound: dedup with unsampled files unseen)"
     saved = 1 - p.est_stored_bytes / p.bytes if p.bytes else 0.0
     verdict = "fits" if p.fits else "DOES NOT FIT: free space or pick another --store"
+    other = [
+        (
+            "not crossed",
+            f"{len(p.other_filesystems)} other filesystem(s) mounted inside, shown empty: "
+            + ", ".join(p.other_filesystems[:5])
+            + (", ..." if len(p.other_filesystems) > 5 else ""),
+        )
+    ]
     return [
         ("files", f"{p.files:,} in {p.dirs:,} directories, {_size(p.bytes)}"),
+        *(other if p.other_filesystems else []),
         (
             "skipped",
             f"{p.symlinks:,} symlinks, {p.special:,} special, {p.unreadable:,} unreadable",

@@ -92,6 +92,9 @@ class Plan:
     symlinks: int = 0
     special: int = 0
     unreadable: int = 0
+    # Mount points of other filesystems inside SRC: not crossed (`find -xdev`);
+    # the mount shows each as an empty directory.
+    other_filesystems: list[str] = field(default_factory=list)
     sampled_files: int = 0
     sampled_bytes: int = 0
     dedup_ratio: float = 1.0
@@ -122,6 +125,7 @@ class _Counts:
     symlinks: int = 0
     special: int = 0
     unreadable: int = 0
+    other_filesystems: list[str] = field(default_factory=list)
 
 
 class _Sampler:
@@ -252,8 +256,10 @@ def _join(parent: bytes, name: bytes) -> bytes:
 
 def _walk(root_fd: int, counts: _Counts, sampler: _Sampler) -> None:
     """Depth first, names in byte order (so the sample is the same on every run),
-    a directory's files before its subdirectories. Holds one fd per level."""
+    a directory's files before its subdirectories. Holds one fd per level. Does
+    not cross into other filesystems mounted inside (as `find -xdev`)."""
     stack: list[tuple[int, bytes, Iterator[bytes]]] = []
+    dev = os.fstat(root_fd).st_dev
     fd = os.dup(root_fd)
     counts.dirs += 1
     stack.append((fd, b"", iter(_list(fd, b"", counts, sampler))))
@@ -274,6 +280,10 @@ def _walk(root_fd: int, counts: _Counts, sampler: _Sampler) -> None:
             continue
         counts.dirs += 1
         path = _join(rel, name)
+        if os.fstat(child).st_dev != dev:
+            os.close(child)
+            counts.other_filesystems.append(os.fsdecode(path))
+            continue
         stack.append((child, path, iter(_list(child, path, counts, sampler))))
 
 

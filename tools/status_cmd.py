@@ -49,6 +49,14 @@ def _eta(s: dict[str, Any]) -> str:
     return f"{int(eta) // 60}m{int(eta) % 60:02d}s"
 
 
+def _sweep(s: dict[str, Any], sep: str = ", ") -> str:
+    """The sweep's state, and its rate and ETA while it can still finish (a
+    cancelled or disabled sweep has neither)."""
+    if s["sweep_state"] in ("cancelled", "off"):
+        return str(s["sweep_state"])
+    return f"{s['sweep_state']}{sep}{_mb(s.get('sweep_rate', 0))}/s{sep}ETA {_eta(s)}"
+
+
 def render(s: dict[str, Any]) -> str:
     saved = 1 - s["bytes_stored"] / s["bytes_migrated"] if s["bytes_migrated"] else 0.0
     dedup = 1 - s["bytes_compressed"] / s["bytes_migrated"] if s["bytes_migrated"] else 0.0
@@ -68,7 +76,7 @@ def render(s: dict[str, Any]) -> str:
             f"(dedup+compression save {dedup:.0%}"
             + (f", {saved:.0%} after overhead)" if saved >= 0 else ")"),
         ),
-        ("sweep", f"{s['sweep_state']}, {_mb(s.get('sweep_rate', 0))}/s, ETA {_eta(s)}"),
+        ("sweep", _sweep(s)),
         ("errors", f"{s['errors']} files, {s.get('corrupt_reads', 0)} corrupt reads"),
     ]
     if s.get("failsafe"):
@@ -106,8 +114,7 @@ def watch(mnt: str, interval: float) -> int:
                     data,
                     total=max(1, s["bytes_logical"]),
                     completed=s["bytes_migrated"],
-                    what=f"{_mb(s['bytes_migrated'])} · sweep {s['sweep_state']} · "
-                    f"{_mb(s.get('sweep_rate', 0))}/s · ETA {_eta(s)} · "
+                    what=f"{_mb(s['bytes_migrated'])} · sweep {_sweep(s, ' · ')} · "
                     f"{s['errors']} errors",
                 )
                 if s["sweep_state"] in ("done", "cancelled", "off") or not s["files_legacy"]:
