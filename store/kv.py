@@ -14,11 +14,14 @@ import bisect
 import contextlib
 import errno
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from typing import Protocol
 
 import lmdb
+
+from .errors import StoreDamaged, StoreUnusable
 
 DBS = (
     "meta",
@@ -43,10 +46,22 @@ class MapFull(Exception):
     """The LMDB map is full; the backend grows it and the caller retries."""
 
 
-class StoreDamaged(Exception):
-    """The database file is cut short: opening it would crash, not fail."""
+# What LMDB raises when a page is not what it should be: the database is damaged.
+# (MapFull, a full disk and usage errors are not among them.)
+_DAMAGE: tuple[type[lmdb.Error], ...] = (
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.BadTxnError,
+    lmdb.InvalidError,
+    lmdb.PanicError,
+    lmdb.PageFullError,
+    lmdb.IncompatibleError,
+    lmdb.VersionMismatchError,
+)
 
-    advice = "restore it from a backup, or move the store aside to start again from Phase 3"
+
+def _damaged(e: lmdb.Error) -> StoreDamaged:
+    return StoreDamaged(f"the store's database is damaged ({e}); {StoreDamaged.advice}")
 
 
 class Txn(Protocol):
@@ -130,40 +145,52 @@ class LmdbBackend:
 
     INITIAL_MAP = 1 << 30
 
-    def __init__(self, path: str, readonly: bool = False, map_size: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        readonly: bool = False,
+        map_size: int | None = None,
+        shown: str | None = None,
+    ) -> None:
+        """`shown`: the directory's name in messages, when `path` is a /proc/self/fd one."""
         self.path = path
         self.readonly = readonly
         # The map is address space, not disk (the file grows as pages are written), so
         # make it as big as the filesystem holding it: growing it later needs every
         # transaction of the process closed, and worker threads hold read ones.
         size = map_size or max(self.INITIAL_MAP, _capacity(path))
-        data = os.path.join(path, "data.mdb")
+        data = self._data = os.path.join(path, "data.mdb")
+        self._shown = os.path.join(shown or path, "data.mdb")
         had = os.path.getsize(data) if os.path.exists(data) else None
         if had == 0:
             # LMDB would quietly make a new, empty database of it.
-            raise StoreDamaged(f"{data} is empty (truncated?); {StoreDamaged.advice}")
+            raise StoreDamaged(f"{self._shown} is empty (truncated?); {StoreDamaged.advice}")
         if had is not None:
             size = max(size, had * 2)
-        self._env = lmdb.open(
-            path,
-            map_size=size,
-            max_dbs=len(DBS) + 1,
-            readonly=readonly,
-            metasync=False,
-            sync=not readonly,
-            readahead=True,
-            max_readers=256,
-            lock=True,
-        )
-        # Pages past the end of a truncated file are mapped but not backed: touching
-        # one kills the process with SIGBUS. The meta page says how far the file goes
-        # (a live writer writes pages before the meta page: size it after reading).
-        need = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
-        if had is not None and (had := os.path.getsize(data)) < need:
-            self._env.close()
-            raise StoreDamaged(
-                f"{data} is truncated ({had} of at least {need} bytes); {StoreDamaged.advice}"
+        try:
+            self._env = lmdb.open(
+                path,
+                map_size=size,
+                max_dbs=len(DBS) + 1,
+                readonly=readonly,
+                metasync=False,
+                sync=not readonly,
+                readahead=True,
+                max_readers=256,
+                lock=True,
+                mode=0o600,
             )
+        except _DAMAGE as e:
+            raise StoreDamaged(
+                f"{self._shown} is not a usable LMDB file ({e}); {StoreDamaged.advice}"
+            ) from None
+        except lmdb.Error as e:  # not allowed, no space, too many readers...
+            raise StoreUnusable(f"cannot open {self._shown}: {e}") from None
+        try:
+            self._check_length(data)
+        except BaseException:
+            self._env.close()
+            raise
         self._lock = threading.Lock()
         self._gate = threading.Condition()
         self._readers = 0
@@ -181,6 +208,38 @@ class LmdbBackend:
     def has_db(self, name: str) -> bool:
         return name in self._dbs
 
+    # Pages past the end of a short file are mapped but not backed: touching one kills
+    # the process with SIGBUS. But a file shorter than the meta page's last page is not
+    # always cut short: LMDB never writes pages that the transaction which allocated
+    # them also freed, so the last pages may be on the freelist and never written.
+    # Only pages the trees reference must be in the file; a writer then extends the
+    # file (sparsely) to the length the meta page names, so it is not short again.
+
+    def _need(self) -> int:
+        need: int = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+        return need
+
+    def _check_length(self, data: str) -> None:
+        # A live writer writes pages before the meta page: size the file after reading it.
+        need = self._need()
+        if os.path.getsize(data) >= need:
+            return
+        with self._env.begin() as txn:  # a reader: the writer keeps this snapshot's pages
+            past = _page_past_end(data, self._env.stat()["psize"], txn.id())
+        if past is not None:
+            raise StoreDamaged(
+                f"{self._shown} is truncated ({os.path.getsize(data)} bytes, but page {past} is "
+                f"in use); {StoreDamaged.advice}"
+            )
+        if not self.readonly:
+            self._cover()
+
+    def _cover(self) -> None:
+        """Extend data.mdb, a hole, to the length the meta page names (writer only)."""
+        need = self._need()
+        if os.stat(self._data).st_size < need:
+            os.truncate(self._data, need)
+
     @contextlib.contextmanager
     def read(self) -> Iterator[Txn]:
         self._enter_read()
@@ -192,6 +251,8 @@ class LmdbBackend:
                 txn = self._env.begin(buffers=True)
             try:
                 yield _LmdbTxn(txn, self._dbs)
+            except _DAMAGE as e:
+                raise _damaged(e) from e
             finally:
                 txn.abort()
         finally:
@@ -223,6 +284,9 @@ class LmdbBackend:
             txn = self._env.begin(write=True, buffers=False)
             try:
                 yield _LmdbTxn(txn, self._dbs)
+            except _DAMAGE as e:
+                txn.abort()
+                raise _damaged(e) from e
             except BaseException:
                 txn.abort()
                 raise
@@ -235,6 +299,7 @@ class LmdbBackend:
                 # from the page flush: tell them apart by the space left.
                 full = "No space" in str(e) or self._nearly_full()
                 raise OSError(errno.ENOSPC if full else errno.EIO, str(e)) from e
+            self._cover()
 
     def _nearly_full(self) -> bool:
         st = os.statvfs(self.path)
@@ -268,6 +333,74 @@ class LmdbBackend:
     def disk_bytes(self) -> int:
         st = os.stat(os.path.join(self.path, "data.mdb"))
         return st.st_blocks * 512
+
+
+def create_environment(path: str) -> None:
+    """An empty LMDB environment in the directory `path` (a new store's database)."""
+    lmdb.open(path, map_size=1 << 20, max_dbs=len(DBS) + 1, mode=0o600).close()
+
+
+# LMDB's file format (lmdb.h / mdb.c, 64-bit): what _page_past_end reads.
+_P_BRANCH, _P_LEAF, _P_LEAF2 = 0x01, 0x02, 0x20
+_F_BIGDATA, _F_SUBDATA = 0x01, 0x02
+_PAGEHDR = 16  # pgno u64, pad u16, flags u16, lower/upper u16 (or pages u32)
+_META_FREE_ROOT, _META_MAIN_ROOT, _META_TXNID = 16 + 64, 16 + 112, 16 + 128
+_DB_ROOT = 40  # of an MDB_db record (a named database's leaf value)
+_INVALID = (1 << 64) - 1
+
+
+def _page_past_end(data: str, psize: int, txnid: int) -> int | None:
+    """The first page past the end of `data` that transaction `txnid`'s trees
+    reference (branch, leaf or overflow pages, of every database and the freelist),
+    or None if all are in the file. Reads with pread, never through the map."""
+    fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        npages = os.fstat(fd).st_size // psize
+
+        def page(pg: int, n: int = psize) -> bytes:
+            return os.pread(fd, n, pg * psize)
+
+        metas = [page(i) for i in (0, 1)]
+        meta = next(
+            (m for m in metas if struct.unpack_from("<Q", m, _META_TXNID)[0] == txnid),
+            max(metas, key=lambda m: struct.unpack_from("<Q", m, _META_TXNID)[0]),
+        )
+        stack: list[int] = [
+            struct.unpack_from("<Q", meta, o)[0] for o in (_META_FREE_ROOT, _META_MAIN_ROOT)
+        ]
+        seen: set[int] = set()
+        while stack:
+            pg = stack.pop()
+            if pg == _INVALID or pg in seen:
+                continue
+            if pg >= npages:
+                return pg
+            seen.add(pg)
+            p = page(pg)
+            flags, lower = struct.unpack_from("<HH", p, 10)
+            if flags & _P_LEAF2 or not flags & (_P_BRANCH | _P_LEAF):
+                continue  # keys only, or not a tree page (damage LMDB reports itself)
+            for i in range(max(0, min(lower, psize) - _PAGEHDR) // 2):
+                off = struct.unpack_from("<H", p, _PAGEHDR + 2 * i)[0]
+                if off + 8 > psize:
+                    continue
+                lo, hi, nflags, ksize = struct.unpack_from("<HHHH", p, off)
+                if flags & _P_BRANCH:
+                    stack.append(lo | hi << 16 | nflags << 32)
+                    continue
+                at = off + 8 + ksize
+                if nflags & _F_BIGDATA and at + 8 <= psize:
+                    ov: int = struct.unpack_from("<Q", p, at)[0]
+                    if ov >= npages:
+                        return ov
+                    pages = struct.unpack_from("<I", page(ov, _PAGEHDR), 12)[0]
+                    if ov + pages > npages:
+                        return npages
+                elif nflags & _F_SUBDATA and at + _DB_ROOT + 8 <= psize:
+                    stack.append(struct.unpack_from("<Q", p, at + _DB_ROOT)[0])
+        return None
+    finally:
+        os.close(fd)
 
 
 def _capacity(path: str) -> int:

@@ -12,7 +12,6 @@ underneath (the inode's version) and retries otherwise.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
 import time
@@ -39,7 +38,6 @@ from .errors import (
     ReadOnly,
     SchemaMismatch,
     SourceError,
-    StoreLocked,
     StoreMissing,
 )
 from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
@@ -56,6 +54,7 @@ from .records import (
     ino_key,
     xattr_key,
 )
+from .storedir import StoreDir
 
 T = TypeVar("T")
 
@@ -112,7 +111,7 @@ class Store:
         # Write transactions committed by this process: a cheap "has anything
         # changed" for callers that cache what they read (the mount's status).
         self.commits = 0
-        self._lock_fd: int | None = None
+        self.dir: StoreDir | None = None  # the store directory, when on disk
         self.chunker = Chunker()
 
     # -- opening -------------------------------------------------------------
@@ -134,35 +133,19 @@ class Store:
         keep_orphans: bool = False,
         tree: Phase3Tree | None = None,
     ) -> Store:
-        """Open the store at `path` (creating it from `source` if `create`)."""
-        db = os.path.join(path, "db")
-        if not os.path.isdir(db):
-            if not create or readonly:
-                raise StoreMissing(f"{path} is not a ferryfs store (no {db})")
-            os.makedirs(db, exist_ok=True)
-        elif not os.path.exists(os.path.join(db, "data.mdb")) and (not create or readonly):
-            raise StoreMissing(f"{path} is not a ferryfs store (its database is missing)")
-        lock_fd = None
-        if not readonly:
-            lock_fd = os.open(
-                os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(lock_fd)
-                raise StoreLocked(
-                    f"store {path} is in use by another ferryfs process (a mount or a migrate); "
-                    "stop it first"
-                ) from None
+        """Open the store at `path` (creating it from `source` if `create` and nothing
+        is at `path`). The directory is checked and opened by `StoreDir`; a writer
+        holds its lock until `close()`."""
+        sd = StoreDir.open(path, create=create and not readonly)
         try:
-            backend = LmdbBackend(db, readonly=readonly)
-        except Exception as e:
-            if lock_fd is not None:
-                os.close(lock_fd)
-            raise StoreMissing(f"cannot open store {path}: {e}") from None
+            if not readonly:
+                sd.lock()
+            backend = LmdbBackend(sd.db_path, readonly=readonly, shown=os.path.join(path, "db"))
+        except BaseException:
+            sd.close()
+            raise
         s = cls(backend, path=path, readonly=readonly, keep_orphans=keep_orphans)
-        s._lock_fd = lock_fd
+        s.dir = sd
         try:
             if tree is None and source is not None:
                 tree = Phase3Tree.open(source)
@@ -262,9 +245,9 @@ class Store:
         if self.tree is not None:
             self.tree.close()
             self.tree = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self.dir is not None:  # last: the writer lock goes once LMDB is closed
+            self.dir.close()
+            self.dir = None
 
     def __enter__(self) -> Store:
         return self
