@@ -49,6 +49,10 @@ DB = "db"
 DATA = "data.mdb"
 LMDB_LOCK = "lock.mdb"
 LOG = "daemon.log"
+# Left in every store directory made, so one whose db/ was moved away is never empty,
+# and so never mistaken for an empty directory to make a new store in.
+MARK = "ferryfs-store"
+MARK_TEXT = b"This directory is a ferryfs store; its database is db/data.mdb.\n"
 LOG_MAX = 4 << 20  # bytes of daemon.log before it is rotated to daemon.log.1
 _NEW = ".new-store."  # prefix of a store being built beside its final path
 
@@ -139,6 +143,8 @@ class StoreDir:
                     finally:
                         if dbfd != tfd:
                             os.close(dbfd)
+                    if into is None:
+                        _write_mark(tfd)
                 finally:
                     os.close(tfd)
                 if into is None:
@@ -147,6 +153,7 @@ class StoreDir:
                     os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
                 else:
                     os.rename(tmp, DB, src_dir_fd=into, dst_dir_fd=into)
+                    _write_mark(into)
                     os.fchmod(into, DIR_MODE)
             finally:
                 if pfd >= 0:
@@ -176,6 +183,11 @@ class StoreDir:
                 raise StoreUnusable(f"{where} is not a regular file: refused")
             loose |= _check(where, st, is_dir=False, chmod=partial(self._chmod_db, name))
         # Tightened last: a directory found not to be a store is left as it was.
+        for name in os.listdir(self.fd):  # daemon.log, fsck.cursor... of an older ferryfs
+            st = os.lstat(name, dir_fd=self.fd)
+            if stat.S_ISREG(st.st_mode):
+                chmod = partial(os.chmod, name, dir_fd=self.fd)
+                loose |= _tighten(os.path.join(self.path, name), st, chmod)
         loose |= _tighten(self.path, os.fstat(self.fd), partial(os.fchmod, self.fd))
         db = os.path.join(self.path, DB)
         loose |= _tighten(db, os.fstat(self.db_fd), partial(os.fchmod, self.db_fd))
@@ -316,8 +328,9 @@ class StoreDir:
 class LogRotation(logging.Filter):
     """Keeps the daemon's stderr (daemon.log, which libfuse writes to as well as the
     log records) under a size: past it, daemon.log becomes daemon.log.1 and a new
-    daemon.log takes fds 1 and 2. Checked before each log record and every
-    `PERIOD` seconds, so the two files stay within about 2 x max_bytes."""
+    daemon.log takes fd 2 (and fd 1, when it was daemon.log too). Checked before each
+    log record and every `PERIOD` seconds, so the two files stay within about
+    2 x max_bytes."""
 
     PERIOD = 10.0
 
@@ -326,6 +339,8 @@ class LogRotation(logging.Filter):
         self.sd = sd
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        # stdout moves with stderr only when it is the same file (as the daemon has it)
+        self._fds = (1, 2) if _same(1, 2) else (2,)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._every, name="log-rotation", daemon=True)
         self._thread.start()
@@ -350,8 +365,8 @@ class LogRotation(logging.Filter):
                 fd = self.sd.open_file(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             except (OSError, StoreUnusable):
                 return  # keep writing where we were rather than lose the log
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
+            for std in self._fds:
+                os.dup2(fd, std)
             os.close(fd)
 
     def _every(self) -> None:
@@ -360,6 +375,14 @@ class LogRotation(logging.Filter):
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _same(fd1: int, fd2: int) -> bool:
+    try:
+        a, b = os.fstat(fd1), os.fstat(fd2)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _open_top(path: str, st: os.stat_result) -> int:
@@ -418,6 +441,17 @@ def _unusable(where: str, e: OSError) -> StoreUnusable | StoreMissing:
     if e.errno == errno.ENOENT:
         return StoreMissing(f"{where} does not exist: not a ferryfs store")
     return StoreUnusable(f"cannot use {where}: {e.strerror or e}")
+
+
+def _write_mark(dirfd: int) -> None:
+    fd = os.open(
+        MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE, dir_fd=dirfd
+    )
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.write(fd, MARK_TEXT)
+    finally:
+        os.close(fd)
 
 
 def _init_database(dbfd: int) -> None:
