@@ -14,13 +14,13 @@ import bisect
 import contextlib
 import errno
 import os
-import struct
 import threading
 from collections.abc import Iterator
 from typing import Protocol
 
 import lmdb
 
+from . import lmdbfile
 from .errors import StoreDamaged, StoreUnusable
 
 DBS = (
@@ -224,15 +224,22 @@ class LmdbBackend:
         need = self._need()
         if os.path.getsize(data) >= need:
             return
-        with self._env.begin() as txn:  # a reader: the writer keeps this snapshot's pages
-            past = _page_past_end(data, self._env.stat()["psize"], txn.id())
-        if past is not None:
+        damage = self.verify()
+        if damage is not None:
+            size = os.path.getsize(data)
             raise StoreDamaged(
-                f"{self._shown} is truncated ({os.path.getsize(data)} bytes, but page {past} is "
-                f"in use); {StoreDamaged.advice}"
+                f"{self._shown} is truncated ({size} bytes; {damage}); {StoreDamaged.advice}"
+                if damage.past_end
+                else f"{self._shown} is damaged ({damage}); {StoreDamaged.advice}"
             )
         if not self.readonly:
             self._cover()
+
+    def verify(self) -> lmdbfile.Damage | None:
+        """The first damage to the structure of the database (a page cut off, or not
+        what its parent says), found without LMDB touching a page; None if sound."""
+        with self._env.begin() as txn:  # a reader: the writer keeps this snapshot's pages
+            return lmdbfile.walk(self._data, self._env.stat()["psize"], txn.id())
 
     def _cover(self) -> None:
         """Extend data.mdb, a hole, to the length the meta page names (writer only)."""
@@ -338,69 +345,6 @@ class LmdbBackend:
 def create_environment(path: str) -> None:
     """An empty LMDB environment in the directory `path` (a new store's database)."""
     lmdb.open(path, map_size=1 << 20, max_dbs=len(DBS) + 1, mode=0o600).close()
-
-
-# LMDB's file format (lmdb.h / mdb.c, 64-bit): what _page_past_end reads.
-_P_BRANCH, _P_LEAF, _P_LEAF2 = 0x01, 0x02, 0x20
-_F_BIGDATA, _F_SUBDATA = 0x01, 0x02
-_PAGEHDR = 16  # pgno u64, pad u16, flags u16, lower/upper u16 (or pages u32)
-_META_FREE_ROOT, _META_MAIN_ROOT, _META_TXNID = 16 + 64, 16 + 112, 16 + 128
-_DB_ROOT = 40  # of an MDB_db record (a named database's leaf value)
-_INVALID = (1 << 64) - 1
-
-
-def _page_past_end(data: str, psize: int, txnid: int) -> int | None:
-    """The first page past the end of `data` that transaction `txnid`'s trees
-    reference (branch, leaf or overflow pages, of every database and the freelist),
-    or None if all are in the file. Reads with pread, never through the map."""
-    fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        npages = os.fstat(fd).st_size // psize
-
-        def page(pg: int, n: int = psize) -> bytes:
-            return os.pread(fd, n, pg * psize)
-
-        metas = [page(i) for i in (0, 1)]
-        meta = next(
-            (m for m in metas if struct.unpack_from("<Q", m, _META_TXNID)[0] == txnid),
-            max(metas, key=lambda m: struct.unpack_from("<Q", m, _META_TXNID)[0]),
-        )
-        stack: list[int] = [
-            struct.unpack_from("<Q", meta, o)[0] for o in (_META_FREE_ROOT, _META_MAIN_ROOT)
-        ]
-        seen: set[int] = set()
-        while stack:
-            pg = stack.pop()
-            if pg == _INVALID or pg in seen:
-                continue
-            if pg >= npages:
-                return pg
-            seen.add(pg)
-            p = page(pg)
-            flags, lower = struct.unpack_from("<HH", p, 10)
-            if flags & _P_LEAF2 or not flags & (_P_BRANCH | _P_LEAF):
-                continue  # keys only, or not a tree page (damage LMDB reports itself)
-            for i in range(max(0, min(lower, psize) - _PAGEHDR) // 2):
-                off = struct.unpack_from("<H", p, _PAGEHDR + 2 * i)[0]
-                if off + 8 > psize:
-                    continue
-                lo, hi, nflags, ksize = struct.unpack_from("<HHHH", p, off)
-                if flags & _P_BRANCH:
-                    stack.append(lo | hi << 16 | nflags << 32)
-                    continue
-                at = off + 8 + ksize
-                if nflags & _F_BIGDATA and at + 8 <= psize:
-                    ov: int = struct.unpack_from("<Q", p, at)[0]
-                    if ov >= npages:
-                        return ov
-                    pages = struct.unpack_from("<I", page(ov, _PAGEHDR), 12)[0]
-                    if ov + pages > npages:
-                        return npages
-                elif nflags & _F_SUBDATA and at + _DB_ROOT + 8 <= psize:
-                    stack.append(struct.unpack_from("<Q", p, at + _DB_ROOT)[0])
-        return None
-    finally:
-        os.close(fd)
 
 
 def _capacity(path: str) -> int:
