@@ -95,7 +95,7 @@ class StoreDir:
             try:
                 db_fd = os.open(DB, _DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
-                if not (create and not os.listdir(fd)):
+                if not (create and _empty(fd)):
                     raise StoreMissing(
                         f"{path} is not a ferryfs store, or its database was moved away "
                         f"(no {DB}/{DATA}): restore it, or give a new store path"
@@ -155,6 +155,9 @@ class StoreDir:
                     os.rename(tmp, DB, src_dir_fd=into, dst_dir_fd=into)
                     _write_mark(into)
                     os.fchmod(into, DIR_MODE)
+            except BaseException:
+                _remove_tree(where, tmp)
+                raise
             finally:
                 if pfd >= 0:
                     os.close(pfd)
@@ -304,15 +307,6 @@ class StoreDir:
 
     # -- the daemon's log ------------------------------------------------------------
 
-    def open_log(self) -> int:
-        """daemon.log for appending (rotated first if it is over LOG_MAX)."""
-        fd = self.open_file(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        if os.fstat(fd).st_size <= LOG_MAX:
-            return fd
-        os.close(fd)
-        os.replace(LOG, LOG + ".1", src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        return self.open_file(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-
     def rotate_stderr(self, max_bytes: int = LOG_MAX) -> LogRotation | None:
         """If this process's stderr is STORE/daemon.log (the daemon `ferryfs mount`
         starts), keep it under `max_bytes` from now on; None otherwise."""
@@ -338,7 +332,7 @@ class LogRotation(logging.Filter):
         super().__init__()
         self.sd = sd
         self.max_bytes = max_bytes
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a warning logged while rotating comes back here
         # stdout moves with stderr only when it is the same file (as the daemon has it)
         self._fds = (1, 2) if _same(1, 2) else (2,)
         self._stop = threading.Event()
@@ -375,6 +369,35 @@ class LogRotation(logging.Filter):
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _empty(fd: int) -> bool:
+    """Nothing in the directory but what an interrupted creation left (removed)."""
+    names = os.listdir(fd)
+    if any(not n.startswith(_NEW) for n in names):
+        return False
+    for n in names:
+        _remove_tree(fd, n)
+    return True
+
+
+def _remove_tree(dirfd: int, name: str) -> None:
+    """Remove `name` and what is in it, never following a link."""
+    with contextlib.suppress(OSError):
+        try:
+            sub = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+        except NotADirectoryError:
+            os.unlink(name, dir_fd=dirfd)
+            return
+        except OSError:  # a symbolic link (ELOOP) or gone
+            os.unlink(name, dir_fd=dirfd)
+            return
+        try:
+            for n in os.listdir(sub):
+                _remove_tree(sub, n)
+        finally:
+            os.close(sub)
+        os.rmdir(name, dir_fd=dirfd)
 
 
 def _same(fd1: int, fd2: int) -> bool:
@@ -473,8 +496,24 @@ def opened(path: str, create: bool = False) -> Iterator[StoreDir]:
         sd.close()
 
 
-def open_log(path: str, create: bool = False) -> BinaryIO:
-    """STORE/daemon.log for appending, checked as everything in a store is; with
-    `create`, the store is made first if nothing is at `path`."""
-    with opened(path, create) as sd:
-        return os.fdopen(sd.open_log(), "ab")
+def open_log(log_path: str) -> BinaryIO:
+    """A daemon's log file for appending: opened without following a link, created
+    0600, refused unless a regular file of ours that others cannot write, and moved
+    to NAME.1 first when over LOG_MAX. For STORE/daemon.log (and the read-only
+    mount's log beside it)."""
+    parent, name = os.path.split(os.path.abspath(log_path))
+    try:
+        dfd = os.open(parent, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    except OSError as e:
+        raise _unusable(parent, e) from None
+    try:
+        _check(parent, os.fstat(dfd), is_dir=True)
+        sd = StoreDir(parent, dfd, -1)
+        fd = sd.open_file(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        if os.fstat(fd).st_size > LOG_MAX:
+            os.close(fd)
+            os.replace(name, name + ".1", src_dir_fd=dfd, dst_dir_fd=dfd)
+            fd = sd.open_file(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    finally:
+        os.close(dfd)
+    return os.fdopen(fd, "ab")

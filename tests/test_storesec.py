@@ -372,7 +372,7 @@ def test_daemon_log_rotates_and_stays_bounded(tree: Path, tmp_path: Path) -> Non
     store = tmp_path / "store"
     Store.open(str(store), source=str(tree), create=True).close()
     limit = 64 << 10
-    with storedir.open_log(str(store)) as log:
+    with storedir.open_log(str(store / "daemon.log")) as log:
         r = subprocess.run(
             [sys.executable, "-c", ROTATE, str(store), str(limit)],
             stderr=log,
