@@ -414,3 +414,32 @@ def test_refusals_name_the_path_and_raise_store_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreUnusable, match="owned by uid 65534") as e:
         storedir.StoreDir.open(str(other), create=True)
     assert e.value.exit_code == 8
+
+
+def test_a_live_daemon_rotates_its_log(tree: Path, tmp_path: Path) -> None:
+    """The daemon's stderr is daemon.log: past LOG_MAX its next record rotates it."""
+    require_fuse()
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    log = store / "daemon.log"
+    with mounted(tree, mnt, store) as m:
+        assert Path(f"/proc/{m.pid}/fd/2").resolve() == log
+        os.truncate(log, log.stat().st_size + storedir.LOG_MAX + 1)  # as if it logged much
+    # Unmounting logs "stopping" and "unmounted": the first of them rotated the log.
+    assert (store / "daemon.log.1").stat().st_size > storedir.LOG_MAX
+    assert log.stat().st_size < 1 << 20
+    assert "unmounted" in log.read_text()
+    assert modes(store) == {}
+
+
+def test_a_user_makes_a_private_store_and_root_may_not_use_it(world: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test runs commands as uid 65534: it needs root to start them")
+    store = world / "mine.ferry"
+    r = as_nobody("migrate", world / "src", "--store", store)
+    assert r.returncode == 0, r.stderr
+    assert store.stat().st_uid == NOBODY and modes(store) == {}
+    r = as_nobody("stats", store)
+    assert r.returncode == 0, r.stderr
+    # Root refuses a store another user controls (what it would write, it could redirect).
+    one_line(ferry("stats", store), 8, r"owned by uid 65534")
