@@ -59,7 +59,6 @@ from .errors import (
     NotFound,
     OpError,
     SourceError,
-    StoreDamaged,
     StoreMissing,
 )
 from .kv import Buf, LmdbBackend, Txn
@@ -826,16 +825,6 @@ def repair(store: Store, report: Report) -> list[str]:
         if not _reimport(store, ino):
             lost.update(p.path for p in report.problems if p.ino == ino and p.kind in REIMPORT)
     return sorted(lost)
-
-
-def check_database(store: Store) -> None:
-    """Raise StoreDamaged if the database's own structure is damaged (a page cut off,
-    zeroed or not what its parent says). Runs before any check reads through LMDB,
-    which trusts its pages: on a damaged one it can abort the process."""
-    if isinstance(store.backend, LmdbBackend):
-        damage = store.backend.verify()
-        if damage is not None:
-            raise StoreDamaged(f"the store's database is damaged ({damage}); {StoreDamaged.advice}")
 
 
 def hold_writer_lock(path: str) -> StoreDir | None:

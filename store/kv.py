@@ -151,8 +151,11 @@ class LmdbBackend:
         readonly: bool = False,
         map_size: int | None = None,
         shown: str | None = None,
+        verify: bool = False,
     ) -> None:
-        """`shown`: the directory's name in messages, when `path` is a /proc/self/fd one."""
+        """`shown`: the directory's name in messages, when `path` is a /proc/self/fd one.
+        `verify`: walk every page in use first (fsck), so that damage is StoreDamaged
+        before LMDB reads a page it would abort on."""
         self.path = path
         self.readonly = readonly
         # The map is address space, not disk (the file grows as pages are written), so
@@ -186,18 +189,27 @@ class LmdbBackend:
             ) from None
         except lmdb.Error as e:  # not allowed, no space, too many readers...
             raise StoreUnusable(f"cannot open {self._shown}: {e}") from None
-        try:
-            self._check_length(data)
-        except BaseException:
-            self._env.close()
-            raise
         self._lock = threading.Lock()
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
         self._local = threading.local()
         self._dbs: dict[str, lmdb._Database] = {}
-        if readonly:
+        try:
+            self._check_length(data)
+            damage = self.verify() if verify else None
+            if damage is not None:
+                raise StoreDamaged(f"{self._shown} is damaged ({damage}); {StoreDamaged.advice}")
+            self._open_dbs()
+        except _DAMAGE as e:
+            self._env.close()
+            raise _damaged(e) from e
+        except BaseException:
+            self._env.close()
+            raise
+
+    def _open_dbs(self) -> None:
+        if self.readonly:
             for name in DBS:
                 with contextlib.suppress(lmdb.NotFoundError):
                     self._dbs[name] = self._env.open_db(name.encode(), create=False)

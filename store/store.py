@@ -132,15 +132,18 @@ class Store:
         readonly: bool = False,
         keep_orphans: bool = False,
         tree: Phase3Tree | None = None,
+        verify: bool = False,
     ) -> Store:
         """Open the store at `path` (creating it from `source` if `create` and nothing
         is at `path`). The directory is checked and opened by `StoreDir`; a writer
-        holds its lock until `close()`."""
+        holds its lock until `close()`. `verify`: check every database page in use
+        first (fsck; see LmdbBackend)."""
         sd = StoreDir.open(path, create=create and not readonly)
         try:
             if not readonly:
                 sd.lock()
-            backend = LmdbBackend(sd.db_path, readonly=readonly, shown=os.path.join(path, "db"))
+            shown = os.path.join(path, "db")
+            backend = LmdbBackend(sd.db_path, readonly=readonly, shown=shown, verify=verify)
         except BaseException:
             sd.close()
             raise

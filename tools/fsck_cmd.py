@@ -17,7 +17,6 @@ from ferryfs.store.fsck import (
     Checker,
     Problem,
     Report,
-    check_database,
     defuse_orphan_marks,
     hold_writer_lock,
     repair,
@@ -89,8 +88,8 @@ def _run(args: argparse.Namespace) -> int:
     # exactly what it found and asked about.
     held = hold_writer_lock(args.store) if args.repair else None
     try:
-        with Store.open(args.store, readonly=True) as store:
-            check_database(store)  # before LMDB reads a page it may not survive
+        # verify: every page in use checked before LMDB reads one it may abort on
+        with Store.open(args.store, readonly=True, verify=True) as store:
             store.tree = phase3_of(store)
             total = 2 * store.stats().bytes_migrated if args.deep else 0
             with Bar("checking", total) as bar:
