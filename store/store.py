@@ -1,12 +1,12 @@
 """The store facade: one store directory, one LMDB environment, every operation
 as one transaction inside one call.
 
-Writes take an exclusive lock on the store directory, so one process writes a
-store at a time; readers (`stats`, `fsck`, `search`) open it read-only beside
-a writer and see consistent snapshots. Heavy work (chunking, hashing,
-compression) happens in `prepare_*` calls under read transactions; the matching
-`commit_*` call is a short write transaction that checks nothing moved
-underneath (the inode's version) and retries otherwise.
+Writes take the store's writer lock (a flock on its data.mdb, see storedir.py),
+so one process writes a store at a time; readers (`stats`, `fsck`, `search`)
+open it read-only beside a writer and see consistent snapshots. Heavy work
+(chunking, hashing, compression) happens in `prepare_*` calls under read
+transactions; the matching `commit_*` call is a short write transaction that
+checks nothing moved underneath (the inode's version) and retries otherwise.
 """
 
 from __future__ import annotations

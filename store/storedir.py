@@ -278,7 +278,7 @@ class StoreDir:
         """The bytes of `name`, or None if there is none."""
         try:
             fd = self.open_file(name, os.O_RDONLY)
-        except StoreUnusable:
+        except (StoreUnusable, StoreMissing):
             if not self.exists(name):
                 return None
             raise
