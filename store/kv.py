@@ -57,6 +57,16 @@ _DAMAGE: tuple[type[lmdb.Error], ...] = (
     lmdb.PageFullError,
     lmdb.IncompatibleError,
     lmdb.VersionMismatchError,
+    lmdb.ProblemError,
+)
+
+
+# At open, EINVAL or ENOMEM come from a meta page's garbage (a page size or map
+# size no LMDB wrote), not from our arguments.
+_DAMAGE_AT_OPEN: tuple[type[lmdb.Error], ...] = (
+    *_DAMAGE,
+    lmdb.InvalidParameterError,
+    lmdb.MemoryError,
 )
 
 
@@ -183,7 +193,7 @@ class LmdbBackend:
                 lock=True,
                 mode=0o600,
             )
-        except _DAMAGE as e:
+        except _DAMAGE_AT_OPEN as e:
             raise StoreDamaged(
                 f"{self._shown} is not a usable LMDB file ({e}); {StoreDamaged.advice}"
             ) from None

@@ -448,7 +448,9 @@ with Store.open(sys.argv[1], readonly=True) as s:
     def visit(ino, path):
         for _c, name, node in s.readdir(ino, limit=1 << 20):
             p = path + b"/" + name
-            h.update(repr((p, node.mode, node.size, node.uid, node.mtime_ns)).encode())
+            # What a record's structure pins down; a flipped bit in a timestamp, an
+            # owner or permission bits leaves a well-formed record fsck cannot doubt.
+            h.update(repr((p, node.ino, node.mode >> 12, node.size, node.nlink)).encode())
             if node.is_dir:
                 visit(node.ino, p)
             elif node.is_reg and sys.argv[2] == "content":
@@ -459,9 +461,9 @@ print(h.hexdigest())
 
 
 def view(store: Path, content: bool = True) -> str | None:
-    """A hash of every name, attribute and (`content`) byte read back through the
-    store, or None if it cannot be read (in a subprocess: damage must not take the
-    test down)."""
+    """A hash of every name, its inode, type, size and link count, and (`content`)
+    every byte read back through the store; None if it cannot be read (in a
+    subprocess: damage must not take the test down)."""
     what = "content" if content else "names"
     r = subprocess.run(
         [sys.executable, "-c", VIEW, str(store), what], capture_output=True, text=True, timeout=120
@@ -543,9 +545,13 @@ def test_random_damage_to_many_pages_never_passes_unless_nothing_shows(
                 old = f.read(rng.randrange(1, 64))
                 f.seek(at)
                 f.write(bytes(b ^ rng.randrange(1, 256) for b in old))
-        r = ferry("fsck", copy)  # without --deep: chunks' bytes are --deep's to hash
-        damaged_db_ok(r, names, copy, content=False)
-        r = ferry("fsck", "--deep", copy)
-        damaged_db_ok(r, before, copy)
+        try:
+            r = ferry("fsck", copy)  # without --deep: chunks' bytes are --deep's to hash
+            damaged_db_ok(r, names, copy, content=False)
+            r = ferry("fsck", "--deep", copy)
+            damaged_db_ok(r, before, copy)
+        except AssertionError as e:
+            e.add_note(f"FERRYFS_FSCK_SEED={SEED}, trial {trial}")
+            raise
         codes[r.returncode] += 1
     print(f"random damage, seed {SEED}: exit codes {dict(codes)}")
