@@ -264,10 +264,12 @@ class LmdbBackend:
             return lmdbfile.walk(self._data, self._env.stat()["psize"], txn.id())
 
     def _cover(self) -> None:
-        """Extend data.mdb, a hole, to the length the meta page names (writer only)."""
+        """Extend data.mdb, a hole, to the length the meta page names (writer only).
+        Best effort: after a commit, a failure here must not look like the commit's."""
         need = self._need()
-        if os.stat(self._data).st_size < need:
-            os.truncate(self._data, need)
+        with contextlib.suppress(OSError):
+            if os.stat(self._data).st_size < need:
+                os.truncate(self._data, need)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Txn]:

@@ -5,7 +5,8 @@ store locked by a live daemon, `status` of a directory that is not a mount.
 
 Each must give ONE line on stderr (`ferryfs: ...`, naming the problem), no
 traceback, nothing on stdout, the exit code the README promises (2 bad arguments
-or input, 1 a failure, 8 a store that cannot be used), and change nothing: the
+or input, 1 a failure, 8 a store that cannot be used; fsck 4 for a damaged
+database), and change nothing: the
 Phase 3 tree, the store directory (its daemon.log aside, which may gain the error
 line) and the mountpoint are the same before and after, and nothing is mounted.
 """
