@@ -142,7 +142,7 @@ class Store:
         try:
             if not readonly:
                 sd.lock()
-            shown = os.path.join(path, "db")
+            shown = os.path.join(sd.path, "db")
             backend = LmdbBackend(sd.db_path, readonly=readonly, shown=shown, verify=verify)
         except BaseException:
             sd.close()
