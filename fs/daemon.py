@@ -25,6 +25,7 @@ from ferryfs.store import points
 from ferryfs.store.errors import FerryError
 from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.store import Store
+from ferryfs.store.storedir import LogRotation
 
 from .control import Control
 from .operations import Operations
@@ -173,6 +174,7 @@ def run(
     except FerryError as e:
         _fail(ready, str(e))
         return e.exit_code
+    rotation = _rotate_log(store)
     ops = Operations(store, owner_uid=os.getuid())
     control = Control(store, store_dir, ops.counters)
     ops.control = control
@@ -219,6 +221,8 @@ def run(
             store.close()
             pyfuse3.close(unmount=clean)
     log.info("unmounted %s", mnt)
+    if rotation is not None:
+        rotation.stop()
     return 0
 
 
@@ -252,6 +256,16 @@ def _mount(ops: Operations, mnt: str, options: set[str]) -> str | None:
     if "/dev/fuse" in reason and "ermission denied" in reason:
         reason += " (a user who is not root needs read-write access to /dev/fuse)"
     return reason
+
+
+def _rotate_log(store: Store) -> LogRotation | None:
+    """When stderr is STORE/daemon.log (as `ferryfs mount` starts the daemon), keep
+    it and daemon.log.1 to a few MB each: the log records and what libfuse writes."""
+    rotation = store.dir.rotate_stderr() if store.dir is not None else None
+    if rotation is not None:
+        for h in logging.getLogger().handlers:
+            h.addFilter(rotation)
+    return rotation
 
 
 def _fail(ready: int | None, message: str) -> None:

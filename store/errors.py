@@ -101,6 +101,22 @@ class StoreMissing(FerryError):
     exit_code = 8
 
 
+class StoreUnusable(FerryError):
+    """A store path that may not or cannot be used: owned or writable by someone else,
+    a symbolic link, not creatable, not readable."""
+
+    exit_code = 8
+
+
+class StoreDamaged(OpError):
+    """The database itself is damaged (cut short, a page that is not what it should
+    be): a read or write of it fails with EIO, a command with exit 8, fsck with 4."""
+
+    errno = _errno.EIO
+    exit_code = 8
+    advice = "restore it from a backup, or move the store aside to start again from Phase 3"
+
+
 class UsageError(FerryError):
     exit_code = 2
 

@@ -46,7 +46,6 @@ snapshot and take a second per few hundred thousand inodes).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -62,7 +61,14 @@ import blake3
 from . import cas, codec, content, points
 from . import namespace as ns
 from .chunker import DIGEST_SIZE
-from .errors import CorruptChunk, NotFound, OpError, SourceError, StoreLocked
+from .errors import (
+    CorruptChunk,
+    FerryError,
+    NotFound,
+    OpError,
+    SourceError,
+    StoreMissing,
+)
 from .kv import Buf, LmdbBackend, Txn
 from .phase3 import Phase3Tree
 from .records import (
@@ -79,6 +85,7 @@ from .records import (
     unpack_extent,
 )
 from .store import Store
+from .storedir import StoreDir
 
 CURSOR = "fsck.cursor"
 PHASES = ("points", "files", "chunks")
@@ -730,26 +737,23 @@ class Checker:
 
     # -- --max-duration ---------------------------------------------------------------------------
 
-    def _cursor_path(self) -> str | None:
-        return os.path.join(self.store.path, CURSOR) if self.store.path else None
-
     def _load_cursor(self) -> dict[str, Any] | None:
-        p = self._cursor_path()
-        if p is None or not os.path.exists(p):
-            return None
+        sd = self.store.dir
         try:
-            with open(p, "rb") as f:
-                c: dict[str, Any] = json.load(f)
+            raw = sd.read_file(CURSOR) if sd is not None else None
+            if raw is None:
+                return None
+            c: dict[str, Any] = json.loads(raw)
             if c["deep"] != self.deep or c["phase"] not in PHASES:
                 return None
             bytes.fromhex(c["next"])
             return c
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, FerryError, ValueError, KeyError, TypeError):
             return None  # unreadable: start again from the beginning
 
     def _save_cursor(self, phase: str, nxt: bytes) -> None:
-        p = self._cursor_path()
-        if p is None:
+        sd = self.store.dir
+        if sd is None:
             return
         found = {p.origin for p in self.report.problems if p.origin is not None}
         carried = sorted(found | set(self.bad.values()))  # damaged chunks: named later
@@ -762,18 +766,15 @@ class Checker:
             "saved_ns": time.time_ns(),
         }
         try:
-            with open(p + ".tmp", "w") as f:
-                json.dump(doc, f)
-            os.replace(p + ".tmp", p)
-        except OSError as e:
+            sd.write_file(CURSOR, json.dumps(doc).encode())
+        except (OSError, FerryError) as e:
             self.report.notes.append(
                 f"cannot save where it stopped ({e}): the next run starts over"
             )
 
     def _clear_cursor(self) -> None:
-        p = self._cursor_path()
-        if p is not None and self._load_cursor() is not None:
-            os.unlink(p)
+        if self.store.dir is not None and self._load_cursor() is not None:
+            self.store.dir.unlink(CURSOR)
 
 
 def _malformed_extent(key: bytes, value: Buf) -> str | None:
@@ -905,32 +906,32 @@ def repair(store: Store, report: Report) -> list[str]:
     return sorted(lost)
 
 
-def hold_writer_lock(path: str) -> int | None:
-    """Take the store's writer lock (as `Store.open` does) without opening it, so a
-    read-only check and the repair that follows see the same store. The fd to close
-    when done; None if `path` is not a store (opening it will say so)."""
-    if not os.path.isdir(os.path.join(path, "db")):
-        return None
-    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def hold_writer_lock(path: str) -> StoreDir | None:
+    """Take the store's writer lock (the one `Store.open` takes) without opening the
+    database, so a read-only check and the repair that follows see the same store.
+    The locked StoreDir to close when done; None if `path` is not a store (opening
+    it will say so)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLocked(
+        sd = StoreDir.open(path)
+    except StoreMissing:
+        return None
+    try:
+        sd.lock(
             f"store {path} is in use (mounted or migrating): --repair needs it unmounted; "
             "fsck without --repair checks it live"
-        ) from None
-    return fd
+        )
+    except BaseException:
+        sd.close()
+        raise
+    return sd
 
 
-def defuse_orphan_marks(path: str) -> int:
+def defuse_orphan_marks(sd: StoreDir) -> int:
     """Drop orphan marks on inodes that directory entries still name. Opening a store
     for writing purges every marked inode, so such a mark would delete a live file
-    before a repair could look at it. The caller holds the writer lock (see
+    before a repair could look at it. `sd` holds the writer lock (see
     `hold_writer_lock`). Returns how many marks were dropped."""
-    if not os.path.exists(os.path.join(path, "db", "data.mdb")):
-        return 0
-    be = LmdbBackend(os.path.join(path, "db"))
+    be = LmdbBackend(sd.db_path, shown=os.path.join(sd.path, "db"))
     try:
         with be.write() as txn:
             v = txn.get("meta", b"schema")

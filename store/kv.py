@@ -20,6 +20,9 @@ from typing import Protocol
 
 import lmdb
 
+from . import lmdbfile
+from .errors import StoreDamaged, StoreUnusable
+
 DBS = (
     "meta",
     "inodes",
@@ -43,10 +46,32 @@ class MapFull(Exception):
     """The LMDB map is full; the backend grows it and the caller retries."""
 
 
-class StoreDamaged(Exception):
-    """The database file is cut short: opening it would crash, not fail."""
+# What LMDB raises when a page is not what it should be: the database is damaged.
+# (MapFull, a full disk and usage errors are not among them.)
+_DAMAGE: tuple[type[lmdb.Error], ...] = (
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.BadTxnError,
+    lmdb.InvalidError,
+    lmdb.PanicError,
+    lmdb.PageFullError,
+    lmdb.IncompatibleError,
+    lmdb.VersionMismatchError,
+    lmdb.ProblemError,
+)
 
-    advice = "restore it from a backup, or move the store aside to start again from Phase 3"
+
+# At open, EINVAL or ENOMEM come from a meta page's garbage (a page size or map
+# size no LMDB wrote), not from our arguments.
+_DAMAGE_AT_OPEN: tuple[type[lmdb.Error], ...] = (
+    *_DAMAGE,
+    lmdb.InvalidParameterError,
+    lmdb.MemoryError,
+)
+
+
+def _damaged(e: lmdb.Error) -> StoreDamaged:
+    return StoreDamaged(f"the store's database is damaged ({e}); {StoreDamaged.advice}")
 
 
 class Txn(Protocol):
@@ -130,47 +155,71 @@ class LmdbBackend:
 
     INITIAL_MAP = 1 << 30
 
-    def __init__(self, path: str, readonly: bool = False, map_size: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        readonly: bool = False,
+        map_size: int | None = None,
+        shown: str | None = None,
+        verify: bool = False,
+    ) -> None:
+        """`shown`: the directory's name in messages, when `path` is a /proc/self/fd one.
+        `verify`: walk every page in use first (fsck), so that damage is StoreDamaged
+        before LMDB reads a page it would abort on."""
         self.path = path
         self.readonly = readonly
         # The map is address space, not disk (the file grows as pages are written), so
         # make it as big as the filesystem holding it: growing it later needs every
         # transaction of the process closed, and worker threads hold read ones.
         size = map_size or max(self.INITIAL_MAP, _capacity(path))
-        data = os.path.join(path, "data.mdb")
+        data = self._data = os.path.join(path, "data.mdb")
+        self._shown = os.path.join(shown or path, "data.mdb")
         had = os.path.getsize(data) if os.path.exists(data) else None
         if had == 0:
             # LMDB would quietly make a new, empty database of it.
-            raise StoreDamaged(f"{data} is empty (truncated?); {StoreDamaged.advice}")
+            raise StoreDamaged(f"{self._shown} is empty (truncated?); {StoreDamaged.advice}")
         if had is not None:
             size = max(size, had * 2)
-        self._env = lmdb.open(
-            path,
-            map_size=size,
-            max_dbs=len(DBS) + 1,
-            readonly=readonly,
-            metasync=False,
-            sync=not readonly,
-            readahead=True,
-            max_readers=256,
-            lock=True,
-        )
-        # Pages past the end of a truncated file are mapped but not backed: touching
-        # one kills the process with SIGBUS. The meta page says how far the file goes
-        # (a live writer writes pages before the meta page: size it after reading).
-        need = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
-        if had is not None and (had := os.path.getsize(data)) < need:
-            self._env.close()
-            raise StoreDamaged(
-                f"{data} is truncated ({had} of at least {need} bytes); {StoreDamaged.advice}"
+        try:
+            self._env = lmdb.open(
+                path,
+                map_size=size,
+                max_dbs=len(DBS) + 1,
+                readonly=readonly,
+                metasync=False,
+                sync=not readonly,
+                readahead=True,
+                max_readers=256,
+                lock=True,
+                mode=0o600,
             )
+        except _DAMAGE_AT_OPEN as e:
+            raise StoreDamaged(
+                f"{self._shown} is not a usable LMDB file ({e}); {StoreDamaged.advice}"
+            ) from None
+        except lmdb.Error as e:  # not allowed, no space, too many readers...
+            raise StoreUnusable(f"cannot open {self._shown}: {e}") from None
         self._lock = threading.Lock()
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
         self._local = threading.local()
         self._dbs: dict[str, lmdb._Database] = {}
-        if readonly:
+        try:
+            self._check_length(data)
+            damage = self.verify() if verify else None
+            if damage is not None:
+                raise StoreDamaged(f"{self._shown} is damaged ({damage}); {StoreDamaged.advice}")
+            self._open_dbs()
+        except _DAMAGE as e:
+            self._env.close()
+            raise _damaged(e) from e
+        except BaseException:
+            self._env.close()
+            raise
+
+    def _open_dbs(self) -> None:
+        if self.readonly:
             for name in DBS:
                 with contextlib.suppress(lmdb.NotFoundError):
                     self._dbs[name] = self._env.open_db(name.encode(), create=False)
@@ -180,6 +229,47 @@ class LmdbBackend:
 
     def has_db(self, name: str) -> bool:
         return name in self._dbs
+
+    # Pages past the end of a short file are mapped but not backed: touching one kills
+    # the process with SIGBUS. But a file shorter than the meta page's last page is not
+    # always cut short: LMDB never writes pages that the transaction which allocated
+    # them also freed, so the last pages may be on the freelist and never written.
+    # Only pages the trees reference must be in the file; a writer then extends the
+    # file (sparsely) to the length the meta page names, so it is not short again.
+
+    def _need(self) -> int:
+        need: int = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+        return need
+
+    def _check_length(self, data: str) -> None:
+        # A live writer writes pages before the meta page: size the file after reading it.
+        need = self._need()
+        if os.path.getsize(data) >= need:
+            return
+        damage = self.verify()
+        if damage is not None:
+            size = os.path.getsize(data)
+            raise StoreDamaged(
+                f"{self._shown} is truncated ({size} bytes; {damage}); {StoreDamaged.advice}"
+                if damage.past_end
+                else f"{self._shown} is damaged ({damage}); {StoreDamaged.advice}"
+            )
+        if not self.readonly:
+            self._cover()
+
+    def verify(self) -> lmdbfile.Damage | None:
+        """The first damage to the structure of the database (a page cut off, or not
+        what its parent says), found without LMDB touching a page; None if sound."""
+        with self._env.begin() as txn:  # a reader: the writer keeps this snapshot's pages
+            return lmdbfile.walk(self._data, self._env.stat()["psize"], txn.id())
+
+    def _cover(self) -> None:
+        """Extend data.mdb, a hole, to the length the meta page names (writer only).
+        Best effort: after a commit, a failure here must not look like the commit's."""
+        need = self._need()
+        with contextlib.suppress(OSError):
+            if os.stat(self._data).st_size < need:
+                os.truncate(self._data, need)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Txn]:
@@ -192,6 +282,8 @@ class LmdbBackend:
                 txn = self._env.begin(buffers=True)
             try:
                 yield _LmdbTxn(txn, self._dbs)
+            except _DAMAGE as e:
+                raise _damaged(e) from e
             finally:
                 txn.abort()
         finally:
@@ -223,6 +315,9 @@ class LmdbBackend:
             txn = self._env.begin(write=True, buffers=False)
             try:
                 yield _LmdbTxn(txn, self._dbs)
+            except _DAMAGE as e:
+                txn.abort()
+                raise _damaged(e) from e
             except BaseException:
                 txn.abort()
                 raise
@@ -235,6 +330,7 @@ class LmdbBackend:
                 # from the page flush: tell them apart by the space left.
                 full = "No space" in str(e) or self._nearly_full()
                 raise OSError(errno.ENOSPC if full else errno.EIO, str(e)) from e
+            self._cover()
 
     def _nearly_full(self) -> bool:
         st = os.statvfs(self.path)
@@ -268,6 +364,11 @@ class LmdbBackend:
     def disk_bytes(self) -> int:
         st = os.stat(os.path.join(self.path, "data.mdb"))
         return st.st_blocks * 512
+
+
+def create_environment(path: str) -> None:
+    """An empty LMDB environment in the directory `path` (a new store's database)."""
+    lmdb.open(path, map_size=1 << 20, max_dbs=len(DBS) + 1, mode=0o600).close()
 
 
 def _capacity(path: str) -> int:

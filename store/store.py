@@ -1,19 +1,18 @@
 """The store facade: one store directory, one LMDB environment, every operation
 as one transaction inside one call.
 
-Writes take an exclusive lock on the store directory, so one process writes a
-store at a time; readers (`stats`, `fsck`, `search`) open it read-only beside
-a writer and see consistent snapshots. Heavy work (chunking, hashing,
-compression) happens in `prepare_*` calls under read transactions; the matching
-`commit_*` call is a short write transaction that checks nothing moved
-underneath (the inode's version) and retries otherwise.
+Writes take the store's writer lock (a flock on its data.mdb, see storedir.py),
+so one process writes a store at a time; readers (`stats`, `fsck`, `search`)
+open it read-only beside a writer and see consistent snapshots. Heavy work
+(chunking, hashing, compression) happens in `prepare_*` calls under read
+transactions; the matching `commit_*` call is a short write transaction that
+checks nothing moved underneath (the inode's version) and retries otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import stat
 import time
@@ -40,7 +39,6 @@ from .errors import (
     ReadOnly,
     SchemaMismatch,
     SourceError,
-    StoreLocked,
     StoreMissing,
 )
 from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
@@ -58,6 +56,7 @@ from .records import (
     ino_key,
     xattr_key,
 )
+from .storedir import StoreDir
 
 T = TypeVar("T")
 
@@ -118,7 +117,7 @@ class Store:
         # Write transactions committed by this process: a cheap "has anything
         # changed" for callers that cache what they read (the mount's status).
         self.commits = 0
-        self._lock_fd: int | None = None
+        self.dir: StoreDir | None = None  # the store directory, when on disk
         self.chunker = Chunker()
 
     # -- opening -------------------------------------------------------------
@@ -139,36 +138,23 @@ class Store:
         readonly: bool = False,
         keep_orphans: bool = False,
         tree: Phase3Tree | None = None,
+        verify: bool = False,
     ) -> Store:
-        """Open the store at `path` (creating it from `source` if `create`)."""
-        db = os.path.join(path, "db")
-        if not os.path.isdir(db):
-            if not create or readonly:
-                raise StoreMissing(f"{path} is not a ferryfs store (no {db})")
-            os.makedirs(db, exist_ok=True)
-        elif not os.path.exists(os.path.join(db, "data.mdb")) and (not create or readonly):
-            raise StoreMissing(f"{path} is not a ferryfs store (its database is missing)")
-        lock_fd = None
-        if not readonly:
-            lock_fd = os.open(
-                os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(lock_fd)
-                raise StoreLocked(
-                    f"store {path} is in use by another ferryfs process (a mount or a migrate); "
-                    "stop it first"
-                ) from None
+        """Open the store at `path` (creating it from `source` if `create` and nothing
+        is at `path`). The directory is checked and opened by `StoreDir`; a writer
+        holds its lock until `close()`. `verify`: check every database page in use
+        first (fsck; see LmdbBackend)."""
+        sd = StoreDir.open(path, create=create and not readonly)
         try:
-            backend = LmdbBackend(db, readonly=readonly)
-        except Exception as e:
-            if lock_fd is not None:
-                os.close(lock_fd)
-            raise StoreMissing(f"cannot open store {path}: {e}") from None
+            if not readonly:
+                sd.lock()
+            shown = os.path.join(sd.path, "db")
+            backend = LmdbBackend(sd.db_path, readonly=readonly, shown=shown, verify=verify)
+        except BaseException:
+            sd.close()
+            raise
         s = cls(backend, path=path, readonly=readonly, keep_orphans=keep_orphans)
-        s._lock_fd = lock_fd
+        s.dir = sd
         try:
             if tree is None and source is not None:
                 tree = Phase3Tree.open(source)
@@ -268,9 +254,9 @@ class Store:
         if self.tree is not None:
             self.tree.close()
             self.tree = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self.dir is not None:  # last: the writer lock goes once LMDB is closed
+            self.dir.close()
+            self.dir = None
 
     def __enter__(self) -> Store:
         return self

@@ -435,3 +435,123 @@ def test_repair_asks_on_a_terminal(migrated: tuple[Path, Path]) -> None:
     assert code == 1 and "repaired 1; 0 left" in out, out
     r = ferry("fsck", store)
     assert r.returncode == 0, r.stdout
+
+
+# -- damage to the database itself (not to one record): exit 4, one line --------------------
+
+PSIZE = 4096
+VIEW = """
+import hashlib, os, sys
+from ferryfs.store.store import Store
+h = hashlib.sha256()
+with Store.open(sys.argv[1], readonly=True) as s:
+    def visit(ino, path):
+        for _c, name, node in s.readdir(ino, limit=1 << 20):
+            p = path + b"/" + name
+            # What a record's structure pins down; a flipped bit in a timestamp, an
+            # owner or permission bits leaves a well-formed record fsck cannot doubt.
+            h.update(repr((p, node.ino, node.mode >> 12, node.size, node.nlink)).encode())
+            if node.is_dir:
+                visit(node.ino, p)
+            elif node.is_reg and sys.argv[2] == "content":
+                h.update(s.read(node.ino, 0, node.size + 1))
+    visit(1, b"")
+print(h.hexdigest())
+"""
+
+
+def view(store: Path, content: bool = True) -> str | None:
+    """A hash of every name, its inode, type, size and link count, and (`content`)
+    every byte read back through the store; None if it cannot be read (in a
+    subprocess: damage must not take the test down)."""
+    what = "content" if content else "names"
+    r = subprocess.run(
+        [sys.executable, "-c", VIEW, str(store), what], capture_output=True, text=True, timeout=120
+    )
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def tree_pages(data: Path) -> list[int]:
+    """data.mdb's branch and leaf pages (their flags, at byte 10 of a page)."""
+    raw = data.read_bytes()
+    return [
+        n
+        for n in range(2, len(raw) // PSIZE)
+        if int.from_bytes(raw[n * PSIZE + 10 : n * PSIZE + 12], "little") in (1, 2)
+    ]
+
+
+def damaged_db_ok(
+    r: subprocess.CompletedProcess[str], before: str, store: Path, content: bool = True
+) -> str:
+    """fsck on a damaged database: exit 4 with one line and no traceback, or exit
+    0/1 only if the store still shows what it showed (`content`: byte for byte;
+    else names and attributes, as fsck without --deep does not hash chunks). Returns
+    what it said."""
+    assert r.returncode >= 0, f"fsck crashed (signal {-r.returncode}): {r.stderr[-500:]}"
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode in (0, 1, 4), f"exit {r.returncode}: {r.stderr}"
+    if r.returncode == 4 and r.stderr.strip():
+        err = r.stderr.strip()
+        assert err.startswith("ferryfs: ") and "\n" not in err, f"not one line: {err!r}"
+        return err
+    if r.returncode in (0, 1):
+        now = view(store, content)
+        assert now == before, f"fsck exited {r.returncode} but the store shows other things"
+    return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+
+
+def test_a_zeroed_page_is_exit_4_with_one_line(migrated: tuple[Path, Path], tmp_path: Path) -> None:
+    _src, store = migrated
+    before = view(store)
+    assert before is not None
+    pages = tree_pages(store / "db" / "data.mdb")
+    rng = random.Random(SEED)
+    picked = sorted({15, *rng.sample(pages, min(5, len(pages)))} & set(pages))
+    said = []
+    for n in picked:
+        copy = tmp_path / f"zeroed-{n}"
+        shutil.copytree(store, copy)
+        with open(copy / "db" / "data.mdb", "r+b") as f:
+            f.seek(n * PSIZE)
+            f.write(b"\0" * PSIZE)
+        r = ferry("fsck", copy)
+        said.append((n, r.returncode, damaged_db_ok(r, before, copy)))
+        r = ferry("fsck", "--repair", "--yes", copy)
+        said.append((n, r.returncode, damaged_db_ok(r, before, copy)))
+    assert any(code == 4 for _n, code, _s in said), said
+    for n, code, err in said:
+        if code == 4 and err.startswith("ferryfs:"):
+            assert "damaged" in err, (n, err)
+    print(f"zeroed pages {picked} (seed {SEED}): {said}")
+
+
+def test_random_damage_to_many_pages_never_passes_unless_nothing_shows(
+    migrated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _src, store = migrated
+    before, names = view(store), view(store, content=False)
+    assert before is not None and names is not None
+    npages = (store / "db" / "data.mdb").stat().st_size // PSIZE
+    rng = random.Random(SEED)
+    codes: dict[int, int] = defaultdict(int)
+    for trial in range(12):
+        copy = tmp_path / f"damaged-{trial}"
+        shutil.copytree(store, copy)
+        with open(copy / "db" / "data.mdb", "r+b") as f:
+            for n in rng.sample(range(npages), max(2, npages // 10)):
+                at = n * PSIZE + rng.randrange(PSIZE - 64)
+                f.seek(at)
+                old = f.read(rng.randrange(1, 64))
+                f.seek(at)
+                f.write(bytes(b ^ rng.randrange(1, 256) for b in old))
+        try:
+            r = ferry("fsck", copy)  # without --deep: chunks' bytes are --deep's to hash
+            damaged_db_ok(r, names, copy, content=False)
+            r = ferry("fsck", "--deep", copy)
+            damaged_db_ok(r, before, copy)
+        except AssertionError as e:
+            e.add_note(f"FERRYFS_FSCK_SEED={SEED}, trial {trial}")
+            raise
+        codes[r.returncode] += 1
+    print(f"random damage, seed {SEED}: exit codes {dict(codes)}")

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ferryfs.store import lmdbfile
 from ferryfs.store.kv import DBS, Backend, LmdbBackend, MapFull, MemoryBackend
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
@@ -227,3 +228,69 @@ def test_unlink_in_a_full_store_grows_the_map(tmp_path: Path) -> None:
     assert be.map_size() > full
     check_invariants(s)
     s.close()
+
+
+# -- a short or damaged data.mdb --------------------------------------------------------------
+
+
+def last_pages_freed(path: Path) -> tuple[int, int]:
+    """Through LMDB alone (LmdbBackend would extend the file after the commit): big
+    values written and freed so the file ends before the meta page's last page."""
+    import lmdb
+
+    env = lmdb.open(str(path), max_dbs=len(DBS) + 1, map_size=1 << 30)
+    db = env.open_db(b"refs")
+    with env.begin(write=True) as txn:
+        txn.put(b"one", b"x" * (1 << 20), db=db)
+    with env.begin(write=True) as txn:
+        txn.put(b"two", b"y" * (1 << 20), db=db)
+        txn.delete(b"one", db=db)
+        txn.delete(b"two", db=db)
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    env.close()
+    return (path / "data.mdb").stat().st_size, need
+
+
+def test_free_last_pages_are_not_truncation(tmp_path: Path) -> None:
+    be = LmdbBackend(str(tmp_path))
+    fill(be)
+    be.close()
+    size, need = last_pages_freed(tmp_path)
+    assert size < need
+    ro = LmdbBackend(str(tmp_path), readonly=True)
+    assert items(ro) == {k: b"v" + k for k in KEYS}
+    assert ro.verify() is None
+    ro.close()
+    assert (tmp_path / "data.mdb").stat().st_size == size, "a reader changed the file"
+    rw = LmdbBackend(str(tmp_path))  # a writer extends it, as a hole
+    assert (tmp_path / "data.mdb").stat().st_size == need
+    with rw.write() as txn:
+        txn.put("meta", b"after", b"1")
+    rw.close()
+
+
+def test_a_cut_short_or_zeroed_file_is_damage_not_a_crash(tmp_path: Path) -> None:
+    from ferryfs.store.errors import StoreDamaged
+
+    be = LmdbBackend(str(tmp_path))
+    with be.write() as txn:
+        for i in range(3000):
+            txn.put("inodes", i.to_bytes(8, "big"), bytes(100))
+    be.close()
+    data = tmp_path / "data.mdb"
+    whole = data.read_bytes()
+    data.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(StoreDamaged, match="truncated"):
+        LmdbBackend(str(tmp_path), readonly=True)
+    page = 4096
+    leaves = [
+        n for n in range(2, len(whole) // page) if whole[n * page + 10] == 2
+    ]  # leaf pages, by their flags
+    zeroed = bytearray(whole)
+    for n in leaves:  # some may be free (not in use): zero them all
+        zeroed[n * page : (n + 1) * page] = bytes(page)
+    data.write_bytes(zeroed)
+    damage = lmdbfile.walk(str(data), page)
+    assert damage is not None and damage.page in leaves, damage
+    with pytest.raises(StoreDamaged, match=rf"page {damage.page}\b"):
+        LmdbBackend(str(tmp_path), readonly=True, verify=True)

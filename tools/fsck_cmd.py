@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from ferryfs.store.errors import CheckCannotRun, FerryError, StoreLocked
+from ferryfs.store.errors import CheckCannotRun, FerryError, StoreDamaged, StoreLocked
 from ferryfs.store.fsck import (
     Checker,
     Problem,
@@ -51,13 +51,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="--deep threads")
 
 
+class DamageLeft(FerryError):
+    """The database itself is damaged: errors left, whatever else fsck could do."""
+
+    exit_code = LEFT
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
+    except StoreDamaged as e:
+        raise DamageLeft(str(e)) from None
     except FerryError as e:
-        if e.exit_code == CANNOT:
+        if e.exit_code in (CANNOT, LEFT):
             raise
         raise CheckCannotRun(str(e)) from None
+    except Exception as e:  # never a traceback, never "clean" or "repaired"
+        # Damage LMDB let through as garbage the checks did not foresee: whatever it
+        # is, the store is not known to be good.
+        raise DamageLeft(
+            f"fsck stopped on damage it cannot check past ({type(e).__name__}: {e}); "
+            f"the store's database is damaged: {StoreDamaged.advice}"
+        ) from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -73,7 +88,8 @@ def _run(args: argparse.Namespace) -> int:
     # exactly what it found and asked about.
     held = hold_writer_lock(args.store) if args.repair else None
     try:
-        with Store.open(args.store, readonly=True) as store:
+        # verify: every page in use checked before LMDB reads one it may abort on
+        with Store.open(args.store, readonly=True, verify=True) as store:
             store.tree = phase3_of(store)
             total = 2 * store.stats().bytes_migrated if args.deep else 0
             with Bar("checking", total) as bar:
@@ -94,10 +110,11 @@ def _run(args: argparse.Namespace) -> int:
         if not args.yes and not _confirm(len(fixable), len(report.problems)):
             print("ferryfs: nothing repaired", file=sys.stderr)
             return _print(args, report, LEFT)
-        defuse_orphan_marks(args.store)  # before a writer's open purges marked inodes
+        if held is not None:
+            defuse_orphan_marks(held)  # before a writer's open purges marked inodes
     finally:
         if held is not None:
-            os.close(held)
+            held.close()
     try:
         store = Store.open(args.store)
     except StoreLocked:  # taken in the instant between

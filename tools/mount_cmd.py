@@ -15,6 +15,7 @@ import time
 
 from ferryfs.fs.sweep_config import add_sweep_arguments, sweep_argv
 from ferryfs.store.errors import FerryError, UsageError
+from ferryfs.store.storedir import StoreDir, open_log
 
 from . import layout, procscan, rollbacks
 from .mounts import clean_dead, fs_type, is_dead
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         from ferryfs.fs import daemon  # trio and pyfuse3: only when serving here
 
         return daemon.main(cmd[3:])
-    os.makedirs(store, exist_ok=True)
+    StoreDir.open(store, create=True).close()  # makes the store, or refuses it (exit 8)
     pid = spawn_daemon([*cmd], os.path.join(store, "daemon.log"))
     print(f"mounted {args.src} on {args.mnt} (store {store}, pid {pid})")
     return 0
@@ -102,7 +103,7 @@ def spawn_daemon(cmd: list[str], log_path: str) -> int:
     """Start a daemon that reports "ready" or one error line on `--ready-fd`;
     return its pid once ready, or raise MountFailed with its error line."""
     r, w = os.pipe()
-    with open(log_path, "ab") as log:
+    with open_log(log_path) as log:
         proc = subprocess.Popen(
             [*cmd, "--ready-fd", str(w)],
             pass_fds=(w,),
