@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from ferryfs.tools import cli
-
 from mountutil import is_mounted, require_fuse
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,9 +41,7 @@ def test_no_pipeline_in_demo_or_makefile_dies_of_sigpipe() -> None:
 def test_make_deps_installs_what_pyfuse3_builds_with() -> None:
     """pyfuse3 is compiled at `pip install`: it needs Python.h (python3-dev) and a
     C compiler, which a fresh Debian does not have."""
-    r = subprocess.run(
-        ["make", "-n", "deps"], cwd=REPO, capture_output=True, text=True, check=True
-    )
+    r = subprocess.run(["make", "-n", "deps"], cwd=REPO, capture_output=True, text=True, check=True)
     for pkg in ("python3-dev", "python3-venv", "gcc", "libc6-dev", "libfuse3-dev"):
         assert re.search(rf"for p in [^;]*\b{re.escape(pkg)}\b", r.stdout), (
             f"make deps does not install {pkg}"

@@ -24,11 +24,11 @@ from ferryfs.store.errors import FerryError
 
 # Name on the command line -> (module in ferryfs.tools, one line for `ferryfs --help`).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "plan": ("plan_cmd", "estimate a migration (files, bytes, savings, time, disk); writes nothing"),
+    "plan": ("plan_cmd", "estimate a migration: files, bytes, savings, time, disk"),
     "migrate": ("migrate_cmd", "migrate a whole Phase 3 tree into a store, with no mount"),
     "stats": ("stats_cmd", "a store's logical and stored bytes, savings and counts"),
     "sample": ("sample_cmd", "write a realistic sample Phase 3 tree into an empty directory"),
-    "mount": ("mount_cmd", "mount a Phase 3 tree (in place if MNT is SRC) and migrate it as used"),
+    "mount": ("mount_cmd", "mount a Phase 3 tree (in place if MNT is SRC), migrate it"),
     "umount": ("umount_cmd", "flush, stop the sweep, unmount and wait for the daemon"),
     "status": ("status_cmd", "a live mount's progress: files, bytes, savings, sweep, ETA"),
     "pause": ("control_cmd", "pause the mount's idle sweep"),
