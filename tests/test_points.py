@@ -279,7 +279,7 @@ def test_a_vanished_phase3_tree_is_a_problem(
 def test_create_names_a_point_with_its_own_retention(
     migrated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    src, store = migrated
+    _src, store = migrated
     code, out = inproc(
         capsys, "points", "create", store, "--name", "before go-live", "--keep-days", "90"
     )
@@ -327,7 +327,7 @@ def test_a_longer_point_keeps_phase3_past_the_first_ones_expiry(
 def test_create_refuses_bad_arguments_in_one_line(
     migrated: tuple[Path, Path], args: tuple[str, ...], message: str
 ) -> None:
-    src, store = migrated
+    _src, store = migrated
     r = ferry("points", "create", store, *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -345,7 +345,7 @@ def test_create_refuses_a_drifted_tree(migrated: tuple[Path, Path]) -> None:
 
 
 def test_create_on_a_store_in_use_is_refused(migrated: tuple[Path, Path]) -> None:
-    src, store = migrated
+    _src, store = migrated
     with Store.open(str(store)):  # as a mount holds it
         r = ferry("points", "create", store, "--name", "x")
     assert r.returncode == 8 and "in use" in r.stderr

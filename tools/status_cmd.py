@@ -58,8 +58,8 @@ def saved_text(on_disk: float, chunks: float, migrated: float) -> str:
     saved = 1 - on_disk / migrated
     if saved <= 0:
         return (
-            f"not yet: the store's records ({_mb(max(0, on_disk - chunks))}) "
-            f"outweigh the {_mb(migrated)} migrated"
+            f"not yet ({_mb(migrated)} migrated so far; "
+            f"the store's records take {_mb(max(0, on_disk - chunks))})"
         )
     return f"{saved:.0%} of the migrated bytes"
 
