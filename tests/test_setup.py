@@ -120,3 +120,24 @@ def test_demo_runs_and_shows_the_first_open_migrating(tmp_path: Path) -> None:
     # One vocabulary for the savings: "saved", in plan, status and stats alike.
     assert len(re.findall(r"^\s*saved\s", out, re.M)) >= 3, out
     assert "dedup+compression save" not in out and "savings" not in out
+
+
+def test_bench_times_the_cli_start(tmp_path: Path) -> None:
+    """The benchmark's `cli` section: whole-process time of `ferryfs --help` and
+    `ferryfs status MNT --json`, median of several runs, against 0.1 s. (A figure,
+    not a timed test: PASS or SHORT are both fine here.)"""
+    require_fuse()
+    from ferryfs.tools import bench
+    from ferryfs.tools.bench_cli import cli_section
+    from ferryfs.tools.sampletree import generate
+
+    assert bench.parse_only("cli") == ["cli"]
+    tree = tmp_path / "tree"
+    generate(tree, 3, seed=2, attachment_mb=None)
+    (tmp_path / "work").mkdir()
+    lines = cli_section(tmp_path / "work", tree, quick=True)
+    text = "\n".join(lines)
+    for shown in ("ferryfs --help", "ferryfs status MNT --json"):
+        assert re.search(rf"^\| {re.escape(shown)} +\| +\d+\.\d{{3}} \|", text, re.M), text
+        assert re.search(rf"^- `{re.escape(shown)}` under 0.1 s: (PASS|SHORT)", text, re.M)
+    assert not is_mounted(tmp_path / "work" / "cli-mnt")
