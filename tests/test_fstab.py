@@ -243,3 +243,31 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+
+
+def test_umount_l_detaches_a_mount_whose_daemon_died(tree: tuple[Path, Path, Path]) -> None:
+    """`umount -l MNT` through the helper: a dead mount (daemon killed) cannot answer
+    `ferryfs umount`, so -l detaches it lazily instead."""
+    require_fuse()
+    src, mnt, store = tree
+    pid = None
+    try:
+        r = subprocess.run(
+            [str(BIN / "mount.fuse.ferryfs"), str(src), str(mnt), "-o", f"store={store},no_sweep"],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        pid = int(json.loads(os.getxattr(mnt, "user.ferryfs.status"))["pid"])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pid), 30, "the daemon to die")
+        u = subprocess.run(
+            [str(BIN / "umount.fuse.ferryfs"), str(mnt), "-l", "-t", "fuse.ferryfs"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert u.returncode == 0, u.stderr
+        assert not is_mounted(mnt)
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        if pid is not None and pid_alive(pid) and _is_daemon(pid):
+            os.kill(pid, signal.SIGKILL)

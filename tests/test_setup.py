@@ -30,7 +30,7 @@ def _script_lines(path: Path) -> list[str]:
 
 
 def test_no_pipeline_in_demo_or_makefile_dies_of_sigpipe() -> None:
-    for name in ("tools/demo.sh", "Makefile"):
+    for name in ("tools/demo.sh", "Makefile", ".ci/run"):
         for line in _script_lines(REPO / name):
             assert not EARLY_EXIT_READER.search(line), (
                 f"{name}: a pipe into a reader that stops early fails under pipefail "

@@ -10,8 +10,9 @@ hands that shape of command line here. Both then do what `ferryfs mount` does an
 return once the mount answers.
 
 `umount(8)` runs `/sbin/umount.fuse.ferryfs MNT` when linked: `ferryfs umount`,
-which returns once the daemon has flushed and exited. Without it, umount(8)
-unmounts directly and the daemon flushes and exits on its own just after.
+which returns once the daemon has flushed and exited (`umount -l`, for a mount
+whose daemon died, detaches it lazily). Without the link, umount(8) unmounts
+directly and the daemon flushes and exits on its own just after.
 
 OPTIONS: `store=DIR`, `allow_other`, `no_sweep` and the sweep's knobs as
 `idle_ms=`, `max_load=`, `batch=`, `batch_delay_ms=`, `order=`, `jobs=`. The
@@ -22,6 +23,7 @@ options mount(8) and systemd add for themselves are ignored (`defaults`, `rw`,
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 from ferryfs.store.errors import FerryError, UsageError
@@ -131,20 +133,27 @@ def mount_main(argv: list[str] | None = None) -> int:
 
 
 def umount_main(argv: list[str] | None = None) -> int:
-    """Entry point of `umount.fuse.ferryfs MNT [-flnrv]`: `ferryfs umount MNT`."""
+    """Entry point of `umount.fuse.ferryfs MNT [-flnrv] [-t TYPE]`: `ferryfs umount MNT`;
+    with -l (`umount -l`, for a mount whose daemon died) a lazy `fusermount3 -u -z`."""
     from ferryfs.tools import cli
 
     words = sys.argv[1:] if argv is None else argv
     targets: list[str] = []
+    flags: set[str] = set()
     i = 0
     while i < len(words):
         if words[i] in ("-t", "-N"):  # -t fuse.ferryfs, -N namespace: values, not targets
             i += 2
             continue
-        if not words[i].startswith("-"):
+        if words[i].startswith("-"):
+            flags.update(words[i][1:])
+        else:
             targets.append(words[i])
         i += 1
     if len(targets) != 1:
         print("ferryfs: usage: umount.fuse.ferryfs MNT", file=sys.stderr)
         return 2
+    if "l" in flags:
+        r = subprocess.run(["fusermount3", "-u", "-z", targets[0]], check=False)
+        return 0 if r.returncode == 0 else 1
     return cli.main(["umount", targets[0]])
