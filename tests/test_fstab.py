@@ -232,7 +232,12 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     """The documented units pass `systemd-analyze verify` with no message (the
     service's ferryfs path pointed at this checkout's, which verify requires to exist)."""
     if shutil.which("systemd-analyze") is None:
-        pytest.fail("systemd-analyze is not installed (Debian: systemd)")
+        # Not a live-mount test, and a minimal Debian has no systemd: skip there,
+        # but under CI (env CI set) fail, as require_fuse does.
+        why = "systemd-analyze is not installed (Debian: systemd)"
+        if os.environ.get("CI"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
     units = sorted(UNITS.glob("*.service")) + sorted(UNITS.glob("*.mount"))
     assert {u.suffix for u in units} == {".service", ".mount"}
     for unit in units:
