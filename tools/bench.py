@@ -18,7 +18,7 @@ measuring wall time, peak RSS
 on disk (st_blocks, as `du -B1` counts them, so sparse LMDB files count what
 they really use). A second part migrates trees of many tiny files to show
 whether ferryfs's memory grows with the number of files. Prints markdown tables
-to paste into the README and one PASS/SHORT line per target.
+to paste into docs/benchmarks.md and one PASS/SHORT line per target.
 
 Owns only measuring and printing: the tools run as their users would run them.
 Each measured tool is one small function returning a `Result`.
