@@ -1,9 +1,9 @@
 """Rollback points: create, list, verify [--deep], delete, expire [--yes] (kept 30 days by default).
 
-    ferryfs points create STORE [--name N] [--keep-days D]   a new point, kept D days
-    ferryfs points list STORE [--json]                       names, creation and expiry
-    ferryfs points verify STORE [ID] [--deep] [--json]   0 matches, 4 drifted, 8 cannot run
-    ferryfs points delete STORE ID                       forgets the point; Phase 3 untouched
+    ferryfs points create STORE [--name N] [--keep-days D]  a new point, kept D days
+    ferryfs points list STORE [--json]                      names, creation and expiry
+    ferryfs points verify STORE [ID] [--deep] [--json]      0 matches, 4 drifted, 8 cannot run
+    ferryfs points delete STORE ID                          forgets the point; Phase 3 untouched
     ferryfs points expire STORE [--yes]
 
 `expire` without --yes only says what it would do (exit 1). With --yes it
