@@ -1,6 +1,10 @@
 # Developer entry points. Commands run from .venv/bin; nothing needs activating.
-# A fresh Debian/Ubuntu machine needs only python3 (with venv), a C compiler and
-# apt-get: `make test` installs the rest.
+# A fresh Debian/Ubuntu machine needs python3, make and apt-get (as root or with
+# sudo): `make demo` and `make test` install the rest, the C compiler and the
+# Python headers that pyfuse3 builds with included.
+#
+# Under `pipefail` no pipeline here may end in a reader that stops early (`head`,
+# `grep -q`): the writer then dies of SIGPIPE and make fails with no message.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -11,7 +15,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-FUSE_DEBS := fuse3 libfuse3-dev pkg-config
+# pyfuse3 has no wheel: pip compiles it, against libfuse3 and Python.h.
+FUSE_DEBS := fuse3 libfuse3-dev pkg-config python3-dev python3-venv gcc libc6-dev
+FUSE_CHECK := pkg-config --exists fuse3 2>/dev/null && command -v fusermount3 >/dev/null \
+	&& command -v cc >/dev/null && $(PYTHON) -c 'import ensurepip' 2>/dev/null \
+	&& $(PYTHON) -c 'import sysconfig as s, os.path as p, sys; \
+		sys.exit(not p.exists(p.join(s.get_path("include"), "Python.h")))'
 # python3-llfuse: `borg mount` needs it, and borgbackup only recommends it.
 BENCH_DEBS := borgbackup python3-llfuse restic fuse-overlayfs
 
@@ -44,10 +53,10 @@ help:
 	@echo "make bench   run the benchmark (installs borgbackup, restic, fuse-overlayfs)"
 	@echo "make lint    ruff check and mypy only"
 	@echo "make deps    Debian packages for FUSE; make venv: .venv with ferryfs editable"
-	@echo "make clean   remove demo/, bench-out/ and caches (not .venv)"
+	@echo "make clean   remove demo/, bench-out/ and caches (not .venv); the next demo starts fresh"
 
 deps:
-	@$(call apt_ensure,$(FUSE_DEBS),pkg-config --exists fuse3 2>/dev/null && command -v fusermount3 >/dev/null)
+	@$(call apt_ensure,$(FUSE_DEBS),$(FUSE_CHECK))
 
 bench-deps:
 	@$(call apt_ensure,$(BENCH_DEBS),command -v borg && /usr/bin/python3 -c "import llfuse" 2>/dev/null && command -v restic && command -v fuse-overlayfs)

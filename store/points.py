@@ -6,7 +6,7 @@ prefixes (so listing points never walks a manifest):
 
     b"N"                                next point id (U64; ids are never reused)
     b"P" + U64(id)                      header, JSON: created_ns, retention_days,
-                                        complete, entries, files, bytes
+                                        complete, entries, files, bytes, name
     b"M" + U64(id) + b"/" + path        one manifest row per Phase 3 entry; `path`
                                         is relative to the tree's root (b"" the root)
     b"M" + U64(id) + b"#" + blake2b(path)   the same for a path too long for an
@@ -25,6 +25,12 @@ symlink). A point is `complete` only when the walk finished; a crash leaves it
 incomplete and the next `ensure_first_point` records it again from scratch.
 Cost: about 80,000 entries a second on the bench machine, paid once, by the
 first `migrate` or `mount`.
+
+`create_point` records another point on demand (`ferryfs points create`, the
+report's `createRollbackPoint(name, retentionDays)`), with its own name and
+retention. The Phase 3 tree is frozen, so a later point records the same tree:
+what it adds is a promise kept longer, since the Phase 3 data is released only
+once every point has expired.
 
 `release_phase3` is what `points expire --yes` does with the Phase 3 data once
 every point has expired. "Deleting the Phase 3 data" means unlinking each Phase
@@ -54,7 +60,7 @@ from hashlib import blake2b
 import blake3
 
 from . import codec, content
-from .errors import CorruptChunk, NotFound, PointRefused, SourceError
+from .errors import CorruptChunk, NotFound, PointRefused, SourceError, UsageError
 from .kv import Txn
 from .phase3 import Phase3Tree, _split, join
 from .records import HOLE, U64, Inode, Legacy
@@ -62,6 +68,9 @@ from .store import Store
 
 DAY_NS = 86_400 * 10**9
 DEFAULT_RETENTION_DAYS = 30
+MAX_RETENTION_DAYS = 36_500
+MAX_NAME = 100
+FIRST_POINT_NAME = "initial"
 ROWS_PER_TXN = 4096
 LONG_PATH = 400  # longer paths are keyed by their hash (LMDB keys stop at 511 bytes)
 
@@ -80,6 +89,7 @@ class Point:
     entries: int = 0
     files: int = 0
     nbytes: int = 0
+    name: str = ""
 
     @property
     def expires_ns(self) -> int:
@@ -97,6 +107,7 @@ class Point:
                 "entries": self.entries,
                 "files": self.files,
                 "bytes": self.nbytes,
+                "name": self.name,
             }
         ).encode()
 
@@ -183,6 +194,7 @@ def read_points(txn: Txn) -> list[Point]:
                 d.get("entries", 0),
                 d.get("files", 0),
                 d.get("bytes", 0),
+                d.get("name", ""),
             )
         )
     return out
@@ -216,23 +228,66 @@ def ensure_first_point(store: Store, retention_days: int = DEFAULT_RETENTION_DAY
         return done[0]
     if store.tree is None:
         raise PointRefused("the Phase 3 tree cannot be reached to record a rollback point")
-    tree = store.tree
     if pts:  # a walk that did not finish (a crash): record it again from scratch
         p = pts[0]
         _drop_rows(store, p.id)
         p.created_ns = time.time_ns()
         p.entries = p.files = p.nbytes = 0
     else:
+        p = _new_point(store, FIRST_POINT_NAME, retention_days)
+    return _finish(store, store.tree, p)
 
-        def new(txn: Txn) -> Point:
-            v = txn.get("points", _NEXT)
-            pid = U64.unpack(v)[0] if v is not None else 1
-            txn.put("points", _NEXT, U64.pack(pid + 1))
-            pt = Point(pid, time.time_ns(), retention_days, complete=False)
-            txn.put("points", head_key(pid), pt.header())
-            return pt
 
-        p = store._write(new)
+def check_point_args(name: str, retention_days: int) -> None:
+    """Refuse (UsageError, exit 2) a name or retention `points create` cannot keep."""
+    if not 1 <= retention_days <= MAX_RETENTION_DAYS:
+        raise UsageError(f"--keep-days must be 1 to {MAX_RETENTION_DAYS}, not {retention_days}")
+    if not name.strip() or len(name) > MAX_NAME or not name.isprintable():
+        raise UsageError(f"a point's name is 1 to {MAX_NAME} printable characters")
+
+
+def create_point(
+    store: Store, tree: Phase3Tree, name: str, retention_days: int = DEFAULT_RETENTION_DAYS
+) -> Point:
+    """Record a new rollback point of the Phase 3 tree now, kept `retention_days`.
+    Refused (nothing written) for a bad name or retention, a name another point
+    has, a store whose Phase 3 data was released, or a tree that drifted from the
+    current point: a new point would record the drift as the truth."""
+    check_point_args(name, retention_days)
+    if released(store):
+        raise PointRefused("the Phase 3 data was released by points expire: no point to record")
+    pts = list_points(store)
+    if any(p.name == name for p in pts):
+        raise UsageError(f"a rollback point named {name!r} exists (see ferryfs points list)")
+    with store.backend.read() as txn:
+        cur = current(txn)
+    if cur is None:
+        raise PointRefused("the store has no complete rollback point yet: mount or migrate first")
+    drift, _ = verify(store, tree, cur.id, deep=False)
+    if drift:
+        raise PointRefused(
+            f"the Phase 3 tree drifted from rollback point {cur.id} ({len(drift)} entries, "
+            f"first {drift[0].shown}); see ferryfs points verify; no point recorded"
+        )
+    return _finish(store, tree, _new_point(store, name, retention_days))
+
+
+def _new_point(store: Store, name: str, retention_days: int) -> Point:
+    """The header of an incomplete point, under a fresh id."""
+
+    def new(txn: Txn) -> Point:
+        v = txn.get("points", _NEXT)
+        pid = U64.unpack(v)[0] if v is not None else 1
+        txn.put("points", _NEXT, U64.pack(pid + 1))
+        pt = Point(pid, time.time_ns(), retention_days, complete=False, name=name)
+        txn.put("points", head_key(pid), pt.header())
+        return pt
+
+    return store._write(new)
+
+
+def _finish(store: Store, tree: Phase3Tree, p: Point) -> Point:
+    """Walk the tree into `p`'s manifest, then mark it complete."""
     _record_manifest(store, tree, p)
     p.complete = True
     store._write(lambda txn: txn.put("points", head_key(p.id), p.header()))

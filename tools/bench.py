@@ -2,11 +2,12 @@
 reads through ferryfs, borg mount and fuse-overlayfs; the idle sweep.
 
     python -m ferryfs.tools.bench [--out DIR] [--mb 200] [--quick] [--repeat 3]
-                                  [--only migrate,read,sweep]
+                                  [--only migrate,read,sweep,cli]
 
-Three sections, each printed as soon as it is done: `migrate` (this module),
-`read` (bench_read.py: the read table of issue 3) and `sweep` (bench_sweep.py:
-sweep time and read latency, issue 4); their mounts live in bench_mounts.py.
+Four sections, each printed as soon as it is done: `migrate` (this module),
+`read` (bench_read.py: the read table of issue 3), `sweep` (bench_sweep.py:
+sweep time and read latency, issue 4) and `cli` (bench_cli.py: the command's
+start-up time); their mounts live in bench_mounts.py.
 The `migrate` section:
 
 Builds (or reuses) a sample Phase 3 tree of at least `--mb` MB in `--out`, then
@@ -17,7 +18,7 @@ measuring wall time, peak RSS
 on disk (st_blocks, as `du -B1` counts them, so sparse LMDB files count what
 they really use). A second part migrates trees of many tiny files to show
 whether ferryfs's memory grows with the number of files. Prints markdown tables
-to paste into the README and one PASS/SHORT line per target.
+to paste into docs/benchmarks.md and one PASS/SHORT line per target.
 
 Owns only measuring and printing: the tools run as their users would run them.
 Each measured tool is one small function returning a `Result`.
@@ -523,7 +524,7 @@ def machine_line() -> str:
 # ---------------------------------------------------------------------------
 
 
-SECTIONS = ("migrate", "read", "sweep")
+SECTIONS = ("migrate", "read", "sweep", "cli")
 
 
 def migrate_section(
@@ -625,10 +626,14 @@ def main(argv: list[str] | None = None) -> int:
             from .bench_read import read_section
 
             lines = read_section(out, work, tree, args.quick, args.repeat)
-        else:
+        elif section == "sweep":
             from .bench_sweep import sweep_section
 
             lines = sweep_section(work, tree, args.quick, args.repeat)
+        else:
+            from .bench_cli import cli_section
+
+            lines = cli_section(work, tree, args.quick)
         print()
         print(f"### {section}")
         print()

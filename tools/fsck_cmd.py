@@ -223,7 +223,7 @@ def _print(
         deep = (
             f"; {r.file_bytes / 1e6:.1f} MB of files verified ({files_rate:.0f} MB/s), "
             f"{(r.store_bytes + r.phase3_bytes) / 1e6:.1f} MB read and hashed "
-            f"({read_rate:.0f} MB/s), {r.chunks_checked} more chunks"
+            f"({read_rate:.0f} MB/s), {r.chunks_checked} chunks outside those files checked"
         )
     state = "stopped at --max-duration (run again to carry on)" if r.partial else "done"
     fixable = sum(p.repairable for p in r.problems)

@@ -41,7 +41,9 @@ def rows(p: planner.Plan) -> list[tuple[str, str]]:
     """The human report, one (label, value) pair per line."""
     sampled = p.sampled_bytes / p.bytes if p.bytes else 1.0
     note = "" if sampled >= 0.999 else " (lower bound: dedup with unsampled files unseen)"
-    saved = 1 - p.est_stored_bytes / p.bytes if p.bytes else 0.0
+    # Saved means what `status` and `stats` mean by it: 1 - bytes on disk / bytes,
+    # so the estimate of the whole store (records too), not of the chunks alone.
+    saved = 1 - p.disk_needed / p.bytes if p.bytes else 0.0
     verdict = "fits" if p.fits else "DOES NOT FIT: free space or pick another --store"
     other = [
         (
@@ -61,7 +63,8 @@ def rows(p: planner.Plan) -> list[tuple[str, str]]:
         ("sampled", f"{p.sampled_files:,} files, {_size(p.sampled_bytes)} ({sampled:.0%})"),
         ("dedup", f"{p.dedup_ratio:.2f}x{note}"),
         ("compression", f"{p.compression_ratio:.2f}x (zstd 3, unique chunks)"),
-        ("stored", f"about {_size(p.est_stored_bytes)} ({saved:.0%} saved)"),
+        ("chunks", f"about {_size(p.est_stored_bytes)} after dedup and compression"),
+        ("saved", f"about {max(0.0, saved):.0%} (about {_size(p.disk_needed)} on disk)"),
         ("time", f"about {_duration(p.est_seconds)} with {p.jobs} jobs"),
         ("disk needed", f"{_size(p.disk_needed)} of {_size(p.disk_free)} free: {verdict}"),
         ("store", p.store),

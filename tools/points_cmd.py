@@ -1,8 +1,9 @@
-"""Rollback points: list, verify [--deep], delete, expire [--yes] (kept 30 days by default).
+"""Rollback points: create, list, verify [--deep], delete, expire [--yes] (kept 30 days by default).
 
-    ferryfs points list STORE [--json]
-    ferryfs points verify STORE [ID] [--deep] [--json]   0 matches, 4 drifted, 8 cannot run
-    ferryfs points delete STORE ID                       forgets the point; Phase 3 untouched
+    ferryfs points create STORE [--name N] [--keep-days D]  a new point, kept D days
+    ferryfs points list STORE [--json]                      names, creation and expiry
+    ferryfs points verify STORE [ID] [--deep] [--json]      0 matches, 4 drifted, 8 cannot run
+    ferryfs points delete STORE ID                          forgets the point; Phase 3 untouched
     ferryfs points expire STORE [--yes]
 
 `expire` without --yes only says what it would do (exit 1). With --yes it
@@ -11,6 +12,12 @@ whose content is verifiably in the store (see store/points.py): it refuses, and
 deletes nothing, unless every file is migrated and `fsck --deep` is clean.
 Rollback to Phase 3 is then no longer possible. Points may be given as `ID
 STORE` too.
+
+The first mount or migrate records the first point ("initial", 30 days).
+`create` records another (the store unmounted, like delete and expire): the
+Phase 3 tree is frozen, so what a new point adds is a longer promise, as the
+Phase 3 data is released only once every point has expired. It refuses a tree
+that drifted from the current point.
 """
 
 from __future__ import annotations
@@ -32,11 +39,18 @@ MATCHES, DRIFTED = 0, 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("list", "verify", "delete", "expire"))
+    p.add_argument("action", choices=("create", "list", "verify", "delete", "expire"))
     p.add_argument("where", nargs="+", metavar="STORE [ID]", help="the store directory")
     p.add_argument("--deep", action="store_true", help="verify: compare contents too")
     p.add_argument("--yes", action="store_true", help="expire: really delete")
     p.add_argument("--json", action="store_true", help="list, verify: print as JSON")
+    p.add_argument("--name", help="create: the point's name (default: its creation time)")
+    p.add_argument(
+        "--keep-days",
+        type=int,
+        default=points.DEFAULT_RETENTION_DAYS,
+        help="create: days the point is kept (default %(default)s)",
+    )
 
 
 def _store_and_id(args: argparse.Namespace) -> tuple[str, int | None]:
@@ -52,8 +66,24 @@ def _store_and_id(args: argparse.Namespace) -> tuple[str, int | None]:
     raise UsageError(f"points {args.action} takes STORE and at most one point ID")
 
 
-def _when(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+def _when(ns: int, seconds: bool = False) -> str:
+    fmt = "%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC"
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime(fmt)
+
+
+def _create(store: Store, name: str, keep_days: int) -> int:
+    tree = phase3_of(store)
+    if tree is None:
+        raise PointRefused(f"the Phase 3 tree ({store.source_path()}) cannot be reached")
+    try:
+        p = points.create_point(store, tree, name, keep_days)
+    finally:
+        tree.close()
+    print(
+        f"rollback point {p.id} {p.name!r}: {p.files} files, {p.nbytes / 1e6:.1f} MB, "
+        f"kept until {_when(p.expires_ns)}"
+    )
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +91,15 @@ def run(args: argparse.Namespace) -> int:
     if args.action in ("list", "verify"):
         with Store.open(store_dir, readonly=True) as store:
             return _list(store, args) if args.action == "list" else _verify(store, pid, args)
+    if args.action == "create":
+        if pid is not None:
+            raise UsageError("points create takes STORE only (the id is chosen for it)")
+        # Checked before the store is opened: a bad argument is exit 2 even when mounted.
+        name = args.name if args.name is not None else _when(time.time_ns(), seconds=True)
+        points.check_point_args(name, args.keep_days)
     with Store.open(store_dir) as store:  # StoreLocked (exit 8) when mounted
+        if args.action == "create":
+            return _create(store, name, args.keep_days)
         if args.action == "delete":
             if pid is None:
                 raise UsageError("points delete needs the point's id (see points list)")
@@ -78,6 +116,7 @@ def _list(store: Store, args: argparse.Namespace) -> int:
     rows = [
         {
             "id": p.id,
+            "name": p.name,
             "created": _when(p.created_ns),
             "created_ns": p.created_ns,
             "retention_days": p.retention_days,
@@ -94,12 +133,15 @@ def _list(store: Store, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
+    names = {p.id: p.name or "-" for p in pts}  # points from before names: "-"
+    width = max((len(n) for n in names.values()), default=0)
     for p in pts:
         flags = ("  EXPIRED" if p.expired(now) else "") + (
             "" if p.complete else "  INCOMPLETE (recorded again on the next mount)"
         )
         print(
-            f"{p.id:>3}  created {_when(p.created_ns)}  expires {_when(p.expires_ns)}  "
+            f"{p.id:>3}  {names[p.id]:<{width}}  created {_when(p.created_ns)}  "
+            f"expires {_when(p.expires_ns)} ({p.retention_days} days)  "
             f"{p.files} files, {p.nbytes / 1e6:.1f} MB{flags}"
         )
     if not pts:

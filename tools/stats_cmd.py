@@ -8,6 +8,8 @@ import json
 
 from ferryfs.store.store import Store
 
+from .status_cmd import on_disk_text, saved_text
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="the store directory")
@@ -28,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
         ("directories", f"{s.dirs_total} ({s.dirs_listed} listed)"),
         ("logical bytes", _mb(s.bytes_logical)),
         ("migrated bytes", _mb(s.bytes_migrated)),
-        ("chunks", f"{s.chunks} ({_mb(s.bytes_compressed)} compressed)"),
-        ("stored on disk", _mb(s.bytes_stored)),
-        ("savings", f"{saved:.1%} of migrated bytes"),
+        ("chunks", f"{s.chunks} ({_mb(s.bytes_compressed)} after dedup and compression)"),
+        ("on disk", on_disk_text(s.bytes_stored, s.bytes_compressed)),
+        ("saved", saved_text(s.bytes_stored, s.bytes_compressed, s.bytes_migrated)),
         ("errors", str(s.errors)),
     ]
     for k, v in rows:
