@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ferryfs.tools import rollbacks
 from ferryfs.tools.mounts import fs_type
+from storehelpers import preorder
 
 MOUNT_SECONDS = 60
 UMOUNT_SECONDS = 60
@@ -352,6 +354,14 @@ def mounted(
         pytest.fail("\n".join(problems), pytrace=False)
 
 
+def undo_rollback_mount(src: str | os.PathLike[str]) -> None:
+    """Remove the read-only mount a rollback left on `src`, if there is one and a
+    rollback record says it is ours (a ferryfs mount is `Mount.stop`'s business)."""
+    if fs_type(os.fspath(src)) not in (None, FS_TYPE) and rollbacks.lookup(os.fspath(src)):
+        subprocess.run(["umount", os.fspath(src)], check=False)
+        rollbacks.forget(os.fspath(src))
+
+
 def remount(m: Mount) -> Mount:
     """Unmount `m` cleanly and mount it again the same way (same store)."""
     return m.remount()
@@ -384,7 +394,7 @@ def snapshot(
     base = os.fsencode(root)
     out: dict[bytes, tuple[Any, ...]] = {}
 
-    def visit(rel: bytes) -> None:
+    def visit(rel: bytes) -> Iterator[bytes]:
         path = os.path.join(base, rel) if rel else base
         st = os.lstat(path)
         row = tuple(getattr(st, f) for f in fields)
@@ -398,9 +408,9 @@ def snapshot(
         out[rel] = row
         if stat.S_ISDIR(st.st_mode):
             for name in sorted(os.listdir(path)):
-                visit(os.path.join(rel, name) if rel else name)
+                yield os.path.join(rel, name) if rel else name
 
-    visit(b"")
+    preorder(b"", visit)  # iterative: the tests hold trees deeper than the recursion limit
     return out
 
 

@@ -8,15 +8,17 @@ import os
 import signal
 import stat
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ferryfs.store import codec
 from ferryfs.store.records import HOLE, ROOT_INO, STORED, U64, Inode, unpack_extent
 from ferryfs.store.store import Store
 
+T = TypeVar("T")
 StatRow = tuple[int, int, int, int, int, int, int, int, int]
 
 
@@ -35,30 +37,42 @@ def stat_row(st: os.stat_result) -> StatRow:
     )
 
 
+def preorder(first: T, children: Callable[[T], Iterator[T]]) -> None:
+    """Visit `first`, then depth first what `children(node)` yields, in that order,
+    with an explicit stack: trees deeper than Python's recursion limit (a chain of
+    1,500 directories is in these tests) walk as any other. `children` runs lazily,
+    so it may do its own work on a node before yielding that node's children."""
+    stack = [children(first)]
+    while stack:
+        nxt = next(stack[-1], None)
+        if nxt is None:
+            stack.pop()
+        else:
+            stack.append(children(nxt))
+
+
 def snapshot(root: Path | str) -> dict[bytes, tuple[StatRow, bytes]]:
     """Every entry under `root` (root included, as b"") with its stat and its content
     (regular files), target (symlinks) or nothing; never follows a link or opens a FIFO."""
     top = os.fsencode(root)
     out: dict[bytes, tuple[StatRow, bytes]] = {}
 
-    def visit(path: bytes, rel: bytes) -> None:
+    def visit(rel: bytes) -> Iterator[bytes]:
+        path = os.path.join(top, rel) if rel else top
         st = os.lstat(path)
         body = b""
         if stat.S_ISREG(st.st_mode):
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            try:
-                with os.fdopen(fd, "rb") as f:
-                    body = f.read()
-            except BaseException:
-                raise
+            with os.fdopen(fd, "rb") as f:
+                body = f.read()
         elif stat.S_ISLNK(st.st_mode):
             body = os.readlink(path)
         out[rel] = (stat_row(st), body)
         if stat.S_ISDIR(st.st_mode):
             for name in sorted(os.listdir(path)):
-                visit(os.path.join(path, name), os.path.join(rel, name) if rel else name)
+                yield os.path.join(rel, name) if rel else name
 
-    visit(top, b"")
+    preorder(b"", visit)
     return out
 
 
@@ -78,7 +92,8 @@ def walk_store(store: Store, read: bool = True) -> dict[bytes, Entry]:
     """Every entry reachable from the root by path, with its content if `read`."""
     out: dict[bytes, Entry] = {}
 
-    def visit(ino: int, rel: bytes) -> None:
+    def visit(dir_: tuple[int, bytes]) -> Iterator[tuple[int, bytes]]:
+        ino, rel = dir_
         after = 0
         while batch := store.readdir(ino, after, limit=100):
             for cookie, name, node in batch:
@@ -100,10 +115,10 @@ def walk_store(store: Store, read: bool = True) -> dict[bytes, Entry]:
                     body,
                 )
                 if node.is_dir:
-                    visit(node.ino, path)
+                    yield node.ino, path
                 after = cookie
 
-    visit(ROOT_INO, b"")
+    preorder((ROOT_INO, b""), visit)
     return out
 
 
@@ -234,3 +249,105 @@ def damage_chunk(store_dir: Path, digest: bytes) -> None:
             t.put(digest, bytes(rec), db=chunks)
     finally:
         env.close()
+
+
+def free_last_pages(env_dir: Path) -> tuple[int, int]:
+    """Write and free two large values so the last pages of the LMDB environment in
+    `env_dir` are on the freelist, never written (LMDB leaves pages unwritten that
+    the transaction which allocated them freed), so data.mdb ends before the meta
+    page's last page. Through LMDB alone (LmdbBackend would extend the file after the
+    commit). Returns the file's size and the size the meta page names."""
+    import lmdb
+    from ferryfs.store.kv import DBS
+
+    env = lmdb.open(str(env_dir), max_dbs=len(DBS) + 1, map_size=1 << 30)
+    try:
+        refs = env.open_db(b"refs", create=False)
+        with env.begin(write=True) as txn:
+            txn.put(b"\xff-first", b"x" * (1 << 20), db=refs)
+        with env.begin(write=True) as txn:
+            txn.put(b"\xff-second", b"y" * (1 << 20), db=refs)
+            txn.delete(b"\xff-first", db=refs)
+            txn.delete(b"\xff-second", db=refs)
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    finally:
+        env.close()
+    return (Path(env_dir) / "data.mdb").stat().st_size, need
+
+
+def make_chain(root: Path, depth: int, file_every: int = 0) -> list[bytes]:
+    """Directories `d` nested `depth` deep under `root`, made through directory fds
+    (a path that long would pass PATH_MAX), with a file `f` holding b"level N\\n" at
+    every `file_every`th level N counted from 0 (none if 0). The chain's components."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for level in range(depth):
+            if file_every and level % file_every == 0:
+                f = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+                os.write(f, b"level %d\n" % level)
+                os.close(f)
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+    return [b"d"] * depth
+
+
+class SparseFile:
+    """A file's expected content: its size and its pages holding written bytes
+    (everything else is zeros), so a hole of 100 GiB costs nothing."""
+
+    PAGE = 4096
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.size = 0
+        self.pages: dict[int, bytearray] = {}
+        self.write(0, data)
+
+    def write(self, off: int, data: bytes) -> None:
+        page = self.PAGE
+        pos = off
+        while pos < off + len(data):
+            p, at = divmod(pos, page)
+            n = min(page - at, off + len(data) - pos)
+            self.pages.setdefault(p, bytearray(page))[at : at + n] = data[pos - off : pos - off + n]
+            pos += n
+        if data:
+            self.size = max(self.size, off + len(data))
+
+    def truncate(self, size: int) -> None:
+        page = self.PAGE
+        if size < self.size:
+            for p in [p for p in self.pages if p * page >= size]:
+                del self.pages[p]
+            last = self.pages.get(size // page)
+            if last is not None:
+                last[size % page :] = bytes(page - size % page)
+        self.size = size
+
+    def read(self, off: int, n: int) -> bytes:
+        page = self.PAGE
+        end = min(self.size, off + n)
+        if off >= end:
+            return b""
+        out = bytearray(end - off)
+        for p in range(off // page, (end - 1) // page + 1):
+            got = self.pages.get(p)
+            if got is not None:
+                a, b = max(off, p * page), min(end, (p + 1) * page)
+                out[a - off : b - off] = got[a - p * page : b - p * page]
+        return bytes(out)
+
+    def zeros_in(self, off: int, n: int) -> bool:
+        """Whether [off, off+n) holds only zeros (without building it)."""
+        page = self.PAGE
+        for p, got in self.pages.items():
+            a, b = max(off, p * page), min(off + n, (p + 1) * page)
+            if a < b and any(got[a - p * page : b - p * page]):
+                return False
+        return True
+
+    def written(self) -> int:
+        return len(self.pages) * self.PAGE

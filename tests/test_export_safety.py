@@ -29,7 +29,7 @@ from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 from ferryfs.tools import rollbacks
 from ferryfs.tools.mounts import fs_type
-from mountutil import ferry, mounted
+from mountutil import ferry, mounted, undo_rollback_mount
 
 NOBODY = 65534
 
@@ -50,9 +50,7 @@ def shared_tree() -> Iterator[Path]:
     try:
         yield base
     finally:
-        if fs_type(str(src)) not in (None, "fuse.ferryfs") and rollbacks.lookup(str(src)):
-            subprocess.run(["umount", str(src)], check=False)
-            rollbacks.forget(str(src))
+        undo_rollback_mount(src)
         subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
 
 

@@ -29,7 +29,7 @@ from ferryfs.store.kv import Txn
 from ferryfs.store.records import CHANGED, HOLE, ROOT_INO, U64, Inode, extent_key
 from ferryfs.store.store import Store
 from mountutil import mounted, wait_for
-from storehelpers import check_invariants, deadline, raw
+from storehelpers import SparseFile, check_invariants, deadline, raw
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -62,38 +62,11 @@ def small(tmp_path: Path) -> Iterator[tuple[Store, int]]:
         s.close()
 
 
-class Model:
-    """What a sparse file holds: its size and its written pieces, later over earlier."""
-
-    def __init__(self, data: bytes) -> None:
-        self.size = len(data)
-        self.pieces: list[tuple[int, bytes]] = [(0, data)]
-
-    def write(self, off: int, data: bytes) -> None:
-        self.pieces.append((off, data))
-        self.size = max(self.size, off + len(data))
-
-    def truncate(self, size: int) -> None:
-        self.pieces = [(o, d[: max(0, size - o)]) for o, d in self.pieces if o < size]
-        self.size = size
-
-    def read(self, off: int, n: int) -> bytes:
-        end = min(self.size, off + n)
-        if off >= end:
-            return b""
-        out = bytearray(end - off)
-        for o, d in self.pieces:
-            a, b = max(off, o), min(end, o + len(d))
-            if a < b:
-                out[a - off : b - off] = d[a - o : b - o]
-        return bytes(out)
-
-
 def stored_bytes(s: Store) -> int:
     return sum(len(v) for v in raw(s).chunks.values())
 
 
-def agree(s: Store, ino: int, m: Model) -> None:
+def agree(s: Store, ino: int, m: SparseFile) -> None:
     """The store and the model agree on the size, on every data run and on the
     edges of every hole (the whole hole would be gigabytes of zeros to compare)."""
     assert s.getattr(ino).size == m.size
@@ -149,7 +122,7 @@ def test_holes_shrink_regrow_and_take_writes_in_their_middle_and_across_their_ed
     small: tuple[Store, int],
 ) -> None:
     s, ino = small
-    m = Model(ORIGINAL)
+    m = SparseFile(ORIGINAL)
 
     def do(op: str, *args: int | bytes) -> None:
         getattr(s, op)(ino, *args)
@@ -183,7 +156,7 @@ def test_scattered_writes_into_a_hole_chunk_only_their_bytes(small: tuple[Store,
     s, ino = small
     s.truncate(ino, 64 * GiB)
     spans = [(GiB + i * MiB, b"x") for i in range(2000)]
-    m = Model(ORIGINAL)
+    m = SparseFile(ORIGINAL)
     m.truncate(64 * GiB)
     for off, data in spans:
         m.write(off, data)

@@ -11,7 +11,7 @@ from ferryfs.store import lmdbfile
 from ferryfs.store.kv import DBS, Backend, LmdbBackend, MapFull, MemoryBackend
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
-from storehelpers import check_invariants
+from storehelpers import check_invariants, free_last_pages
 
 KEYS = [b"a", b"ab", b"b", b"ba", b"c", b"\x00", b"\xff\xff", b"m" * 300]
 
@@ -233,29 +233,11 @@ def test_unlink_in_a_full_store_grows_the_map(tmp_path: Path) -> None:
 # -- a short or damaged data.mdb --------------------------------------------------------------
 
 
-def last_pages_freed(path: Path) -> tuple[int, int]:
-    """Through LMDB alone (LmdbBackend would extend the file after the commit): big
-    values written and freed so the file ends before the meta page's last page."""
-    import lmdb
-
-    env = lmdb.open(str(path), max_dbs=len(DBS) + 1, map_size=1 << 30)
-    db = env.open_db(b"refs")
-    with env.begin(write=True) as txn:
-        txn.put(b"one", b"x" * (1 << 20), db=db)
-    with env.begin(write=True) as txn:
-        txn.put(b"two", b"y" * (1 << 20), db=db)
-        txn.delete(b"one", db=db)
-        txn.delete(b"two", db=db)
-    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    env.close()
-    return (path / "data.mdb").stat().st_size, need
-
-
 def test_free_last_pages_are_not_truncation(tmp_path: Path) -> None:
     be = LmdbBackend(str(tmp_path))
     fill(be)
     be.close()
-    size, need = last_pages_freed(tmp_path)
+    size, need = free_last_pages(tmp_path)
     assert size < need
     ro = LmdbBackend(str(tmp_path), readonly=True)
     assert items(ro) == {k: b"v" + k for k in KEYS}

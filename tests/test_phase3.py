@@ -16,6 +16,7 @@ from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 from mountutil import mounted
+from storehelpers import make_chain
 
 
 def test_threads_listing_the_root_at_once_each_see_every_entry(tmp_path: Path) -> None:
@@ -53,27 +54,10 @@ def chain(tmp_path: Path) -> Iterator[Path]:
     src = tmp_path / "src"
     src.mkdir()
     try:
-        make_chain(src, 1500)
+        make_chain(src, 1500, file_every=100)
         yield src
     finally:
         subprocess.run(["rm", "-rf", str(src)], check=True)  # GNU rm walks it iteratively
-
-
-def make_chain(root: Path, depth: int) -> None:
-    """Directories `d` nested `depth` deep, with a file at every 100th level."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for level in range(depth):
-            if level % 100 == 0:
-                f = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-                os.write(f, b"level %d\n" % level)
-                os.close(f)
-            os.mkdir("d", dir_fd=fd)
-            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-    finally:
-        os.close(fd)
 
 
 def test_listing_a_deep_chain_opens_each_directory_once(

@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 from ferryfs.tools import rollbacks
 from ferryfs.tools.mounts import fs_type
-from mountutil import diff_r, ferry, mounted, require_fuse, snapshot, snapshot_diff, wait_for
+from mountutil import (
+    diff_r,
+    ferry,
+    mounted,
+    require_fuse,
+    snapshot,
+    snapshot_diff,
+    undo_rollback_mount,
+    wait_for,
+)
+from storehelpers import make_chain
 
 
 @contextlib.contextmanager
@@ -29,9 +39,7 @@ def phase3_copy(sample_tree, tmp_path: Path):  # type: ignore[no-untyped-def]
     try:
         yield src
     finally:
-        if fs_type(str(src)) not in (None, "fuse.ferryfs") and rollbacks.lookup(str(src)):
-            subprocess.run(["umount", str(src)], check=False)
-            rollbacks.forget(str(src))
+        undo_rollback_mount(src)
 
 
 def readonly_shown(src: Path, reference: Path) -> None:
@@ -120,20 +128,6 @@ def test_rollback_discard_changes(sample_tree, tmp_path: Path) -> None:
         assert (src / "scratch.txt").read_text() == "kept in the store"
 
 
-def _deep(root: Path, depth: int) -> list[bytes]:
-    """root/d/d/.../d, `depth` directories, made through dir fds (no path limit)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(depth):
-            os.mkdir("d", dir_fd=fd)
-            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-    finally:
-        os.close(fd)
-    return [b"d"] * depth
-
-
 def test_rollback_of_a_tree_1500_directories_deep(tmp_path: Path) -> None:
     """The change walk and the export are iterative: a tree deeper than Python's
     recursion limit rolls back, and the file made at the bottom is exported."""
@@ -141,7 +135,7 @@ def test_rollback_of_a_tree_1500_directories_deep(tmp_path: Path) -> None:
         pytest.skip("the bind-mount path needs root")
     src, export = tmp_path / "phase3", tmp_path / "export"
     src.mkdir()
-    parts = _deep(src, 1500)
+    parts = make_chain(src, 1500)
     deep = os.path.join(os.fsencode(src), *parts)
     try:
         with mounted(src) as m:

@@ -26,11 +26,11 @@ from ferryfs.store.records import HOLE, ROOT_INO
 from ferryfs.store.store import RENAME_NOREPLACE, Store
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from storehelpers import check_invariants, deadline, raw
+from storehelpers import SparseFile, check_invariants, deadline, raw
 
 SMALL = Chunker(min_size=64, avg_size=256, max_size=1024)
 GiB = 1 << 30
-PAGE = 4096
+PAGE = SparseFile.PAGE
 WHOLE = 4 << 20  # files up to this size are also compared by one read of all of them
 NAMES = [b"a", b"b", b"\xff\xfe", b"n" * 255]
 DIRS = [b"", b"d", b"d/e", b"f"]  # the places a directory may be; b"" is the root
@@ -50,58 +50,6 @@ payloads = st.one_of(
     st.builds(lambda b, n: b * n, st.binary(min_size=1, max_size=3), st.integers(1, 2000)),
     st.sampled_from([b"phase three " * 50, bytes(range(256)) * 4]),  # dedup with Phase 3
 )
-
-
-class SparseFile:
-    """A file's expected content: its size and its pages holding written bytes
-    (everything else is zeros), so a hole of 100 GiB costs nothing."""
-
-    def __init__(self, data: bytes = b"") -> None:
-        self.size = 0
-        self.pages: dict[int, bytearray] = {}
-        self.write(0, data)
-
-    def write(self, off: int, data: bytes) -> None:
-        pos = off
-        while pos < off + len(data):
-            p, at = divmod(pos, PAGE)
-            n = min(PAGE - at, off + len(data) - pos)
-            self.pages.setdefault(p, bytearray(PAGE))[at : at + n] = data[pos - off : pos - off + n]
-            pos += n
-        if data:
-            self.size = max(self.size, off + len(data))
-
-    def truncate(self, size: int) -> None:
-        if size < self.size:
-            for p in [p for p in self.pages if p * PAGE >= size]:
-                del self.pages[p]
-            last = self.pages.get(size // PAGE)
-            if last is not None:
-                last[size % PAGE :] = bytes(PAGE - size % PAGE)
-        self.size = size
-
-    def read(self, off: int, n: int) -> bytes:
-        end = min(self.size, off + n)
-        if off >= end:
-            return b""
-        out = bytearray(end - off)
-        for p in range(off // PAGE, (end - 1) // PAGE + 1):
-            page = self.pages.get(p)
-            if page is not None:
-                a, b = max(off, p * PAGE), min(end, (p + 1) * PAGE)
-                out[a - off : b - off] = page[a - p * PAGE : b - p * PAGE]
-        return bytes(out)
-
-    def zeros_in(self, off: int, n: int) -> bool:
-        """Whether [off, off+n) holds only zeros (without building it)."""
-        for p, page in self.pages.items():
-            a, b = max(off, p * PAGE), min(off + n, (p + 1) * PAGE)
-            if a < b and any(page[a - p * PAGE : b - p * PAGE]):
-                return False
-        return True
-
-    def written(self) -> int:
-        return len(self.pages) * PAGE
 
 
 def parent_of(path: bytes) -> tuple[bytes, bytes]:

@@ -20,7 +20,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import lmdb
 import pytest
 from conftest import NOW_NS
 from ferryfs.store import storedir
@@ -29,6 +28,7 @@ from ferryfs.store.store import Store
 from ferryfs.tools.mounts import fs_type
 from ferryfs.tools.sampletree import generate
 from mountutil import cli, ferry, mounted, require_fuse
+from storehelpers import free_last_pages
 
 NOBODY = 65534
 
@@ -70,6 +70,16 @@ def tree(tmp_path: Path) -> Path:
     secret.write_text("the plaintext of a private file\n")
     secret.chmod(0o600)
     return src
+
+
+@pytest.fixture
+def migrated_store(tree: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A store `ferryfs migrate` made of `tree` (tmp_path/store), and an empty
+    mountpoint (tmp_path/mnt)."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    cli("migrate", tree, "--store", store)
+    return store, mnt
 
 
 # -- 1: the store is private -------------------------------------------------------------
@@ -153,11 +163,11 @@ def test_a_store_prepared_by_another_user_is_refused(
     assert sorted(os.listdir(store)) == ["daemon.log", "lock"], "a store was made in it"
 
 
-def test_a_link_planted_in_our_store_is_not_followed(tree: Path, tmp_path: Path) -> None:
+def test_a_link_planted_in_our_store_is_not_followed(
+    tree: Path, tmp_path: Path, migrated_store: tuple[Path, Path]
+) -> None:
     require_fuse()
-    store, mnt = tmp_path / "store", tmp_path / "mnt"
-    mnt.mkdir()
-    cli("migrate", tree, "--store", store)
+    store, mnt = migrated_store
     target = tmp_path / "victim"
     target.write_text("the victim's file\n")
     (store / "daemon.log").symlink_to(target)
@@ -176,12 +186,10 @@ def test_a_link_planted_in_our_store_is_not_followed(tree: Path, tmp_path: Path)
 
 
 def test_a_store_whose_database_was_moved_is_refused_not_made_again(
-    tree: Path, tmp_path: Path
+    tree: Path, tmp_path: Path, migrated_store: tuple[Path, Path]
 ) -> None:
     require_fuse()
-    store, mnt = tmp_path / "store", tmp_path / "mnt"
-    mnt.mkdir()
-    cli("migrate", tree, "--store", store)
+    store, mnt = migrated_store
     (store / "db").rename(tmp_path / "db.moved")
     try:
         for argv in (["mount", tree, mnt, "--store", store], ["migrate", tree, "--store", store]):
@@ -313,29 +321,11 @@ def test_the_writer_lock_is_one_for_store_open_and_fsck(tree: Path, tmp_path: Pa
 # -- 11: a short data.mdb whose last pages are free ---------------------------------------------
 
 
-def free_the_last_pages(db: Path) -> tuple[int, int]:
-    """Write and free large values so the last pages are on the freelist, never
-    written (as LMDB leaves pages that the transaction which allocated them freed).
-    The file's size and the size the meta page names."""
-    env = lmdb.open(str(db), max_dbs=32, map_size=1 << 30)
-    try:
-        errs = env.open_db(b"errors", create=False)
-        with env.begin(write=True) as txn:
-            txn.put(b"\xff-first", b"z" * (1 << 20), db=errs)
-        with env.begin(write=True) as txn:
-            txn.put(b"\xff-second", b"z" * (1 << 20), db=errs)
-            txn.delete(b"\xff-first", db=errs)
-            txn.delete(b"\xff-second", db=errs)
-        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    finally:
-        env.close()
-    return (db / "data.mdb").stat().st_size, need
-
-
-def test_a_store_whose_last_pages_are_free_is_not_truncated(tree: Path, tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    cli("migrate", tree, "--store", store)
-    size, need = free_the_last_pages(store / "db")
+def test_a_store_whose_last_pages_are_free_is_not_truncated(
+    tree: Path, migrated_store: tuple[Path, Path]
+) -> None:
+    store, _ = migrated_store
+    size, need = free_last_pages(store / "db")
     assert size < need, "setup: the file should end before the meta page's last page"
     r = ferry("stats", store, "--json")
     assert r.returncode == 0, r.stderr
@@ -390,11 +380,9 @@ def test_daemon_log_rotates_and_stays_bounded(tree: Path, tmp_path: Path) -> Non
     assert modes(store) == {}
 
 
-def test_mount_rotates_a_big_daemon_log(tree: Path, tmp_path: Path) -> None:
+def test_mount_rotates_a_big_daemon_log(tree: Path, migrated_store: tuple[Path, Path]) -> None:
     require_fuse()
-    store, mnt = tmp_path / "store", tmp_path / "mnt"
-    mnt.mkdir()
-    cli("migrate", tree, "--store", store)
+    store, mnt = migrated_store
     log = store / "daemon.log"
     fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o600)
     os.ftruncate(fd, storedir.LOG_MAX + 1)  # a sparse stand-in for a long history

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,15 @@ def migrated(m) -> int:  # type: ignore[no-untyped-def]
 def mnt(tmp_path: Path) -> Path:
     (tmp_path / "mnt").mkdir(exist_ok=True)
     return tmp_path / "mnt"
+
+
+async def until(cond: Callable[[], object], seconds: float) -> None:
+    """Poll `cond()` every 10 ms in trio time until true; TooSlowError at `seconds`."""
+    import trio
+
+    with trio.fail_after(seconds):
+        while not cond():
+            await trio.sleep(0.01)
 
 
 def all_files(root: Path) -> list[Path]:
@@ -334,9 +344,7 @@ async def test_a_file_deleted_before_its_first_open_migration_is_no_warning(
         st.unlink(d.ino, b"m000.json")
         async with trio.open_nursery() as n:
             await n.start(lazy.run)
-            with trio.fail_after(30):
-                while lazy._queued:
-                    await trio.sleep(0.01)
+            await until(lambda: not lazy._queued, 30)
             n.cancel_scope.cancel()
         assert st.getattr(kept).state == "migrated"
         assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
@@ -387,15 +395,11 @@ async def test_a_batch_meeting_enospc_migrates_what_fits(
     try:
         async with trio.open_nursery() as n:
             await n.start(sweep.run)
-            with trio.fail_after(60):
-                while sweep.state != "waiting for space":
-                    await trio.sleep(0.01)
+            await until(lambda: sweep.state == "waiting for space", 60)
             assert migrated_now() == 3
             assert st.stats().errors == 0 and sweep.stats.errors == 0
             st.room = 10**9  # space freed: the rest goes at the next look
-            with trio.fail_after(60):
-                while migrated_now() < 6 or sweep.state != "done":
-                    await trio.sleep(0.01)
+            await until(lambda: migrated_now() >= 6 and sweep.state == "done", 60)
             n.cancel_scope.cancel()
         assert st.stats().errors == 0
         for i in range(6):
@@ -464,14 +468,10 @@ async def test_listing_that_meets_enospc_goes_on_once_there_is_space(
     try:
         async with trio.open_nursery() as n:
             await n.start(sweep.run)
-            with trio.fail_after(60):
-                while sweep.state != "waiting for space":
-                    await trio.sleep(0.01)
+            await until(lambda: sweep.state == "waiting for space", 60)
             assert st.stats().files_migrated == 0
             st.full = False
-            with trio.fail_after(60):
-                while sweep.state != "done":
-                    await trio.sleep(0.01)
+            await until(lambda: sweep.state == "done", 60)
             n.cancel_scope.cancel()
         assert st.stats().files_migrated == total
         assert sweep.stats.errors == 0
