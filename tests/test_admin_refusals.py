@@ -61,14 +61,21 @@ def refused(r: subprocess.CompletedProcess[str], code: int, *words: str) -> None
 # -- layouts -------------------------------------------------------------------------
 
 
+def linked_tree(tmp_path: Path, unmount_after: list[Path], watch: Path) -> Path:
+    """A tiny SRC with a symlink `link` to it beside, for spelling paths through it;
+    `watch` is unmounted at the end should a refusal fail to happen."""
+    src = tiny(tmp_path)
+    unmount_after.append(watch)
+    (tmp_path / "link").symlink_to(src)
+    return src
+
+
 @pytest.mark.parametrize("spelling", ["plain", "symlink", "dotdot"])
 def test_mountpoint_inside_src_is_refused_however_spelled(
     tmp_path: Path, spelling: str, unmount_after: list[Path]
 ) -> None:
-    src = tiny(tmp_path)
-    unmount_after.append(src / "inner")
+    src = linked_tree(tmp_path, unmount_after, tmp_path / "phase3" / "inner")
     (src / "inner").mkdir()
-    (tmp_path / "link").symlink_to(src)
     mnt = {
         "plain": src / "inner",
         "symlink": tmp_path / "link" / "inner",
@@ -97,9 +104,7 @@ def test_mountpoint_containing_src_is_refused(tmp_path: Path, unmount_after: lis
 def test_store_inside_src_is_refused_by_mount_and_migrate(
     tmp_path: Path, spelling: str, unmount_after: list[Path]
 ) -> None:
-    src = tiny(tmp_path)
-    unmount_after.append(tmp_path / "mnt")
-    (tmp_path / "link").symlink_to(src)
+    src = linked_tree(tmp_path, unmount_after, tmp_path / "mnt")
     store = {
         "plain": src / ".ferry",
         "symlink": tmp_path / "link" / "store",
