@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from asuser import run_as_nobody
 from conftest import NOW_NS
 from ferryfs.store import storedir
 from ferryfs.store.errors import StoreLocked, StoreMissing, StoreUnusable
@@ -237,24 +238,7 @@ def world(tmp_path: Path) -> Iterator[Path]:
 
 
 def as_nobody(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            sys.executable,
-            "-m",
-            "ferryfs.tools.cli",
-            *map(os.fspath, argv),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "HOME": "/nonexistent"},
-        cwd="/",
-    )
+    return run_as_nobody(list(argv))
 
 
 @pytest.mark.parametrize(
