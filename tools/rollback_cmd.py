@@ -34,7 +34,7 @@ from ferryfs.store.store import Store
 
 from . import rollbacks
 from .mount_cmd import spawn_daemon
-from .mounts import _unescape, control_get, control_set, status
+from .mounts import control_get, control_set, mount_options, status
 from .umount_cmd import Busy, in_use, stop_daemon
 
 
@@ -164,19 +164,6 @@ def _exported_line(n: int, dest: str, done: Exported) -> str:
             f"(listed in {os.path.join(dest, '.ferryfs-modes')})"
         )
     return line
-
-
-def mount_options(mnt: str) -> set[str]:
-    """The options of the mount at `mnt` (per-mount and superblock), from mountinfo."""
-    real = os.fsencode(os.path.realpath(mnt))
-    found: set[str] = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            parts = line.split()
-            if _unescape(parts[4]) == real:
-                sep = parts.index(b"-")
-                found = set(parts[5].decode().split(",")) | set(parts[sep + 3].decode().split(","))
-    return found
 
 
 def show_readonly(src: str, mnt: str, store_dir: str, allow_other: bool) -> None:
