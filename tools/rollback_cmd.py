@@ -33,9 +33,9 @@ from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.store import Store
 
 from . import rollbacks
-from .mount_cmd import spawn_daemon
+from ._common import confirm
+from .daemons import Busy, in_use, spawn_daemon, stop_daemon
 from .mounts import control_get, control_set, mount_options, status
-from .umount_cmd import Busy, in_use, stop_daemon
 
 
 class ChangesPending(FerryError):
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                     f"{len(changes.deleted)} deleted since the rollback point; rerun with "
                     "--export-changes DIR or --discard-changes"
                 )
-            if not args.yes and not _confirm(mnt, src, n, bool(args.discard_changes)):
+            if not args.yes and not _ask_rollback(mnt, src, n, bool(args.discard_changes)):
                 print("ferryfs: rollback cancelled", file=sys.stderr)
                 return 1
             if changes and args.export_changes:
@@ -133,12 +133,11 @@ def _count(changes: Changes) -> int:
     return len(changes.changed) + len(changes.moved_dirs) + len(changes.deleted)
 
 
-def _confirm(mnt: str, src: str, n: int, discard: bool) -> bool:
+def _ask_rollback(mnt: str, src: str, n: int, discard: bool) -> bool:
     if not sys.stdin.isatty():
         raise UsageError("rollback asks for confirmation: pass --yes when not on a terminal")
     kept = f", leaving {n} changes in the store (not exported)" if discard and n else ""
-    answer = input(f"unmount {mnt}{kept}, and show {src} read-only there? [y/N] ")
-    return answer.strip().lower() in ("y", "yes")
+    return confirm(f"unmount {mnt}{kept}, and show {src} read-only there? [y/N] ")
 
 
 def _export(
