@@ -48,6 +48,21 @@ def packaged_files() -> list[str]:
     return [f for _pkg, _mod, f in cmd.find_all_modules()]
 
 
+def assert_acyclic(graph: dict[str, set[str]]) -> None:
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name in done:
+            return
+        for dep in sorted(graph[name]):
+            visit(dep, (*path, name))
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
 def test_the_wheel_holds_no_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
     """The benchmark drives borg, restic and fuse-overlayfs: it is a developer tool
     in tools/bench/, not part of what `pip install ferryfs` installs."""
@@ -71,22 +86,32 @@ def test_bench_modules_form_no_cycle() -> None:
         assert not [m for m, _n, _l in found if m.startswith("ferryfs.tools.bench")], name
         graph[name] = {m for m, _n, _l in found if m in mods}
     assert not any("run" in deps for deps in graph.values()), graph
-    done: set[str] = set()
-
-    def visit(name: str, path: tuple[str, ...]) -> None:
-        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
-        if name in done:
-            return
-        for dep in sorted(graph[name]):
-            visit(dep, (*path, name))
-        done.add(name)
-
-    for name in sorted(graph):
-        visit(name, ())
+    assert_acyclic(graph)
 
 
 def tools_modules() -> list[Path]:
     return sorted(TOOLS.glob("*.py"))
+
+
+def test_tools_modules_form_no_import_cycle() -> None:
+    """Counting imports inside functions too: a lazy import that closes a cycle
+    (cli -> mount_helper -> cli, once) is still a cycle."""
+    names = {p.stem for p in tools_modules()}
+    graph: dict[str, set[str]] = {}
+    for path in tools_modules():
+        deps: set[str] = set()
+        for module, imported, level in imports(path):
+            if level == 1 and not module:  # from . import x, y
+                deps |= set(imported)
+            elif level == 1:  # from .x import y
+                deps.add(module.split(".")[0])
+            elif module == "ferryfs.tools":
+                deps |= set(imported)
+            elif module.startswith("ferryfs.tools."):
+                deps.add(module.split(".")[2])
+        graph[path.stem] = (deps & names) - {path.stem}
+    assert graph["cli"], "the parse found no imports at all"
+    assert_acyclic(graph)
 
 
 def test_commands_do_not_import_each_other() -> None:
