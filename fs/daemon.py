@@ -28,6 +28,7 @@ from ferryfs.store.store import Store
 from ferryfs.store.storedir import LogRotation
 
 from .control import Control
+from .mountinfo import mount_entries
 from .operations import Operations
 from .sweep import Sweep
 from .sweep_config import SweepConfig, add_sweep_arguments, sweep_config
@@ -137,26 +138,19 @@ def raise_readahead(mnt: str, kb: int = READ_AHEAD_KB) -> bool:
     # Not realpath(mnt): that would stat the mount itself, before anyone serves it.
     mnt = os.path.abspath(mnt)
     parent, name = os.path.split(mnt)
-    target = os.path.join(os.path.realpath(parent), name).encode()
-    dev = None
+    target = os.fsencode(os.path.join(os.path.realpath(parent), name))
     try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                fields = line.split()
-                # Mount points escape space, tab, newline and backslash as octal.
-                point = fields[4].decode("unicode_escape").encode("latin-1")
-                if point == target and b"fuse.ferryfs" in line:
-                    dev = fields[2].decode()  # the last one is the newest: ours
-        if dev is None:
+        ours = [m for m in mount_entries() if m.point == target and m.fstype == "fuse.ferryfs"]
+        if not ours:
             return False
+        dev = ours[-1].dev_name  # the last one is the newest: ours
         knob = f"/sys/class/bdi/{dev}/read_ahead_kb"
         with open(knob, "w") as f:
             f.write(str(kb))
         with open(knob) as f:
             return f.read().strip() == str(kb)
-    except (OSError, IndexError, UnicodeDecodeError):
+    except (OSError, IndexError, ValueError):
         return False
-    return True
 
 
 def run(

@@ -21,10 +21,10 @@ from ferryfs.store.fsck import (
     hold_writer_lock,
     repair,
 )
-from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.store import Store
 
-from .mounts import control_get, is_ferryfs
+from ._common import confirm, shown
+from .daemons import phase3_of
 from .progress import Bar
 
 CLEAN, REPAIRED, LEFT, CANNOT = 0, 1, 4, 8
@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         if not fixable:  # nothing to do: say what is lost
             lost = sorted({p.path for p in report.problems if _is_file_damage(p)})
             return _print(args, report, LEFT, report, 0, lost)
-        if not args.yes and not _confirm(len(fixable), len(report.problems)):
+        if not args.yes and not _ask_repair(len(fixable), len(report.problems)):
             print("ferryfs: nothing repaired", file=sys.stderr)
             return _print(args, report, LEFT)
         if held is not None:
@@ -142,31 +142,9 @@ def _is_file_damage(p: Problem) -> bool:
     )
 
 
-def phase3_of(store: Store) -> Phase3Tree | None:
-    """The store's Phase 3 tree, even when an in-place mount shadows it (through the
-    daemon's directory fd); None if it cannot be reached."""
-    src = store.source_path()
-    if src is None:
-        return None
-    try:
-        if is_ferryfs(src):
-            fd = int(control_get(src, "srcfd"))
-            return Phase3Tree.open(f"/proc/{int(control_get(src, 'pid'))}/fd/{fd}")
-        return Phase3Tree.open(src)
-    except (FerryError, OSError, ValueError):
-        return None
-
-
-def shown(path: str) -> str:
-    """A path for a terminal: bytes that are not UTF-8 (kept by os.fsdecode as
-    surrogates) printed as \\xNN escapes, so the output is always valid UTF-8."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _confirm(fixable: int, found: int) -> bool:
+def _ask_repair(fixable: int, found: int) -> bool:
     more = f" ({found - fixable} more cannot be)" if found > fixable else ""
-    answer = input(f"repair {fixable} problems{more}? [y/N] ")
-    return answer.strip().lower() in ("y", "yes")
+    return confirm(f"repair {fixable} problems{more}? [y/N] ")
 
 
 def _rates(r: Report) -> tuple[float, float]:

@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
-import subprocess
 import sys
-import time
 
 from ferryfs.fs.sweep_config import add_sweep_arguments, sweep_argv
 from ferryfs.store.errors import FerryError, UsageError
-from ferryfs.store.storedir import StoreDir, open_log
+from ferryfs.store.storedir import StoreDir
 
 from . import layout, procscan, rollbacks
+from .daemons import MountFailed, spawn_daemon
 from .mounts import clean_dead, fs_type, is_dead
 from .paths import default_store
-
-READY_SECONDS = 60
-
-
-class MountFailed(FerryError):
-    exit_code = 1
 
 
 class SourceBusy(FerryError):
@@ -97,50 +89,3 @@ def refuse_busy_source(src: str) -> None:
             f"processes use files under {src}, which an in-place mount would hide from them: "
             f"{procscan.describe(holders)}; stop them first, or --force"
         )
-
-
-def spawn_daemon(cmd: list[str], log_path: str) -> int:
-    """Start a daemon that reports "ready" or one error line on `--ready-fd`;
-    return its pid once ready, or raise MountFailed with its error line."""
-    r, w = os.pipe()
-    with open_log(log_path) as log:
-        proc = subprocess.Popen(
-            [*cmd, "--ready-fd", str(w)],
-            pass_fds=(w,),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            cwd="/",  # a daemon's cwd must not keep any mount (or SRC) busy
-        )
-    os.close(w)
-    try:
-        line = _read_line(r, proc)
-    finally:
-        os.close(r)
-    if line == "ready":
-        return proc.pid
-    try:  # the daemon says why, then exits with the code that goes with it
-        code = proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        code = 1
-    err = MountFailed(line.removeprefix("error: ") or f"the daemon exited; see {log_path}")
-    if code in (2, 8):
-        err.exit_code = code
-    raise err
-
-
-def _read_line(fd: int, proc: subprocess.Popen[bytes]) -> str:
-    buf = b""
-    deadline = time.monotonic() + READY_SECONDS
-    while b"\n" not in buf and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-        elif proc.poll() is not None:
-            break
-    return buf.decode(errors="replace").strip()

@@ -28,6 +28,8 @@ import sys
 
 from ferryfs.store.errors import FerryError, UsageError
 
+from .commands import run
+
 # Options that are mount(8)'s, fuse's mount.fuse's or systemd's own business, or
 # that a FUSE mount cannot change (ferryfs always mounts nodev).
 IGNORED = frozenset(
@@ -116,8 +118,6 @@ def looks_like_mount_fuse(words: list[str]) -> bool:
 
 def mount_main(argv: list[str] | None = None) -> int:
     """Entry point of `mount.fuse.ferryfs` (and `ferryfs SRC MNT -o ...`)."""
-    from ferryfs.tools import cli
-
     words = sys.argv[1:] if argv is None else argv
     try:
         src, mnt, options, flags = parse_mount(words)
@@ -129,14 +129,12 @@ def mount_main(argv: list[str] | None = None) -> int:
         return 0
     if "v" in flags:
         print("ferryfs " + " ".join(command), file=sys.stderr)
-    return cli.main(command)
+    return run(command)
 
 
 def umount_main(argv: list[str] | None = None) -> int:
     """Entry point of `umount.fuse.ferryfs MNT [-flnrv] [-t TYPE]`: `ferryfs umount MNT`;
     with -l (`umount -l`, for a mount whose daemon died) a lazy `fusermount3 -u -z`."""
-    from ferryfs.tools import cli
-
     words = sys.argv[1:] if argv is None else argv
     targets: list[str] = []
     flags: set[str] = set()
@@ -156,4 +154,4 @@ def umount_main(argv: list[str] | None = None) -> int:
     if "l" in flags:
         r = subprocess.run(["fusermount3", "-u", "-z", targets[0]], check=False)
         return 0 if r.returncode == 0 else 1
-    return cli.main(["umount", targets[0]])
+    return run(["umount", targets[0]])

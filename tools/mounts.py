@@ -7,11 +7,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import subprocess
-from dataclasses import dataclass
 from typing import Any
 
+from ferryfs.fs.mountinfo import MountEntry, mount_entries
 from ferryfs.store.errors import FerryError
 
 PREFIX = "user.ferryfs."
@@ -28,39 +27,6 @@ class DeadMount(FerryError):
     exit_code = 1
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo."""
-
-    mount_id: int
-    dev: tuple[int, int]  # major, minor: what st_dev and /proc/PID/maps show
-    point: bytes
-    fstype: str
-
-
-def _unescape(field: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-
-
-def mount_entries() -> list[MountEntry]:
-    out = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index(b"-")
-            major, minor = parts[2].split(b":")
-            out.append(
-                MountEntry(
-                    int(parts[0]),
-                    (int(major), int(minor)),
-                    _unescape(parts[4]),
-                    parts[sep + 1].decode(),
-                )
-            )
-    return out
-
-
 def mount_at(path: str) -> MountEntry | None:
     """The mount exactly at `path` (the last one mounted there: the visible one)."""
     real = os.fsencode(os.path.realpath(path))
@@ -71,8 +37,14 @@ def mount_at(path: str) -> MountEntry | None:
     return found
 
 
+def mount_options(path: str) -> set[str]:
+    """The options of the mount exactly at `path` (per-mount and superblock)."""
+    m = mount_at(path)
+    return set(m.options) if m is not None else set()
+
+
 def fs_type(path: str) -> str | None:
-    """The filesystem type mounted exactly at `path`, from /proc/self/mountinfo."""
+    """The filesystem type mounted exactly at `path`, from the mount table."""
     m = mount_at(path)
     return m.fstype if m is not None else None
 

@@ -32,7 +32,8 @@ from ferryfs.store import points
 from ferryfs.store.errors import CheckCannotRun, PointRefused, UsageError
 from ferryfs.store.store import Store
 
-from .fsck_cmd import phase3_of, shown
+from ._common import shown
+from .daemons import phase3_of
 from .progress import Bar
 
 MATCHES, DRIFTED = 0, 4

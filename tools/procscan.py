@@ -22,7 +22,9 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .mounts import mount_at, mount_entries
+from ferryfs.fs.mountinfo import mount_entries
+
+from .mounts import mount_at
 
 
 @dataclass(frozen=True)

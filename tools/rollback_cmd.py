@@ -33,9 +33,9 @@ from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.store import Store
 
 from . import rollbacks
-from .mount_cmd import spawn_daemon
-from .mounts import _unescape, control_get, control_set, status
-from .umount_cmd import Busy, in_use, stop_daemon
+from ._common import confirm
+from .daemons import Busy, in_use, spawn_daemon, stop_daemon
+from .mounts import control_get, control_set, mount_options, status
 
 
 class ChangesPending(FerryError):
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                     f"{len(changes.deleted)} deleted since the rollback point; rerun with "
                     "--export-changes DIR or --discard-changes"
                 )
-            if not args.yes and not _confirm(mnt, src, n, bool(args.discard_changes)):
+            if not args.yes and not _ask_rollback(mnt, src, n, bool(args.discard_changes)):
                 print("ferryfs: rollback cancelled", file=sys.stderr)
                 return 1
             if changes and args.export_changes:
@@ -133,12 +133,11 @@ def _count(changes: Changes) -> int:
     return len(changes.changed) + len(changes.moved_dirs) + len(changes.deleted)
 
 
-def _confirm(mnt: str, src: str, n: int, discard: bool) -> bool:
+def _ask_rollback(mnt: str, src: str, n: int, discard: bool) -> bool:
     if not sys.stdin.isatty():
         raise UsageError("rollback asks for confirmation: pass --yes when not on a terminal")
     kept = f", leaving {n} changes in the store (not exported)" if discard and n else ""
-    answer = input(f"unmount {mnt}{kept}, and show {src} read-only there? [y/N] ")
-    return answer.strip().lower() in ("y", "yes")
+    return confirm(f"unmount {mnt}{kept}, and show {src} read-only there? [y/N] ")
 
 
 def _export(
@@ -164,19 +163,6 @@ def _exported_line(n: int, dest: str, done: Exported) -> str:
             f"(listed in {os.path.join(dest, '.ferryfs-modes')})"
         )
     return line
-
-
-def mount_options(mnt: str) -> set[str]:
-    """The options of the mount at `mnt` (per-mount and superblock), from mountinfo."""
-    real = os.fsencode(os.path.realpath(mnt))
-    found: set[str] = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            parts = line.split()
-            if _unescape(parts[4]) == real:
-                sep = parts.index(b"-")
-                found = set(parts[5].decode().split(",")) | set(parts[sep + 3].decode().split(","))
-    return found
 
 
 def show_readonly(src: str, mnt: str, store_dir: str, allow_other: bool) -> None:

@@ -8,7 +8,7 @@ import json
 
 from ferryfs.store.store import Store
 
-from .status_cmd import on_disk_text, saved_text
+from ._common import mb, on_disk_text, saved_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,9 +28,9 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ("files", f"{s.files_total} ({s.files_migrated} migrated, {s.files_legacy} legacy)"),
         ("directories", f"{s.dirs_total} ({s.dirs_listed} listed)"),
-        ("logical bytes", _mb(s.bytes_logical)),
-        ("migrated bytes", _mb(s.bytes_migrated)),
-        ("chunks", f"{s.chunks} ({_mb(s.bytes_compressed)} after dedup and compression)"),
+        ("logical bytes", mb(s.bytes_logical)),
+        ("migrated bytes", mb(s.bytes_migrated)),
+        ("chunks", f"{s.chunks} ({mb(s.bytes_compressed)} after dedup and compression)"),
         ("on disk", on_disk_text(s.bytes_stored, s.bytes_compressed)),
         ("saved", saved_text(s.bytes_stored, s.bytes_compressed, s.bytes_migrated)),
         ("errors", str(s.errors)),
@@ -38,7 +38,3 @@ def run(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:>15}  {v}")
     return 0
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"

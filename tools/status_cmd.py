@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from ._common import mb, on_disk_text, saved_text
 from .mounts import status
 
 JSON_KEYS = (
@@ -38,10 +39,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
 def _eta(s: dict[str, Any]) -> str:
     eta = s.get("sweep_eta_seconds")
     if eta is None:
@@ -54,31 +51,7 @@ def _sweep(s: dict[str, Any], sep: str = ", ") -> str:
     cancelled or disabled sweep has neither)."""
     if s["sweep_state"] in ("cancelled", "off"):
         return str(s["sweep_state"])
-    return f"{s['sweep_state']}{sep}{_mb(s.get('sweep_rate', 0))}/s{sep}ETA {_eta(s)}"
-
-
-def saved_text(on_disk: float, chunks: float, migrated: float) -> str:
-    """What `status` and `stats` say in their "saved" row. Saved is always
-    1 - bytes on disk / bytes migrated: the disk the operator gets back, after
-    the store's own records (plan estimates the same figure before a migration)."""
-    if not migrated:
-        return "nothing migrated yet"
-    saved = 1 - on_disk / migrated
-    if saved <= 0:
-        return (
-            f"not yet ({_mb(migrated)} migrated so far; "
-            f"the store's records take {_mb(max(0, on_disk - chunks))})"
-        )
-    return f"{saved:.0%} of the migrated bytes"
-
-
-def on_disk_text(on_disk: float, chunks: float) -> str:
-    """The store's size on disk, split into chunk bytes and everything else: names,
-    inodes and extents, the rollback point's manifest, free LMDB pages."""
-    return (
-        f"{_mb(on_disk)}: {_mb(chunks)} of chunks, "
-        f"{_mb(max(0, on_disk - chunks))} of records (names, inodes, rollback point)"
-    )
+    return f"{s['sweep_state']}{sep}{mb(s.get('sweep_rate', 0))}/s{sep}ETA {_eta(s)}"
 
 
 def render(s: dict[str, Any]) -> str:
@@ -89,8 +62,8 @@ def render(s: dict[str, Any]) -> str:
         ),
         (
             "bytes",
-            f"{_mb(s['bytes_migrated'])} of {_mb(s['bytes_logical'])} migrated, "
-            f"{_mb(s['bytes_legacy'])} pending",
+            f"{mb(s['bytes_migrated'])} of {mb(s['bytes_logical'])} migrated, "
+            f"{mb(s['bytes_legacy'])} pending",
         ),
         ("on disk", on_disk_text(s["bytes_stored"], s["bytes_compressed"])),
         ("saved", saved_text(s["bytes_stored"], s["bytes_compressed"], s["bytes_migrated"])),
@@ -132,7 +105,7 @@ def watch(mnt: str, interval: float) -> int:
                     data,
                     total=max(1, s["bytes_logical"]),
                     completed=s["bytes_migrated"],
-                    what=f"{_mb(s['bytes_migrated'])} · sweep {_sweep(s, ' · ')} · "
+                    what=f"{mb(s['bytes_migrated'])} · sweep {_sweep(s, ' · ')} · "
                     f"{s['errors']} errors",
                 )
                 if s["sweep_state"] in ("done", "cancelled", "off") or not s["files_legacy"]:

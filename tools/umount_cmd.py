@@ -13,28 +13,15 @@ that `ferryfs rollback` left.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
-from typing import Any
 
 from ferryfs.store.errors import FerryError
 
-from . import procscan, rollbacks
+from . import rollbacks
+from .daemons import Busy, in_use, stop_daemon
 from .mounts import NotMounted, clean_dead, control_get, fs_type, is_dead
-
-STOP_SECONDS = 120
-# The kernel sends RELEASE after close() returns: a file an app has just closed
-# may still count as open in the daemon for a moment.
-RELEASE_SECONDS = 3.0
-
-
-class Busy(FerryError):
-    exit_code = 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,84 +86,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass
-class InUse:
-    """What uses a mount: processes (from /proc) and the daemon's open files."""
-
-    mnt: str
-    holders: list[procscan.Holder] = field(default_factory=list)
-    report: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def unsaved(self) -> list[dict[str, Any]]:
-        return [f for f in self.report.get("files", []) if f["unsaved"]]
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.holders or self.report.get("handles") or self.unsaved)
-
-    def _name(self, ino: int) -> str:
-        for h in self.holders:
-            if h.ino == ino:
-                return h.path
-        return f"inode {ino}"
-
-    def lost(self) -> str:
-        return ", ".join(
-            f"{f['unsaved']} bytes written to {self._name(f['ino'])}"
-            + (f" ({f['error']})" if f["error"] else "")
-            for f in self.unsaved
-        )
-
-    def describe(self) -> str:
-        parts = []
-        if self.unsaved:
-            parts.append(f"written bytes the store cannot take: {self.lost()}")
-        if self.holders:
-            parts.append(f"in use by {procscan.describe(self.holders)}")
-        elif self.report.get("handles"):
-            n = len(self.report.get("files", [])) + self.report.get("more", 0)
-            parts.append(f"{n} files open by processes this user cannot see")
-        return "; ".join(parts)
-
-
-def in_use(mnt: str) -> InUse:
-    """Ask the daemon (which first writes out what it can) and scan /proc. The scan
-    names the processes; the daemon's count also sees what the scan cannot (another
-    user's processes, an fd passed over a socket, another mount namespace). Only a
-    count of handles with no process found gets a moment to drop: that is a RELEASE
-    still on its way from a close() that already returned."""
-    deadline = time.monotonic() + RELEASE_SECONDS
-    while True:
-        use = InUse(mnt, procscan.on_mount(mnt), json.loads(control_get(mnt, "open")))
-        settling = not use.holders and not use.unsaved and use.report.get("handles")
-        if not settling or time.monotonic() > deadline:
-            return use
-        time.sleep(0.05)
-
-
 def detach(mnt: str) -> None:
     r = subprocess.run(
         ["fusermount3", "-u", "-z", mnt], capture_output=True, text=True, stdin=subprocess.DEVNULL
     )
     if r.returncode != 0:
         raise FerryError(f"could not detach {mnt}: {r.stderr.strip() or r.returncode}")
-
-
-def stop_daemon(mnt: str, pid: int) -> None:
-    """SIGTERM the daemon serving `mnt` and wait until it has unmounted and exited."""
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_SECONDS
-    while time.monotonic() < deadline:
-        if not _alive(pid) and fs_type(mnt) != "fuse.ferryfs":
-            return
-        time.sleep(0.05)
-    raise FerryError(f"daemon {pid} did not stop within {STOP_SECONDS} s; see its daemon.log")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

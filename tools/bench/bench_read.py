@@ -37,18 +37,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench import (
+from bench_common import (
     ToolFailed,
-    _verdict,
     borg_env,
     check,
     drop_caches,
     ferryfs_command,
     fresh,
     markdown_table,
+    verdict,
 )
-from .bench_mounts import ferryfs_mount, fuse_child
-from .mounts import status
+from bench_mounts import ferryfs_mount, fuse_child
+from ferryfs.tools.mounts import status
 
 SEED = 1
 BIG_BYTES = 2**30
@@ -434,7 +434,7 @@ def target_lines(rows: Sequence[ReadRow], tree: ReadTree) -> list[str]:
             lines.append(f"- {what}: n/a (a run failed)")
             continue
         ratio = num / den
-        lines.append(f"- {what}: {_verdict(ratio <= limit, ratio, label)}")
+        lines.append(f"- {what}: {verdict(ratio <= limit, ratio, label)}")
     speeds = [
         (f"{big} sequential after migration, cold >= borg mount cold",
          cell(after, "seq_cold"), cell("borg mount", "seq_cold"), 1.0, "speed ferryfs/borg"),
@@ -450,7 +450,7 @@ def target_lines(rows: Sequence[ReadRow], tree: ReadTree) -> list[str]:
             lines.append(f"- {what}: n/a (a run failed)")
             continue
         ratio = den / num  # speeds: the inverse of the times
-        lines.append(f"- {what}: {_verdict(ratio >= limit, ratio, label)}")
+        lines.append(f"- {what}: {verdict(ratio >= limit, ratio, label)}")
     return lines
 
 

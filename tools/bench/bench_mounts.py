@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .bench import ToolFailed, ferryfs_command
-from .mounts import control_get, fs_type
+from bench_common import ToolFailed, ferryfs_command
+from ferryfs.tools.mounts import control_get, fs_type
 
 MOUNT_SECONDS = 300.0  # borg mount reads the archive's metadata before it answers
 STOP_SECONDS = 120.0

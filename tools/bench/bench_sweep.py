@@ -42,20 +42,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ferryfs.fs.sweep_config import SweepConfig
-
-from .bench import (
+from bench_common import (
     Result,
     ToolFailed,
-    _verdict,
     bench_ferryfs,
     drop_caches,
     fresh,
     markdown_table,
     tree_size,
+    verdict,
 )
-from .bench_mounts import ferryfs_mount
-from .mounts import status
+from bench_mounts import ferryfs_mount
+from ferryfs.fs.sweep_config import SweepConfig
+from ferryfs.tools.mounts import status
 
 SEED = 1
 POLL = 0.5
@@ -381,14 +380,14 @@ def target_lines(sweeps: list[SweepRow], lat: list[Latency]) -> list[str]:
         ratio = migrate.median() / default.median()
         lines.append(
             "- sweep throughput >= 0.8 x migrate's: "
-            + _verdict(ratio >= 0.8, ratio, "sweep/migrate")
+            + verdict(ratio >= 0.8, ratio, "sweep/migrate")
         )
     idle, busy = lat
     if idle.ns and busy.ns and not busy.error:
         ratio = busy.pct(99) / idle.pct(99)
         lines.append(
             "- read p99 while sweeping <= 1.5 x idle: "
-            + _verdict(ratio <= 1.5, ratio, "p99 sweeping/idle")
+            + verdict(ratio <= 1.5, ratio, "p99 sweeping/idle")
             + f"; p50 {busy.pct(50) / idle.pct(50):.2f}"
         )
     else:

@@ -14,8 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from .bench import ToolFailed, ferryfs_command, fresh
-from .bench_mounts import ferryfs_mount
+from bench_common import ToolFailed, ferryfs_command, fresh
+from bench_mounts import ferryfs_mount
 
 RUNS = 21
 QUICK_RUNS = 7
