@@ -56,8 +56,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import blake3
-
 from . import cas, codec, content, points
 from . import namespace as ns
 from .chunker import DIGEST_SIZE
@@ -70,7 +68,7 @@ from .errors import (
     StoreMissing,
 )
 from .kv import Buf, LmdbBackend, Txn
-from .phase3 import Phase3Tree
+from .phase3 import Phase3Tree, hash_fd
 from .records import (
     CHANGED,
     HOLE,
@@ -641,9 +639,11 @@ class Checker:
                 for _off, d, n in content.all_extents(txn, ino)
             ]
 
-            def stored(r: tuple[str, bytes | None, list[bytes], int]) -> None:
-                status, bad, ok, n = r
-                self.verified.update(ok)
+            def stored(r: content.Hashed) -> None:
+                status, bad, n = r.status, r.bad, r.decoded
+                if status in ("ok", "short") and r.digest != leg.blake3:
+                    status = "differs"
+                self.verified.update(r.verified)
                 self.report.store_bytes += n
                 self.progress(n)
                 if status == "ok":
@@ -660,7 +660,7 @@ class Checker:
                 elif status == "damaged" and bad is not None:
                     self.bad.setdefault(bad, ("files", key))
 
-            self._submit(stored, _hash_stored, items, leg.blake3)
+            self._submit(stored, content.hash_chunks, items)
         if self.point is None or self.tree is None or self.released:
             return
         row = points.expected_hash(txn, self.point.id, leg)
@@ -720,7 +720,7 @@ class Checker:
             return
         if self._fds is None:
             self._fds = points.DirFds(self.tree)
-        path, row = points._unpack_row(key, v)
+        path, row = points.unpack_row(key, v)
         self.report.rows_checked += 1
         for d in points.stat_drift(txn, self.tree, self._fds, self.point.id, path, row):
             self.add("phase3-drift", d.how, path=d.shown, origin=("points", key))
@@ -812,32 +812,6 @@ def _decode_ok(d: bytes, rec: Buf) -> tuple[bool, int]:
         return False, 0
 
 
-def _hash_stored(
-    items: list[tuple[bytes, Buf | None, int]], want: bytes
-) -> tuple[str, bytes | None, list[bytes], int]:
-    """(status, bad chunk, chunks verified, bytes decoded) of one file's content."""
-    h = blake3.blake3()
-    ok: list[bytes] = []
-    n = 0
-    for d, rec, length in items:
-        if d == HOLE:  # bounded memory, however long the hole
-            for z in content.zeros(length):
-                h.update(z)
-            continue
-        if rec is None:
-            return "missing", d, ok, n
-        try:
-            plain = codec.decode(rec, d, length)
-        except CorruptChunk:
-            return "damaged", d, ok, n
-        ok.append(d)
-        n += len(plain)
-        if len(plain) != length:
-            return "differs", None, ok, n
-        h.update(plain)
-    return ("ok" if h.digest() == want else "differs"), None, ok, n
-
-
 # -- repair ---------------------------------------------------------------------------------------
 
 
@@ -866,27 +840,27 @@ def repair(store: Store, report: Report) -> list[str]:
     # 1
     for p in by["dangling-dirent"] + by["dirent-in-non-directory"]:
         assert p.key is not None
-        store._write(partial(_delete, db="dirents", key=p.key))
+        store.transact(partial(_delete, db="dirents", key=p.key))
     for p in by["bad-dirent-key"]:
-        store._write(partial(_rekey_dirent, key=p.key))
+        store.transact(partial(_rekey_dirent, key=p.key))
     for p in by["stale-orphan-mark"]:
-        store._write(partial(_delete, db="meta", key=p.key))
+        store.transact(partial(_delete, db="meta", key=p.key))
     for p in by["bad-parent"]:
         if p.repairable and p.ino is not None and p.key is not None:
-            store._write(partial(_set_parent, ino=p.ino, parent=U64.unpack(p.key)[0]))
+            store.transact(partial(_set_parent, ino=p.ino, parent=U64.unpack(p.key)[0]))
     stray = sorted({p.ino for k in STRAY_EXTENTS for p in by[k] if p.repairable and p.ino})
     for ino in stray:
-        store._write(partial(_drop_extents, ino=ino))
+        store.transact(partial(_drop_extents, ino=ino))
 
     # 2
     fresh = Checker(store, resume=False).run(structure_only=True)
     for p in fresh.problems:
         if p.kind == "bad-nlink" and p.ino is not None and p.key is not None:
-            store._write(partial(_set_nlink, ino=p.ino, nlink=U64.unpack(p.key)[0]))
+            store.transact(partial(_set_nlink, ino=p.ino, nlink=U64.unpack(p.key)[0]))
 
     # 3
     if stray or any(by[k] for k in REFS):
-        store._write(_rebuild_refs)
+        store.transact(_rebuild_refs)
 
     # 4
     bad = {p.digest for p in by["corrupt-chunk"] + by["missing-chunk"] if p.digest is not None}
@@ -1041,12 +1015,10 @@ def _reimport(store: Store, ino: int) -> bool:
         st = os.fstat(fd)
         if (st.st_ino, st.st_dev) != (leg.st_ino, leg.st_dev):
             return False
-        h = blake3.blake3()
-        while block := os.read(fd, 1 << 20):
-            h.update(block)
+        got, _n = hash_fd(fd)
     finally:
         os.close(fd)
-    if h.digest() != want:
+    if got != want:
         return False
 
     def reset(txn: Txn) -> bool:
@@ -1059,7 +1031,7 @@ def _reimport(store: Store, ino: int) -> bool:
         ns.put(txn, n)
         return True
 
-    if not store._write(reset):
+    if not store.transact(reset):
         return False
     try:
         store.migrate(ino)

@@ -191,8 +191,8 @@ class Store:
                 mn, avg, mx = (int(x) for x in bytes(params).split(b","))
                 self.chunker = Chunker(mn, avg, mx)
         if not self.readonly:
-            self._write(ingest.free_pending)
-            self._write(self._purge_orphans)
+            self.transact(ingest.free_pending)
+            self.transact(self._purge_orphans)
 
     def _has_meta(self) -> bool:
         if isinstance(self.backend, LmdbBackend):
@@ -241,7 +241,7 @@ class Store:
                 )
             txn.put("meta", b"next_ino", U64.pack(ROOT_INO + 1))
 
-        self._write(init)
+        self.transact(init)
 
     def source_path(self) -> str | None:
         with self.backend.read() as txn:
@@ -266,7 +266,7 @@ class Store:
 
     # -- transactions ----------------------------------------------------------
 
-    def _write(self, fn: Callable[[Txn], T]) -> T:
+    def transact(self, fn: Callable[[Txn], T]) -> T:
         if self.readonly:
             raise ReadOnly("store opened read-only")
         if self.failsafe is not None:
@@ -324,7 +324,7 @@ class Store:
                 self._import_from(txn, subdirs, ahead, time.monotonic() + LIST_AHEAD_SECONDS)
             return listed
 
-        return self._write(op)
+        return self.transact(op)
 
     def _import_from(
         self, txn: Txn, queue: deque[int], entries: int, deadline: float | None = None
@@ -364,7 +364,7 @@ class Store:
         as it was (the transaction was undone, so is its progress)."""
         snapshot = list(queue)
         try:
-            return self._write(lambda txn: self._import_from(txn, queue, entries))
+            return self.transact(lambda txn: self._import_from(txn, queue, entries))
         except BaseException:
             queue.clear()
             queue.extend(snapshot)
@@ -426,7 +426,7 @@ class Store:
             ns.put(txn, d)
             return node
 
-        return self._write(op)
+        return self.transact(op)
 
     def mknod(
         self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0
@@ -477,7 +477,7 @@ class Store:
             ns.put(txn, d)
             return node
 
-        return self._write(op)
+        return self.transact(op)
 
     def _drop_link(self, txn: Txn, node: Inode, t: int) -> None:
         """One directory entry of `node` is gone: count it, and purge at zero."""
@@ -522,7 +522,7 @@ class Store:
                 self._purge(txn, ino)
 
         if not self.readonly:
-            self._write(op)
+            self.transact(op)
 
     def unlink(self, parent: int, name: bytes) -> Inode:
         return self._remove(parent, name, directory=False)
@@ -556,7 +556,7 @@ class Store:
             ns.put(txn, d)
             return node
 
-        return self._write(op)
+        return self.transact(op)
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
@@ -627,7 +627,7 @@ class Store:
                 self._touch_dir(dst_dir, t)
                 ns.put(txn, dst_dir)
 
-        self._write(op)
+        self.transact(op)
 
     def _check_not_ancestor(self, txn: Txn, ino: int, target_parent: int) -> None:
         p = target_parent
@@ -670,7 +670,7 @@ class Store:
             ns.put(txn, node)
             return node
 
-        return self._write(op)
+        return self.transact(op)
 
     # -- extended attributes -------------------------------------------------------
 
@@ -701,7 +701,7 @@ class Store:
             node.flags |= CHANGED
             ns.put(txn, node)
 
-        self._write(op)
+        self.transact(op)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         def op(txn: Txn) -> None:
@@ -712,7 +712,7 @@ class Store:
             node.flags |= CHANGED
             ns.put(txn, node)
 
-        self._write(op)
+        self.transact(op)
 
     # -- contents -----------------------------------------------------------------
 
@@ -776,7 +776,7 @@ class Store:
             return node
 
         try:
-            return self._write(op)
+            return self.transact(op)
         except cas.MissingChunk:
             return None
 
@@ -827,7 +827,7 @@ class Store:
                 return node
             return node
 
-        node = self._write(op)
+        node = self.transact(op)
         if node.size:
             return self.truncate(ino, 0)
         return node
@@ -859,7 +859,7 @@ class Store:
                 return cas.has(t, d)
 
         def stage(records: dict[bytes, bytes]) -> None:
-            self._write(lambda t: ingest.stage_records(t, records))
+            self.transact(lambda t: ingest.stage_records(t, records))
 
         return ingest.prepare(
             self.tree, ino, node.version, leg, self.chunker, has_chunk, stage, stop=stop
@@ -896,7 +896,7 @@ class Store:
 
         for _ in range(3):
             try:
-                return self._write(op)
+                return self.transact(op)
             except cas.MissingChunk:
                 # A chunk deduplicated against was freed meanwhile: redo those files,
                 # without the ones deleted since. One that cannot be read again (it
@@ -988,7 +988,7 @@ class Store:
         return False
 
     def _put_chunk(self, digest: bytes, record: bytes) -> None:
-        self._write(lambda txn: txn.put("chunks", digest, record))
+        self.transact(lambda txn: txn.put("chunks", digest, record))
 
     def record_error(self, ino: int, message: str) -> None:
         """Say in status why `ino` is not migrated; nothing if it was deleted meanwhile."""
@@ -998,7 +998,7 @@ class Store:
                 ns.record_error(txn, ino, message)
 
         if not self.readonly and self.failsafe is None:
-            self._write(op)
+            self.transact(op)
 
     def errors(self) -> list[tuple[int, str]]:
         """The per-file errors that still apply (see `_error_applies`)."""
@@ -1027,7 +1027,7 @@ class Store:
         with self.backend.read() as txn:
             if all(_error_applies(txn, U64.unpack(k)[0]) for k, _ in txn.range("errors", b"")):
                 return 0
-        return self._write(op)
+        return self.transact(op)
 
     def legacy_files(self, after: int = 0, limit: int = 1000) -> list[int]:
         """Inodes of LEGACY files past `after`, in inode order."""
