@@ -452,7 +452,7 @@ class Checker:
 
         def close(ino: int) -> None:
             node = self.inodes.get(ino)
-            if node is None or not (node.is_reg and node.stored) or flagged:
+            if node is None or not node.is_migrated or flagged:
                 return
             if pos < node.size:
                 self._tiling(ino, "extent-gap", f"extents end at {pos}, size is {node.size}")
@@ -490,7 +490,7 @@ class Checker:
             close(cur)
         with_extents = {U64.unpack_from(k, 0)[0] for k, _ in _first_of_each_ino(txn)}
         for ino, node in self.inodes.items():
-            if node.is_reg and node.stored and node.size > 0 and ino not in with_extents:
+            if node.is_migrated and node.size > 0 and ino not in with_extents:
                 self._tiling(ino, "extent-gap", f"no extents for its {node.size} bytes")
 
     def _stray_extents(self, ino: int) -> None:
@@ -510,7 +510,7 @@ class Checker:
 
     def _tiling(self, ino: int, kind: str, detail: str) -> None:
         node = self.inodes.get(ino)
-        if node is None or not (node.is_reg and node.stored):
+        if node is None or not node.is_migrated:
             return
         self.damaged.add(ino)
         self.add(kind, detail, ino, repairable=self.healable(node))
@@ -564,7 +564,7 @@ class Checker:
         for d in sorted(self.length_differs):
             for ino, lengths in sorted(holders[d].items()):
                 node = self.inodes.get(ino)
-                if node is None or not (node.is_reg and node.stored):
+                if node is None or not node.is_migrated:
                     continue
                 self.damaged.add(ino)
                 self.add(
@@ -633,7 +633,7 @@ class Checker:
         if node is None or leg is None or not leg.hashed:
             return
         key = U64.pack(ino)
-        if node.is_reg and node.stored and not node.changed and ino not in self.damaged:
+        if node.is_migrated and not node.changed and ino not in self.damaged:
             items: list[tuple[bytes, Buf | None, int]] = [
                 (d, None if d == HOLE else txn.get("chunks", d), n)
                 for _off, d, n in content.all_extents(txn, ino)

@@ -47,9 +47,9 @@ def release_phase3(store: Store, tree: Phase3Tree, pid: int) -> Release:
         legacy_files, unlisted = 0, 0
         for k, v in txn.range("inodes", b""):
             node = Inode.unpack(U64.unpack(k)[0], v)
-            if node.is_dir and not node.stored:
+            if node.is_unlisted:
                 unlisted += 1
-            elif node.is_reg and not node.stored:
+            elif node.is_legacy:
                 legacy_files += 1
     if legacy_files or unlisted:
         raise PointRefused(

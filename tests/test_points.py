@@ -211,7 +211,7 @@ def test_expire_refuses_while_files_are_not_migrated(tmp_path: Path, sample_tree
     with Store.open(str(store), source=str(src), create=True) as s:
         points.ensure_first_point(s)
         s.import_all()
-        for ino in s.legacy_files(limit=5):
+        for ino in list(s.legacy_files_by_path())[:5]:
             s.migrate(ino)
     age(store, 40)
     r = ferry("points", "expire", store, "--yes")
