@@ -260,8 +260,9 @@ class Store:
         return self.transact(lambda txn: ns.link(txn, self.tree, ino, parent, name, t))
 
     def forget(self, ino: int) -> None:
-        """The kernel forgot `ino`: purge it if no directory entry names it any more."""
-        if not self.readonly:
+        """The kernel forgot `ino`: purge it if no directory entry names it any more.
+        Not in failsafe (nor read-only): its mark stays, for the next writer's open."""
+        if not self.readonly and self.failsafe is None:
             self.transact(lambda txn: ns.forget(txn, ino))
 
     def unlink(self, parent: int, name: bytes) -> Inode:

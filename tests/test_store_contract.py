@@ -860,6 +860,22 @@ def test_a_corrupt_chunk_reads_as_eio_never_as_wrong_bytes(store: Store) -> None
         assert store.read(node.ino, 0, 10**7) == data
 
 
+def test_forget_in_failsafe_leaves_the_orphan_for_the_next_open(env: Env) -> None:
+    # The kernel forgets inodes whenever it likes, failsafe or not: no error then.
+    store = env.open(keep_orphans=True)
+    f = store.create(ROOT_INO, b"gone", 0o644, UID, GID)
+    store.write(f.ino, 0, b"bytes")
+    store.unlink(ROOT_INO, b"gone")
+    store.failsafe = "a chunk is corrupt"
+    store.forget(f.ino)
+    assert raw(store).orphans == {f.ino}
+    if env.lmdb:
+        store = env.reopen(store)
+        assert raw(store).orphans == set()
+        with pytest.raises(NotFound):
+            store.getattr(f.ino)
+
+
 def test_preparing_a_migration_opens_no_write_transaction(
     env: Env, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
