@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ferryfs.tools import mount_helper
+from ferryfs.tools import mount_options
 from ferryfs.tools.sampletree import generate
 from mountutil import is_mounted, pid_alive, require_fuse, wait_for
 
@@ -201,18 +201,18 @@ def test_bad_mount_options_refused_in_one_line(
 
 
 def test_option_mapping() -> None:
-    argv = mount_helper.mount_argv(
+    argv = mount_options.mount_argv(
         "/s", "/m", ["rw,defaults,auto,_netdev,x-systemd.requires=a.mount,dev,suid,user"]
     )
     assert argv == ["mount", "/s", "/m"]
-    argv = mount_helper.mount_argv("/s", "/m", ["store=/st,allow_other,no_sweep,max_load=1.5"])
+    argv = mount_options.mount_argv("/s", "/m", ["store=/st,allow_other,no_sweep,max_load=1.5"])
     assert argv == [
         "mount", "/s", "/m", "--store", "/st", "-o", "allow_other", "--no-sweep",
         "--max-load", "1.5",
     ]  # fmt: skip
     # mount -s (sloppy): unknown options are ignored, not refused.
-    assert mount_helper.mount_argv("/s", "/m", ["frob"], sloppy=True) == ["mount", "/s", "/m"]
-    assert mount_helper.parse_mount(["/s", "/m", "-sv", "-o", "a,b", "-t", "fuse.ferryfs"]) == (
+    assert mount_options.mount_argv("/s", "/m", ["frob"], sloppy=True) == ["mount", "/s", "/m"]
+    assert mount_options.parse_mount(["/s", "/m", "-sv", "-o", "a,b", "-t", "fuse.ferryfs"]) == (
         "/s", "/m", ["a,b"], {"s", "v"},
     )  # fmt: skip
 
@@ -220,8 +220,8 @@ def test_option_mapping() -> None:
 def test_ferryfs_src_mnt_o_is_a_mount_and_a_typo_is_not(tmp_path: Path) -> None:
     """fuse3's mount.fuse runs `ferryfs SRC MNT -o OPTS`; a mistyped command is not
     taken for that: it is refused as an unknown command, exit 2."""
-    assert mount_helper.looks_like_mount_fuse([str(tmp_path), str(tmp_path), "-o", "store=x"])
-    assert not mount_helper.looks_like_mount_fuse(["stauts", str(tmp_path)])
+    assert mount_options.looks_like_mount_fuse([str(tmp_path), str(tmp_path), "-o", "store=x"])
+    assert not mount_options.looks_like_mount_fuse(["stauts", str(tmp_path)])
     r = subprocess.run(
         [str(BIN / "ferryfs"), "stauts", str(tmp_path)], capture_output=True, text=True
     )

@@ -85,10 +85,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     if words and words[0] not in COMMANDS and not words[0].startswith("-"):
-        from .mount_helper import looks_like_mount_fuse, mount_main
+        from .mount_options import looks_like_mount_fuse, mount_command
 
         if looks_like_mount_fuse(words):  # fuse3's mount.fuse, for an fstab entry
-            return mount_main(words)
+            command = mount_command(words)
+            return command if isinstance(command, int) else main(command)
     first = next((w for w in words if not w.startswith("-")), None)
     parser = build_parser(first if first in COMMANDS else None)
     args = parser.parse_args(argv)
