@@ -33,7 +33,6 @@ import os
 import random
 import time
 import unicodedata
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+
+from . import sampletext as txt
 
 # The newest session of every tree ends before this moment; see the module docstring.
 REFERENCE_END = datetime(2025, 3, 31, tzinfo=UTC)
@@ -53,44 +54,6 @@ DUPLICATE_RATE = 0.3  # share of attachments that re-attach an earlier blob
 RESUME_MIN_PARENT = 128 * 1024  # prefer parents spanning a few 64 KiB chunks
 ATTACHMENT_MEDIAN = 40_000  # bytes, lognormal
 ATTACHMENT_CAP = 8_000_000  # before scaling by attachment_mb
-
-# Word lists as blocks of words: easier to read and extend than columns of quoted strings.
-_WORDS = """
-the of and to a in is it you that he was for on are with as I his they be at one
-have this from or had by not word but what some we can out other were all there
-when up use your how said an each she which do their time if will way about many
-then them write would like so these her long make thing see him two has look more
-day could go come did number sound no most people my over know water than call
-first who may down side been now find any new work part take get place made live
-where after back little only round man year came show every good me give our under
-name very through just form sentence great think say help low line differ turn
-cause much mean before move right boy old too same tell does set three want air
-well also play small end put home read hand port large spell add even land here
-must big high such follow act why ask men change went light kind off need house
-picture try us again animal point mother world near build self earth father
-session file user agent model token request response error retry cache index
-chunk store migrate mount commit branch merge test build deploy config schema
-query table column value field record stream buffer socket thread process queue
-worker job task batch limit timeout latency memory disk page block offset length
-hash digest compress decompress encode decode parse render format export import
-update delete insert select filter sort group count sum average report summary
-customer invoice payment order product price discount shipping address email
-meeting agenda notes draft review feedback approve reject deadline sprint ticket
-bug fix patch release version upgrade rollback backup restore snapshot volume
-function method class object module package library framework interface type
-should could would might maybe probably actually really already still just quite
-café naïve über résumé façade jalapeño déjà coöperate Zürich São Paulo Kraków
-""".split()  # noqa: SIM905
-_IDENT_VERBS = "get set load save parse build read write fetch open close apply merge".split()  # noqa: SIM905
-_IDENT_NOUNS = """session user chunk index store record config cache buffer token request
-page block item entry path name value handler client server""".split()  # noqa: SIM905
-_TYPES = ["int", "str", "bytes", "bool", "float", "Path", "dict[str, int]", "list[str]", "None"]
-_PROJECTS = "billing-api web-dashboard ingest-worker mobile-app data-pipeline infra".split()  # noqa: SIM905
-_MODELS = ["gpt-4o-2024-08-06", "claude-3-5-sonnet-20241022", "llama-3.1-70b", "o1-mini"]
-_TOOLS = ["read_file", "edit_file", "run_command", "search", "list_dir"]
-
-# Zipf-like weights by list position: common words first, as in English text.
-_POPULATION: list[str] = [w for r, w in enumerate(_WORDS) for _ in range(max(1, 40 // (r + 1)))]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _EBML_MAGIC = b"\x1a\x45\xdf\xa3"  # WebM/Matroska: screen recordings
@@ -138,93 +101,6 @@ class _Attachment:
     when: datetime
 
 
-# ---------------------------------------------------------------------------
-# Text
-
-
-def _iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
-
-
-def _uuid(rng: random.Random) -> str:
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-
-
-def _prose(rng: random.Random, n_words: int) -> str:
-    words = rng.choices(_POPULATION, k=max(1, n_words))
-    sentences: list[str] = []
-    i = 0
-    while i < len(words):
-        n = rng.randint(5, 18)
-        s = words[i : i + n]
-        s[0] = s[0].capitalize()
-        sentences.append(" ".join(s) + rng.choice(".....?!:"))
-        i += n
-        if rng.random() < 0.12:
-            sentences.append("\n\n")
-    return " ".join(sentences).replace(" \n\n ", "\n\n").strip()
-
-
-def _ident(rng: random.Random) -> str:
-    return f"{rng.choice(_IDENT_VERBS)}_{rng.choice(_IDENT_NOUNS)}"
-
-
-def _python(rng: random.Random) -> str:
-    fn, a, b, v = _ident(rng), rng.choice(_IDENT_NOUNS), rng.choice(_IDENT_NOUNS) + "s", "result"
-    return (
-        f"def {fn}({a}: {rng.choice(_TYPES)}, {b}: {rng.choice(_TYPES)} | None = None)"
-        f" -> {rng.choice(_TYPES)}:\n"
-        f'    """{_prose(rng, rng.randint(6, 14))}"""\n'
-        f"    {v} = {a}.{_ident(rng)}({b} or {rng.randint(0, 4096)})\n"
-        f"    if not {v}:\n"
-        f'        raise ValueError(f"{fn}: no {rng.choice(_IDENT_NOUNS)} for {{{a}!r}}")\n'
-        f"    return [x for x in {v} if x.{rng.choice(_IDENT_NOUNS)}]\n"
-    )
-
-
-def _typescript(rng: random.Random) -> str:
-    fn = _ident(rng).replace("_", "")
-    t = rng.choice(_IDENT_NOUNS).capitalize()
-    return (
-        f"export async function {fn}(id: string, opts: {t}Options = {{}}): Promise<{t}> {{\n"
-        f"  const res = await fetch(`/api/{rng.choice(_IDENT_NOUNS)}s/${{id}}`, opts);\n"
-        f"  if (!res.ok) throw new Error(`{fn} failed: ${{res.status}}`);\n"
-        f"  // {_prose(rng, rng.randint(5, 12))}\n"
-        f"  return (await res.json()) as {t};\n"
-        f"}}\n"
-    )
-
-
-def _code_block(rng: random.Random) -> str:
-    if rng.random() < 0.6:
-        body = "\n".join(_python(rng) for _ in range(rng.randint(1, 3)))
-        return f"```python\n{body}```"
-    body = "\n".join(_typescript(rng) for _ in range(rng.randint(1, 3)))
-    return f"```typescript\n{body}```"
-
-
-def _tool_output(rng: random.Random, tool: str, path: str) -> str:
-    if tool == "read_file":
-        return "\n".join(_python(rng) for _ in range(rng.randint(1, 6)))
-    if tool == "run_command":
-        lines = [
-            f"tests/test_{_ident(rng)}.py::test_{_ident(rng)} "
-            + ("PASSED" if rng.random() < 0.9 else "FAILED")
-            for _ in range(rng.randint(3, 40))
-        ]
-        return "\n".join(lines) + f"\n{len(lines)} tests ran in {rng.uniform(0.1, 30):.2f}s"
-    if tool == "search":
-        return "\n".join(
-            f"{path}:{rng.randint(1, 900)}: {_prose(rng, rng.randint(4, 10))}"
-            for _ in range(rng.randint(1, 12))
-        )
-    if tool == "list_dir":
-        return "\n".join(f"{_ident(rng)}.py" for _ in range(rng.randint(2, 25)))
-    return (
-        f"ok: 1 file changed, {rng.randint(1, 80)} insertions(+), {rng.randint(0, 40)} deletions(-)"
-    )
-
-
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
@@ -236,19 +112,20 @@ class _Log:
         self.rng = rng
         self.sid = sid
         self.t = start
-        self.project = rng.choice(_PROJECTS)
-        self.model = rng.choice(_MODELS)
+        self.project = rng.choice(txt.PROJECTS)
+        self.model = rng.choice(txt.MODELS)
         self.files = [
-            f"src/{rng.choice(_IDENT_NOUNS)}/{_ident(rng)}.py" for _ in range(rng.randint(3, 12))
+            f"src/{rng.choice(txt.IDENT_NOUNS)}/{txt.ident(rng)}.py"
+            for _ in range(rng.randint(3, 12))
         ]
         self.parent: str | None = None
 
     def _tick(self, lo: float, hi: float) -> str:
         self.t += timedelta(seconds=self.rng.uniform(lo, hi))
-        return _iso(self.t)
+        return txt.iso(self.t)
 
     def _event(self, **fields: Any) -> bytes:
-        uid = _uuid(self.rng)
+        uid = txt.uuid4(self.rng)
         ev = {
             "uuid": uid,
             "parentUuid": self.parent,
@@ -262,7 +139,7 @@ class _Log:
 
     def header(self) -> bytes:
         return _dumps(
-            {"type": "session", "id": self.sid, "created": _iso(self.t), "model": self.model}
+            {"type": "session", "id": self.sid, "created": txt.iso(self.t), "model": self.model}
         )
 
     def turn(self) -> bytes:
@@ -273,14 +150,14 @@ class _Log:
                 type="message",
                 role="user",
                 timestamp=self._tick(20, 600),
-                content=_prose(rng, int(rng.lognormvariate(3.3, 0.7))),
+                content=txt.prose(rng, int(rng.lognormvariate(3.3, 0.7))),
             )
         ]
         parts: list[dict[str, Any]] = [{"type": "text", "text": self.answer()}]
         calls = []
         for _ in range(rng.choice((0, 0, 1, 1, 2, 3))):
-            tool, path = rng.choice(_TOOLS), rng.choice(self.files)
-            call_id = "call_" + _uuid(rng).replace("-", "")[:24]
+            tool, path = rng.choice(txt.TOOLS), rng.choice(self.files)
+            call_id = "call_" + txt.uuid4(rng).replace("-", "")[:24]
             parts.append({"type": "tool_use", "id": call_id, "name": tool, "input": {"path": path}})
             calls.append((call_id, tool, path))
         out.append(
@@ -302,7 +179,7 @@ class _Log:
                     type="tool_result",
                     tool_use_id=call_id,
                     timestamp=self._tick(0.1, 20),
-                    content=_tool_output(rng, tool, path),
+                    content=txt.tool_output(rng, tool, path),
                     is_error=rng.random() < 0.05,
                 )
             )
@@ -310,9 +187,9 @@ class _Log:
 
     def answer(self) -> str:
         rng = self.rng
-        text = _prose(rng, int(rng.lognormvariate(4.0, 0.8)))
+        text = txt.prose(rng, int(rng.lognormvariate(4.0, 0.8)))
         if rng.random() < 0.35:
-            text += "\n\n" + _code_block(rng) + "\n\n" + _prose(rng, rng.randint(8, 40))
+            text += "\n\n" + txt.code_block(rng) + "\n\n" + txt.prose(rng, rng.randint(8, 40))
         return text
 
     def jsonl(self, turns: int) -> bytes:
@@ -321,13 +198,13 @@ class _Log:
 
     def export(self, title: str, turns: int) -> bytes:
         """A whole chat export: one indented JSON document of `turns` exchanges."""
-        created = _iso(self.t)
+        created = txt.iso(self.t)
         messages = [m for _ in range(turns) for m in self.message()]
         doc = {
             "id": self.sid,
             "title": title,
             "created": created,
-            "updated": _iso(self.t),
+            "updated": txt.iso(self.t),
             "model": self.model,
             "messages": messages,
         }
@@ -336,7 +213,7 @@ class _Log:
     def message(self) -> list[dict[str, str]]:
         """One exchange for a .json chat export."""
         rng = self.rng
-        q = _prose(rng, int(rng.lognormvariate(3.3, 0.7)))
+        q = txt.prose(rng, int(rng.lognormvariate(3.3, 0.7)))
         return [
             {"role": "user", "timestamp": self._tick(20, 600), "content": q},
             {"role": "assistant", "timestamp": self._tick(2, 60), "content": self.answer()},
@@ -347,10 +224,6 @@ def _turn_count(rng: random.Random) -> int:
     if rng.random() < LONG_SESSION_RATE:
         return rng.randint(150, 500)
     return max(1, int(rng.lognormvariate(2.0, 1.0)))
-
-
-def _title(rng: random.Random) -> str:
-    return " ".join(rng.choices(_WORDS, k=rng.randint(2, 7))).capitalize()
 
 
 # ---------------------------------------------------------------------------
@@ -412,15 +285,15 @@ def _plan_sessions(rng: random.Random, sessions: int) -> tuple[list[_Session], i
     resumed = 0
     for off in starts:
         start = REFERENCE_END - SPAN + timedelta(seconds=off)
-        sid = _uuid(rng)
-        s = _Session(sid, start, start, _title(rng), "jsonl")
+        sid = txt.uuid4(rng)
+        s = _Session(sid, start, start, txt.title(rng), "jsonl")
         log = _Log(rng, sid, start)
         parents = [p for p in plan if p.ext == "jsonl"]
         big = [p for p in parents if len(p.data) >= RESUME_MIN_PARENT]
         if len(parents) >= 2 and rng.random() < RESUME_RATE:
             parent = rng.choice(big or parents)
             marker = _dumps(
-                {"type": "resume", "from": parent.sid, "session": sid, "timestamp": _iso(start)}
+                {"type": "resume", "from": parent.sid, "session": sid, "timestamp": txt.iso(start)}
             )
             turns = b"".join(log.turn() for _ in range(rng.randint(1, 12)))
             s.data = parent.data + marker + turns
@@ -522,12 +395,12 @@ def _odd_files(rng: random.Random) -> tuple[list[_Odd], list[_Odd]]:
     d = b"sessions/imported/"
 
     def small(name: bytes, title: str) -> _Odd:
-        log = _Log(rng, _uuid(rng), REFERENCE_END - timedelta(days=rng.uniform(2, 89)))
+        log = _Log(rng, txt.uuid4(rng), REFERENCE_END - timedelta(days=rng.uniform(2, 89)))
         turns = rng.randint(1, 4)
         data = log.export(title, turns) if name.endswith(b".json") else log.jsonl(turns)
         return d + name, data, log.t
 
-    words = b"-".join(w.encode() for w in rng.choices(_WORDS[:200], k=60))
+    words = b"-".join(w.encode() for w in rng.choices(txt.WORDS[:200], k=60))
     long_name = (b"session-export-" + words).ljust(249, b"-")[:249] + b".jsonl"  # NAME_MAX
     names = [
         small(b"Old Client Export/Meeting notes (final) 2.json", "spaces"),
@@ -595,7 +468,8 @@ def generate(
     index = {
         "version": 3,
         "sessions": [
-            {"id": s.sid, "title": s.title, "path": s.relpath, "updated": _iso(s.end)} for s in plan
+            {"id": s.sid, "title": s.title, "path": s.relpath, "updated": txt.iso(s.end)}
+            for s in plan
         ],
     }
     w.write("index.json", json.dumps(index, ensure_ascii=False, indent=1).encode(), REFERENCE_END)
