@@ -34,6 +34,7 @@ from ferryfs.store.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    ReadOnly,
     SchemaMismatch,
     SourceError,
     StoreLocked,
@@ -858,6 +859,28 @@ def test_a_corrupt_chunk_reads_as_eio_never_as_wrong_bytes(store: Store) -> None
     assert codecs == {0, 1}  # random bytes are kept raw, JSON compressed: both checked
     for node, data in files:
         assert store.read(node.ino, 0, 10**7) == data
+
+
+def test_read_or_heal_heals_from_phase3_or_sets_failsafe_before_raising(store: Store) -> None:
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    big = store.lookup(ROOT_INO, b"big.bin")
+    store.migrate(big.ino)
+    _, d, _ = rng.choice(raw(store).extents[big.ino])
+    flip_bit(store, d, rng)
+    data, healed = store.read_or_heal(big.ino, 0, 10**7)
+    assert healed and data is not None and bytes(data) == FILES[b"big.bin"], seed
+    assert store.failsafe is None
+    # Changed through the mount: Phase 3 holds another version, nothing to heal from.
+    store.write(big.ino, 0, b"changed")
+    _, d, _ = rng.choice(raw(store).extents[big.ino])
+    flip_bit(store, d, rng)
+    with pytest.raises(CorruptChunk) as e:
+        store.read_or_heal(big.ino, 0, 10**7)
+    assert e.value.digest == d, seed
+    assert store.failsafe is not None and d.hex()[:16] in store.failsafe
+    with pytest.raises(ReadOnly):
+        store.write(big.ino, 0, b"x")
 
 
 def test_forget_in_failsafe_leaves_the_orphan_for_the_next_open(env: Env) -> None:
