@@ -258,7 +258,7 @@ def commit_migrations(s: Host, ms: list[Migration]) -> list[Inode]:
             again = []
             for m in ms:
                 try:
-                    p = prepare_migration(s, m.ino, spill=partial_stage(s))
+                    p = prepare_migration(s, m.ino, spill=stage_here(s))
                 except NotFound:
                     continue
                 except SourceError as e:
@@ -270,7 +270,7 @@ def commit_migrations(s: Host, ms: list[Migration]) -> list[Inode]:
     raise FerryError("migration keeps racing with writes; try again")
 
 
-def partial_stage(s: Host) -> Spill:
+def stage_here(s: Host) -> Spill:
     """A `spill` that stages from the calling thread (which must be the writer)."""
     return lambda records: stage_chunks(s, records)
 
@@ -279,7 +279,7 @@ def migrate(s: Host, ino: int) -> Inode:
     """Migrate one LEGACY file now, from this thread (a writer: it stages a big
     file's chunks as it goes); SourceError is recorded and raised."""
     try:
-        m = prepare_migration(s, ino, spill=partial_stage(s))
+        m = prepare_migration(s, ino, spill=stage_here(s))
     except SourceError as e:
         record_error(s, ino, str(e))
         raise
