@@ -10,7 +10,10 @@ time; readers (`stats`, `fsck`, `search`) open it read-only beside a writer and
 see consistent snapshots. Heavy work (chunking, hashing, compression) happens
 in `prepare_*`/`plan_*` calls under read transactions only; the matching
 `commit_*` call is a short write transaction that checks nothing moved
-underneath (the inode's version). Which methods write: see docs/concurrency.md.
+underneath (the inode's version). Never write: getattr, read_stored, data_ranges,
+plan_write, prepare_migration (its `spill` may), stats, errors, the iterators. May
+write: lookup/readdir (list an UNLISTED directory), read (migrates), read_or_heal,
+open_legacy/read_legacy (record an error), and the rest (docs/concurrency.md).
 """
 
 from __future__ import annotations
