@@ -30,12 +30,7 @@ from . import cas, content, files, migration
 from . import namespace as ns
 from . import stats as figures
 from .chunker import Chunker
-from .errors import (
-    NoSpace,
-    ReadOnly,
-    SchemaMismatch,
-    StoreMissing,
-)
+from .errors import NoSpace, ReadOnly, SchemaMismatch, StoreMissing
 from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
 from .migration import LIST_AHEAD, Migration, Spill
 from .phase3 import Phase3File, Phase3Tree
