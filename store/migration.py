@@ -149,7 +149,7 @@ def _read_and_chunk(
                 d = digest(piece)
                 whole.update(piece)
                 n = len(piece)
-                if d not in m.records and d not in m.staged and not has_chunk(d):
+                if d not in m.records and not has_chunk(d):  # (spilled ones: in the store)
                     rec = codec.encode(piece, level)
                     m.records[d] = rec
                     held += len(rec)
