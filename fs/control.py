@@ -28,7 +28,8 @@ from typing import Any
 
 import pyfuse3
 import trio
-from ferryfs.store.store import Stats, Store
+from ferryfs.store.stats import Stats
+from ferryfs.store.store import Store
 
 
 class Control:

@@ -109,7 +109,6 @@ class OpenFile:
 class Handle:
     fh: int
     file: OpenFile
-    writable: bool
     legacy: Phase3File | None = None  # reads of a LEGACY file come from its Phase 3 copy
 
 
@@ -136,10 +135,10 @@ class OpenFiles:
             return f.lock
         return self._locks.setdefault(ino, trio.Lock())
 
-    def open(self, ino: int, writable: bool) -> Handle:
+    def open(self, ino: int) -> Handle:
         f = self.file(ino)
         f.handles += 1
-        h = Handle(self._next, f, writable)
+        h = Handle(self._next, f)
         self._next += 1
         self.by_fh[h.fh] = h
         return h

@@ -101,11 +101,13 @@ class LazyMigrator:
         node = self.store.getattr(ino)
         if not node.is_reg or node.stored:
             return
+        # A big file's chunks are written as they are made (Store.prepare_migration).
+        spill = self.store.stage_chunks
         try:
             if background:
-                m = await self.background.run(self.store.prepare_migration, ino)
+                m = await self.background.run(self.store.prepare_migration, ino, None, spill)
             else:
-                m = await trio.to_thread.run_sync(self.store.prepare_migration, ino)
+                m = await trio.to_thread.run_sync(self.store.prepare_migration, ino, None, spill)
         except NotFound:
             raise  # deleted meanwhile: no error to record about it
         except OpError as e:

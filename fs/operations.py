@@ -357,7 +357,7 @@ class Operations(pyfuse3.Operations):
                     log.warning("cannot migrate inode %d on first open: %s", inode, e)
                     raise
                 self.lazy.request(inode)
-        h = self.files.open(inode, writable)
+        h = self.files.open(inode)
         h.legacy = legacy
         keep = self.opened_version.get(inode) == node.version
         self.opened_version[inode] = node.version
@@ -369,7 +369,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._touch()
         node = self.store.create(parent_inode, name, mode, ctx.uid, self._gid(parent_inode, ctx))
-        h = self.files.open(node.ino, True)
+        h = self.files.open(node.ino)
         self.opened_version[node.ino] = node.version
         return pyfuse3.FileInfo(fh=h.fh), self._entry(node)
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import trio
 from ferryfs.store.errors import NoSpace, NotFound, OpError, SourceError
-from ferryfs.store.ingest import Migration, Preempted
+from ferryfs.store.migration import Migration, Preempted
 from ferryfs.store.records import ROOT_INO, Inode
 from ferryfs.store.store import Store
 
@@ -388,7 +388,10 @@ class Sweep:
                         continue
                     try:
                         m = await self.background.run(
-                            self.store.prepare_migration, ino, self._preempt.is_set
+                            self.store.prepare_migration,
+                            ino,
+                            self._preempt.is_set,
+                            self.store.stage_chunks,  # a big file's chunks, as they are made
                         )
                     except Preempted:
                         gave_way.append((ino, size))

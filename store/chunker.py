@@ -25,7 +25,7 @@ DIGEST_SIZE = 32
 
 def digest(data: bytes | memoryview) -> bytes:
     """blake3-256 of the plain bytes: the chunk's key."""
-    # max_threads=1: callers already run several chunks on several threads.
+    # One thread (blake3's default): callers already hash chunks on several threads.
     return blake3.blake3(data).digest()
 
 

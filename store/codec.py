@@ -1,8 +1,10 @@
 """How one chunk is kept at rest: a codec byte, a dictionary id, the payload.
 
 Codec 0 keeps the bytes as they are (used when compression does not pay),
-1 is zstd, 2 is zstd with a trained dictionary (cold recompression). Decoding
-always checks the blake3 of the result against the chunk's key.
+1 is zstd. Codec 2 (zstd with a trained dictionary, for a cold recompression)
+is reserved: nothing writes it yet, so `decode` refuses it as damage, as it
+does a dictionary id under any other codec. Decoding always checks the blake3
+of the result against the chunk's key.
 """
 
 from __future__ import annotations

@@ -27,13 +27,15 @@ file reads and re-chunks only its last chunk.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+import blake3
 
 from . import cas, codec
 from .chunker import Chunker, digest
 from .errors import CorruptChunk
-from .kv import Txn
+from .kv import Buf, Txn
 from .records import HOLE, extent_key, extent_value, unpack_extent
 
 # Writes further apart than this are re-chunked as separate regions.
@@ -406,3 +408,54 @@ def delete_all(txn: Txn, ino: int) -> int:
         if d != HOLE:
             freed += cas.drop_ref(txn, d)
     return freed
+
+
+@dataclass
+class Hashed:
+    """What hashing a file's content from its chunk records found. `status`: "ok"
+    (every chunk decoded to its length: `digest` is the content's blake3), or
+    "missing" / "damaged" (`bad` names the chunk) or "short" (a chunk decoded to
+    another length than its extent's)."""
+
+    status: str
+    digest: bytes | None = None
+    bad: bytes | None = None
+    verified: list[bytes] = field(default_factory=list)  # chunks that decoded
+    decoded: int = 0  # plain bytes decoded
+
+
+def hash_chunks(items: Iterable[tuple[bytes, Buf | None, int]]) -> Hashed:
+    """blake3 of a file's content from its extents in order, each (digest, its chunk
+    record or None if there is none, length). Needs no transaction when the records
+    were read before (fsck hashes on a thread pool)."""
+    h = blake3.blake3()
+    out = Hashed("ok")
+    for d, rec, length in items:
+        if d == HOLE:  # bounded memory, however long the hole
+            for z in zeros(length):
+                h.update(z)
+            continue
+        if rec is None:
+            out.status, out.bad = "missing", d
+            return out
+        try:
+            plain = codec.decode(rec, d, length)
+        except CorruptChunk:
+            out.status, out.bad = "damaged", d
+            return out
+        out.verified.append(d)
+        out.decoded += len(plain)
+        if len(plain) != length:
+            out.status = "short"
+            return out
+        h.update(plain)
+    out.digest = h.digest()
+    return out
+
+
+def stored_hash(txn: Txn, ino: int) -> bytes | None:
+    """blake3 of a stored file's content, or None if a chunk is missing or bad."""
+    items = (
+        (d, None if d == HOLE else txn.get("chunks", d), n) for _o, d, n in all_extents(txn, ino)
+    )
+    return hash_chunks(items).digest

@@ -317,7 +317,7 @@ def _write_node(
         out.symlink(dfd, name, node.target, meta)
     elif stat.S_ISFIFO(node.mode):
         out.fifo(dfd, name, path, meta)
-    elif node.is_reg and node.stored:
+    elif node.is_migrated:
         out.file(
             dfd, name, path, meta, lambda fd: _fill(fd, _stored_pieces(store, node), node.size)
         )

@@ -27,6 +27,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import blake3
+
 from .errors import NotFound, SourceError, StoreMissing
 from .records import Legacy
 
@@ -94,7 +96,7 @@ class Phase3Tree:
             os.close(self.root_fd)
             self.root_fd = -1
 
-    def _walk_to(self, parts: list[bytes]) -> int:
+    def walk_to(self, parts: list[bytes]) -> int:
         """An fd of the directory at `parts`, opened component by component.
 
         Each is a new open of the directory, never a dup of the root's fd: a dup
@@ -145,7 +147,7 @@ class Phase3Tree:
         """The entries of directory `rel`, lstat'ed; entries that vanish are skipped, and
         so (logged) are entries that cannot be lstat'ed. A directory on another
         filesystem lists as empty. SourceError if the directory cannot be listed."""
-        fd = self._walk_to(_split(rel))
+        fd = self.walk_to(split(rel))
         try:
             if self.other_fs(os.fstat(fd)):
                 return
@@ -169,10 +171,10 @@ class Phase3Tree:
 
     def open_file(self, rel: bytes) -> int:
         """A read fd of the regular file `rel`; SourceError if it is anything else."""
-        parts = _split(rel)
+        parts = split(rel)
         if not parts:
             raise SourceError("not a regular file")
-        dfd = self._walk_to(parts[:-1])
+        dfd = self.walk_to(parts[:-1])
         try:
             try:
                 # Reading the rollback point should not even change its atimes.
@@ -189,10 +191,10 @@ class Phase3Tree:
         return fd
 
     def lstat(self, rel: bytes) -> os.stat_result:
-        parts = _split(rel)
+        parts = split(rel)
         if not parts:
             return os.fstat(self.root_fd)
-        dfd = self._walk_to(parts[:-1])
+        dfd = self.walk_to(parts[:-1])
         try:
             return os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
@@ -247,7 +249,7 @@ class Phase3File:
             self.fd = -1
 
 
-def _split(rel: bytes) -> list[bytes]:
+def split(rel: bytes) -> list[bytes]:
     return [p for p in rel.split(b"/") if p] if rel else []
 
 
@@ -259,6 +261,18 @@ def _why(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM):
         return "unreadable"
     return os.strerror(e.errno or errno.EIO).lower()
+
+
+def hash_fd(fd: int) -> tuple[bytes, int]:
+    """(blake3, bytes read) of what `fd` reads from its current position to the end."""
+    h = blake3.blake3()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    n = 0
+    while got := os.readv(fd, [buf]):
+        h.update(view[:got])
+        n += got
+    return h.digest(), n
 
 
 def join(parent: bytes, name: bytes) -> bytes:

@@ -32,16 +32,7 @@ retention. The Phase 3 tree is frozen, so a later point records the same tree:
 what it adds is a promise kept longer, since the Phase 3 data is released only
 once every point has expired.
 
-`release_phase3` is what `points expire --yes` does with the Phase 3 data once
-every point has expired. "Deleting the Phase 3 data" means unlinking each Phase
-3 file whose exact content is verifiably in the store: migrated, its store
-content hashing to the blake3 recorded at migration, its Phase 3 copy hashing
-to the same and unchanged since the point. It refuses everything (deletes
-nothing) if any file is not migrated, any directory not imported, or `fsck
---deep` finds any problem; files it cannot vouch for (changed or deleted
-through the mount, second names of hard links) and all directories are kept.
-The store records the release first: rollback and healing from Phase 3 are
-then refused.
+`release.py` deletes the Phase 3 data once every point has expired.
 """
 
 from __future__ import annotations
@@ -54,16 +45,13 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from hashlib import blake2b
 
-import blake3
-
-from . import codec, content
-from .errors import CorruptChunk, NotFound, PointRefused, SourceError, UsageError
+from .errors import NotFound, PointRefused, SourceError, UsageError
 from .kv import Txn
-from .phase3 import Phase3Tree, _split, join
-from .records import HOLE, U64, Inode, Legacy
+from .phase3 import Phase3Tree, hash_fd, join, split
+from .records import U64, Legacy
 from .store import Store
 
 DAY_NS = 86_400 * 10**9
@@ -159,7 +147,7 @@ def _row_value(path: bytes, r: Row) -> bytes:
     return v + path if len(path) > LONG_PATH else v
 
 
-def _unpack_row(key: bytes, value: bytes | memoryview) -> tuple[bytes, Row]:
+def unpack_row(key: bytes, value: bytes | memoryview) -> tuple[bytes, Row]:
     r = Row(*_ROW.unpack_from(value, 0))
     path = bytes(value[_ROW.size :]) if key[9:10] == b"#" else key[10:]
     return path, r
@@ -169,13 +157,13 @@ def rows(txn: Txn, pid: int, start: bytes | None = None) -> Iterator[tuple[bytes
     """(key, path, row) of point `pid`'s manifest in key order, from key `start` on."""
     lo = start if start is not None else rows_prefix(pid)
     for k, v in txn.range("points", lo, rows_prefix(pid + 1)):
-        path, r = _unpack_row(k, v)
+        path, r = unpack_row(k, v)
         yield k, path, r
 
 
 def row_of(txn: Txn, pid: int, path: bytes) -> Row | None:
     v = txn.get("points", row_key(pid, path))
-    return None if v is None else _unpack_row(row_key(pid, path), v)[1]
+    return None if v is None else unpack_row(row_key(pid, path), v)[1]
 
 
 # -- points -------------------------------------------------------------------------------
@@ -283,14 +271,14 @@ def _new_point(store: Store, name: str, retention_days: int) -> Point:
         txn.put("points", head_key(pid), pt.header())
         return pt
 
-    return store._write(new)
+    return store.transact(new)
 
 
 def _finish(store: Store, tree: Phase3Tree, p: Point) -> Point:
     """Walk the tree into `p`'s manifest, then mark it complete."""
     _record_manifest(store, tree, p)
     p.complete = True
-    store._write(lambda txn: txn.put("points", head_key(p.id), p.header()))
+    store.transact(lambda txn: txn.put("points", head_key(p.id), p.header()))
     return p
 
 
@@ -306,7 +294,7 @@ def _record_manifest(store: Store, tree: Phase3Tree, p: Point) -> None:
             for k, v in rows:  # in key order: LMDB appends instead of splitting pages
                 txn.put("points", k, v)
 
-        store._write(op)
+        store.transact(op)
         batch.clear()
 
     with tree.cached_walks():  # a deep chain: each directory opened once, not per level
@@ -354,7 +342,7 @@ def _drop_rows(store: Store, pid: int) -> None:
                 txn.delete("points", k)
             return len(keys)
 
-        if store._write(op) < ROWS_PER_TXN:
+        if store.transact(op) < ROWS_PER_TXN:
             return
 
 
@@ -371,7 +359,7 @@ def delete_point(store: Store, pid: int) -> None:
     """Forget point `pid` (the Phase 3 tree is not touched)."""
     get_point(store, pid)
     _drop_rows(store, pid)
-    store._write(lambda txn: txn.delete("points", head_key(pid)))
+    store.transact(lambda txn: txn.delete("points", head_key(pid)))
 
 
 def released(store: Store) -> bool:
@@ -428,13 +416,13 @@ class DirFds:
         self._fds: OrderedDict[bytes, int] = OrderedDict()
 
     def lstat(self, path: bytes) -> os.stat_result:
-        parts = _split(path)
+        parts = split(path)
         if not parts:
             return self.tree.lstat(b"")
         parent = b"/".join(parts[:-1])
         fd = self._fds.get(parent)
         if fd is None:
-            fd = self.tree._walk_to(parts[:-1])
+            fd = self.tree.walk_to(parts[:-1])
             self._fds[parent] = fd
             if len(self._fds) > self.keep:
                 os.close(self._fds.popitem(last=False)[1])
@@ -506,15 +494,10 @@ def content_drift(tree: Phase3Tree, path: bytes, r: Row, want: bytes) -> tuple[s
         st = os.fstat(fd)
         if (st.st_ino, st.st_size, st.st_mtime_ns) != (r.st_ino, r.size, r.mtime_ns):
             return "", 0
-        h = blake3.blake3()
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        while got := os.readv(fd, [buf]):
-            h.update(view[:got])
-            n += got
+        got, n = hash_fd(fd)
     finally:
         os.close(fd)
-    if h.digest() != want:
+    if got != want:
         return "content changed (same size and mtime)", n
     return "", n
 
@@ -559,109 +542,3 @@ def verify(
                     drifts.append(Drift(path, how))
     drifts.sort(key=lambda d: d.path)
     return drifts, checked
-
-
-# -- expiry ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Release:
-    deleted: int = 0
-    deleted_bytes: int = 0
-    kept: list[tuple[str, str]] = field(default_factory=list)  # path, why
-
-
-def store_hash(txn: Txn, ino: int) -> bytes | None:
-    """blake3 of a stored file's content, or None if a chunk is missing or bad."""
-    h = blake3.blake3()
-    for _off, d, n in content.all_extents(txn, ino):
-        if d == HOLE:  # bounded memory, however long the hole
-            for z in content.zeros(n):
-                h.update(z)
-            continue
-        rec = txn.get("chunks", d)
-        if rec is None:
-            return None
-        try:
-            h.update(codec.decode(rec, d, n))
-        except CorruptChunk:
-            return None
-    return h.digest()
-
-
-def release_phase3(store: Store, tree: Phase3Tree, pid: int) -> Release:
-    """Delete the Phase 3 files whose exact content is verifiably in the store.
-
-    The caller has the writer lock (the store is not mounted), has checked that
-    every point has expired, and has the operator's yes. This checks the rest and
-    raises PointRefused, having deleted nothing, on any doubt."""
-    from .fsck import Checker
-
-    if released(store):
-        raise PointRefused("the Phase 3 data was already released")
-    with store.backend.read() as txn:
-        legacy_files, unlisted = 0, 0
-        for k, v in txn.range("inodes", b""):
-            node = Inode.unpack(U64.unpack(k)[0], v)
-            if node.is_dir and not node.stored:
-                unlisted += 1
-            elif node.is_reg and not node.stored:
-                legacy_files += 1
-    if legacy_files or unlisted:
-        raise PointRefused(
-            f"{legacy_files} files not migrated and {unlisted} directories not imported: "
-            "run ferryfs migrate (or let the sweep finish) first; nothing deleted"
-        )
-    store.tree = tree
-    report = Checker(store, deep=True, resume=False).run()  # the whole store, now
-    if report.problems or report.partial:
-        first = report.problems[0] if report.problems else None
-        raise PointRefused(
-            f"fsck --deep finds {len(report.problems)} problems"
-            + (f" (first: {first.kind} {first.path}: {first.detail})" if first else "")
-            + "; nothing deleted"
-        )
-    out = Release()
-    doomed: list[tuple[bytes, Row]] = []
-    with store.backend.read() as txn:
-        named: set[bytes] = set()
-        for k, v in txn.range("legacy", b""):
-            ino, leg = U64.unpack(k)[0], Legacy.unpack(v)
-            raw = txn.get("inodes", U64.pack(ino))
-            held = Inode.unpack(ino, raw) if raw is not None else None
-            if held is None or not held.is_reg:
-                continue
-            named.add(leg.path)
-            known = expected_hash(txn, pid, leg)
-            shown = "/" + os.fsdecode(leg.path)
-            if known is None:
-                out.kept.append((shown, "changed in Phase 3 before it was migrated"))
-            elif held.changed and (held.size != leg.size or store_hash(txn, ino) != leg.blake3):
-                out.kept.append((shown, "changed through the mount: Phase 3 holds the old version"))
-            else:
-                doomed.append((leg.path, known))
-        for _k, path, r in rows(txn, pid):
-            if stat.S_ISREG(r.mode) and path not in named:
-                out.kept.append(("/" + os.fsdecode(path), "not in the store under this name"))
-    # Recorded first: from here on rollback and healing from Phase 3 are refused.
-    store._write(lambda txn: txn.put("meta", b"phase3_released", U64.pack(time.time_ns())))
-    for path, r in doomed:
-        parts = _split(path)
-        try:
-            dfd = tree._walk_to(parts[:-1])
-        except SourceError as e:
-            out.kept.append(("/" + os.fsdecode(path), f"cannot be reached ({e})"))
-            continue
-        try:
-            st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode) or compare(r, st):
-                out.kept.append(("/" + os.fsdecode(path), "changed since it was verified"))
-                continue
-            os.unlink(parts[-1], dir_fd=dfd)
-            out.deleted += 1
-            out.deleted_bytes += r.size
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(dfd)
-    return out

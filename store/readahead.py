@@ -64,10 +64,6 @@ class ReadAhead:
         for piece in range(start, stop, STEP):
             self._queue.put((ino, piece, min(stop, piece + STEP)))
 
-    def forget(self, ino: int) -> None:
-        with self._lock:
-            self._pos.pop(ino, None)
-
     def close(self) -> None:
         """Stop the thread (before the store's environment closes)."""
         with self._lock:

@@ -62,6 +62,21 @@ class Inode:
         return stat.S_ISLNK(self.mode)
 
     @property
+    def is_legacy(self) -> bool:
+        """A regular file whose bytes are still only in Phase 3 (not MIGRATED)."""
+        return self.is_reg and not self.stored
+
+    @property
+    def is_migrated(self) -> bool:
+        """A regular file whose bytes are in the store."""
+        return self.is_reg and self.stored
+
+    @property
+    def is_unlisted(self) -> bool:
+        """A directory whose Phase 3 entries are not imported yet."""
+        return self.is_dir and not self.stored
+
+    @property
     def state(self) -> str:
         """`legacy`/`migrated` for files, `unlisted`/`listed` for directories."""
         if self.is_dir:

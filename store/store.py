@@ -1,97 +1,45 @@
 """The store facade: one store directory, one LMDB environment, every operation
 as one transaction inside one call.
 
-Writes take the store's writer lock (a flock on its data.mdb, see storedir.py),
-so one process writes a store at a time; readers (`stats`, `fsck`, `search`)
-open it read-only beside a writer and see consistent snapshots. Heavy work
-(chunking, hashing, compression) happens in `prepare_*` calls under read
-transactions; the matching `commit_*` call is a short write transaction that
-checks nothing moved underneath (the inode's version) and retries otherwise.
+`transact` is the one way to write: it runs a function of one write
+transaction (the POSIX rules in namespace.py, rewrites in content.py,
+migrations in migration.py), retries it when the map must grow, and refuses
+when the store is read-only or in failsafe. Writes take the store's writer lock
+(a flock on its data.mdb, see storedir.py), so one process writes a store at a
+time; readers (`stats`, `fsck`, `search`) open it read-only beside a writer and
+see consistent snapshots. Heavy work (chunking, hashing, compression) happens
+in `prepare_*`/`plan_*` calls under read transactions only; the matching
+`commit_*` call is a short write transaction that checks nothing moved
+underneath (the inode's version). Never write: getattr, read_stored, data_ranges,
+plan_write, prepare_migration (its `spill` may), stats, errors, the iterators. May
+write: lookup/readdir (list an UNLISTED directory), read (migrates), read_or_heal,
+open_legacy/read_legacy (record an error), and the rest (docs/concurrency.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TypeVar
 
-from . import cas, codec, content, ingest
+from . import cas, content, files, migration
 from . import namespace as ns
+from . import stats as figures
 from .chunker import Chunker
-from .chunker import digest as chunk_digest
-from .errors import (
-    Exists,
-    FerryError,
-    Invalid,
-    IsADir,
-    NoData,
-    NoSpace,
-    NotADir,
-    NotEmpty,
-    NotFound,
-    NotPermitted,
-    ReadOnly,
-    SchemaMismatch,
-    SourceError,
-    StoreMissing,
-)
+from .errors import NoSpace, ReadOnly, SchemaMismatch, StoreMissing
 from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
+from .migration import LIST_AHEAD, Migration, Spill
 from .phase3 import Phase3File, Phase3Tree
 from .readahead import ReadAhead
-from .records import (
-    CHANGED,
-    HOLE,
-    ROOT_INO,
-    SCHEMA_VERSION,
-    STORED,
-    U64,
-    Inode,
-    Legacy,
-    ino_key,
-    xattr_key,
-)
+from .records import SCHEMA_VERSION, U64, Inode
+from .stats import Stats
 from .storedir import StoreDir
 
 T = TypeVar("T")
-
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
-# Entries of UNLISTED subdirectories listed along with a directory a lookup or a
-# readdir needs: ~20 ms of lstat and one commit, instead of a commit per directory.
-LIST_AHEAD = 1024
-# ... and for at most this long: a chain of directories 1,024 deep has one entry
-# each, and listing all of them at once held the thread answering every request
-# for a third of a second.
-LIST_AHEAD_SECONDS = 0.02
-
-
-def now_ns() -> int:
-    return time.time_ns()
-
-
-@dataclass
-class Stats:
-    files_total: int = 0
-    files_migrated: int = 0
-    files_legacy: int = 0
-    dirs_total: int = 0
-    dirs_listed: int = 0
-    bytes_logical: int = 0
-    bytes_migrated: int = 0
-    bytes_legacy: int = 0
-    bytes_unique: int = 0
-    bytes_compressed: int = 0
-    bytes_stored: int = 0
-    chunks: int = 0
-    errors: int = 0
 
 
 class Store:
@@ -171,12 +119,20 @@ class Store:
 
     def _init_or_check(self, source: str | None) -> None:
         with self.backend.read() as txn:
-            v = txn.get("meta", b"schema") if self._has_meta() else None
+            # A new LMDB file has no `meta` db yet (LmdbBackend.has_db; memory has all).
+            fresh = isinstance(self.backend, LmdbBackend) and not self.backend.has_db("meta")
+            v = None if fresh else txn.get("meta", b"schema")
             existing = None if v is None else U64.unpack(v)[0]
         if existing is None:
             if self.readonly:
                 raise StoreMissing("the store is empty (never initialised)")
-            self._create(source)
+            st = os.fstat(self.tree.root_fd) if self.tree is not None else os.stat(".")
+            c = self.chunker
+            sizes = (c.min_size, c.avg_size, c.max_size)
+            t = time.time_ns()
+            self.transact(
+                lambda txn: ns.init_root(txn, st, self.tree is not None, t, sizes, source)
+            )
             return
         if existing != SCHEMA_VERSION:
             raise SchemaMismatch(
@@ -191,57 +147,8 @@ class Store:
                 mn, avg, mx = (int(x) for x in bytes(params).split(b","))
                 self.chunker = Chunker(mn, avg, mx)
         if not self.readonly:
-            self._write(ingest.free_pending)
-            self._write(self._purge_orphans)
-
-    def _has_meta(self) -> bool:
-        if isinstance(self.backend, LmdbBackend):
-            return self.backend.has_db("meta")
-        return True
-
-    def _create(self, source: str | None) -> None:
-        st = os.fstat(self.tree.root_fd) if self.tree is not None else os.stat(".")
-        t = now_ns()
-
-        def init(txn: Txn) -> None:
-            txn.put("meta", b"schema", U64.pack(SCHEMA_VERSION))
-            txn.put("meta", b"created_ns", U64.pack(t))
-            c = self.chunker
-            txn.put("meta", b"chunker", f"{c.min_size},{c.avg_size},{c.max_size}".encode())
-            if source is not None:
-                txn.put("meta", b"source", os.fsencode(os.path.abspath(source)))
-            root = Inode(
-                ROOT_INO,
-                stat.S_IFDIR | stat.S_IMODE(st.st_mode),
-                st.st_uid,
-                st.st_gid,
-                max(2, st.st_nlink) if self.tree is not None else 2,
-                4096,
-                st.st_atime_ns,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-            )
-            if self.tree is None:
-                root.flags |= STORED
-            ns.put(txn, root)
-            if self.tree is not None:
-                ns.put_legacy(
-                    txn,
-                    ROOT_INO,
-                    Legacy(
-                        0,
-                        st.st_mtime_ns,
-                        st.st_ctime_ns,
-                        st.st_ino,
-                        st.st_dev,
-                        False,
-                        b"\0" * 32,
-                        b"",
-                    ),
-                )
-            txn.put("meta", b"next_ino", U64.pack(ROOT_INO + 1))
-
-        self._write(init)
+            self.transact(migration.free_pending)
+            self.transact(ns.purge_orphans)
 
     def source_path(self) -> str | None:
         with self.backend.read() as txn:
@@ -266,7 +173,9 @@ class Store:
 
     # -- transactions ----------------------------------------------------------
 
-    def _write(self, fn: Callable[[Txn], T]) -> T:
+    def transact(self, fn: Callable[[Txn], T]) -> T:
+        """Run `fn` in one write transaction and commit it; its result. ReadOnly in
+        a read-only store or in failsafe, NoSpace when the disk is full."""
         if self.readonly:
             raise ReadOnly("store opened read-only")
         if self.failsafe is not None:
@@ -289,153 +198,47 @@ class Store:
         """Make every committed transaction durable (fsync)."""
         self.backend.sync()
 
-    # -- namespace ---------------------------------------------------------------
+    # -- namespace (the rules: namespace.py) ---------------------------------------
 
     def getattr(self, ino: int) -> Inode:
         with self.backend.read() as txn:
             return ns.get(txn, ino)
 
-    def _listed(self, txn: Txn, ino: int) -> Inode:
-        d = ns.get(txn, ino)
-        if not d.is_dir:
-            raise NotADir(f"inode {ino} is not a directory")
-        if not d.stored:
-            d = ns.import_dir(txn, self.tree, d)
-        return d
-
     def ensure_listed(self, ino: int, ahead: int = 0) -> Inode:
-        """List directory `ino` if it is UNLISTED and, in the same transaction, its
-        UNLISTED subdirectories breadth first until about `ahead` more entries.
-
-        Listing ahead is metadata readahead: a synced commit costs milliseconds,
-        and whoever looks up one name in a fresh tree usually walks on into it."""
-        d = self.getattr(ino)
-        if not d.is_dir or d.stored:
-            return d
-
-        def op(txn: Txn) -> Inode:
-            with self._walks():
-                return listed_ahead(txn)
-
-        def listed_ahead(txn: Txn) -> Inode:
-            listed = self._listed(txn, ino)
-            if ahead > 0:
-                subdirs = deque(c for _, _, c in ns.entries(txn, ino) if ns.get(txn, c).is_dir)
-                self._import_from(txn, subdirs, ahead, time.monotonic() + LIST_AHEAD_SECONDS)
-            return listed
-
-        return self._write(op)
-
-    def _import_from(
-        self, txn: Txn, queue: deque[int], entries: int, deadline: float | None = None
-    ) -> int:
-        """List UNLISTED directories breadth first from `queue` (descending through
-        listed ones) until about `entries` entries were seen, or `deadline`
-        (time.monotonic) passed; what is left to visit stays in `queue`. Returns how
-        many directories were listed."""
-        with self._walks():
-            return self._import_queue(txn, queue, entries, deadline)
-
-    def _walks(self) -> contextlib.AbstractContextManager[None]:
-        """Phase3Tree.cached_walks: listing a deep chain opens each directory once."""
-        return self.tree.cached_walks() if self.tree is not None else contextlib.nullcontext()
-
-    def _import_queue(
-        self, txn: Txn, queue: deque[int], entries: int, deadline: float | None
-    ) -> int:
-        listed = seen = 0
-        while queue and seen < entries:
-            ino = queue.popleft()
-            d = ns.get(txn, ino)
-            if not d.stored:
-                if deadline is not None and listed and time.monotonic() > deadline:
-                    queue.appendleft(ino)
-                    break
-                ns.import_dir(txn, self.tree, d)
-                listed += 1
-            for _, _, c in ns.entries(txn, ino):
-                seen += 1
-                if stat.S_ISDIR(ns.get(txn, c).mode):
-                    queue.append(c)
-        return listed
+        return migration.ensure_listed(self, ino, ahead)
 
     def import_step(self, queue: deque[int], entries: int = 4096) -> int:
-        """One transaction of `import_all`: see `_import_from`. On failure `queue` is
-        as it was (the transaction was undone, so is its progress)."""
-        snapshot = list(queue)
-        try:
-            return self._write(lambda txn: self._import_from(txn, queue, entries))
-        except BaseException:
-            queue.clear()
-            queue.extend(snapshot)
-            raise
+        return migration.import_step(self, queue, entries)
+
+    def import_all(self, entries: int = 4096) -> int:
+        return migration.import_all(self, entries)
 
     def lookup(self, parent: int, name: bytes) -> Inode:
-        ns.check_name(name)
+        ns.check_name(name)  # before listing: a bad name imports nothing
         self.ensure_listed(parent, ahead=LIST_AHEAD)
         with self.backend.read() as txn:
-            c = ns.child(txn, parent, name)
-            if c is None:
-                raise NotFound(name.decode(errors="replace"))
-            return ns.get(txn, c)
+            return ns.get(txn, ns.lookup(txn, parent, name))
 
     def readdir(
         self, ino: int, after: int = 0, limit: int = 1024
     ) -> list[tuple[int, bytes, Inode]]:
         """Up to `limit` entries after cookie `after`: (cookie, name, inode)."""
         self.ensure_listed(ino, ahead=LIST_AHEAD)
-        out: list[tuple[int, bytes, Inode]] = []
         with self.backend.read() as txn:
-            for cookie, name, c in ns.entries(txn, ino, after):
-                out.append((cookie, name, ns.get(txn, c)))
-                if len(out) >= limit:
-                    break
-        return out
+            return ns.listing(txn, ino, after, limit)
 
-    def _touch_dir(self, d: Inode, t: int) -> None:
-        d.mtime_ns = d.ctime_ns = t
-        d.flags |= CHANGED
-
-    def _new_node(
-        self,
-        parent: int,
-        name: bytes,
-        mode: int,
-        uid: int,
-        gid: int,
-        rdev: int = 0,
-        target: bytes = b"",
-    ) -> Inode:
-        ns.check_name(name)
-        t = now_ns()
-
-        def op(txn: Txn) -> Inode:
-            d = self._listed(txn, parent)
-            if ns.child(txn, parent, name) is not None:
-                raise Exists(name.decode(errors="replace"))
-            ino = ns.alloc(txn)
-            node = Inode(ino, mode, uid, gid, 1, 0, t, t, t, rdev, STORED | CHANGED)
-            if stat.S_ISDIR(mode):
-                node.nlink, node.parent, node.size = 2, parent, 4096
-                d.nlink += 1
-            if stat.S_ISLNK(mode):
-                node.target, node.size = target, len(target)
-            ns.put(txn, node)
-            ns.add_entry(txn, parent, name, ino)
-            self._touch_dir(d, t)
-            ns.put(txn, d)
-            return node
-
-        return self._write(op)
+    def _new_node(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+                  rdev: int = 0, target: bytes = b"") -> Inode:  # fmt: skip
+        t = time.time_ns()
+        tree = self.tree
+        return self.transact(
+            lambda txn: ns.new_node(txn, tree, parent, name, mode, uid, gid, t, rdev, target)
+        )
 
     def mknod(
         self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0
     ) -> Inode:
-        if stat.S_IFMT(mode) == 0:
-            mode |= stat.S_IFREG
-        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
-            raise Invalid("mknod of a directory or symlink")
-        return self._new_node(parent, name, mode, uid, gid, rdev)
+        return self._new_node(parent, name, ns.mknod_mode(mode), uid, gid, rdev)
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         return self._new_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
@@ -447,82 +250,18 @@ class Store:
         return self._new_node(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
 
     def readlink(self, ino: int) -> bytes:
-        node = self.getattr(ino)
-        if not node.is_link:
-            raise Invalid("not a symlink")
-        return node.target
+        with self.backend.read() as txn:
+            return ns.readlink(txn, ino)
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
-        ns.check_name(name)
-        t = now_ns()
-
-        def op(txn: Txn) -> Inode:
-            node = ns.get(txn, ino)
-            if node.is_dir:
-                raise NotPermitted("hard link to a directory")
-            d = self._listed(txn, parent)
-            if ns.child(txn, parent, name) is not None:
-                raise Exists(name.decode(errors="replace"))
-            if node.nlink >= 65000:
-                from .errors import TooManyLinks
-
-                raise TooManyLinks("too many links")
-            node.nlink += 1
-            node.ctime_ns = t
-            node.flags |= CHANGED
-            txn.delete("meta", b"orphan:" + ino_key(ino))
-            ns.put(txn, node)
-            ns.add_entry(txn, parent, name, ino)
-            self._touch_dir(d, t)
-            ns.put(txn, d)
-            return node
-
-        return self._write(op)
-
-    def _drop_link(self, txn: Txn, node: Inode, t: int) -> None:
-        """One directory entry of `node` is gone: count it, and purge at zero."""
-        node.nlink -= 1 if not node.is_dir else node.nlink
-        node.ctime_ns = t
-        node.flags |= CHANGED
-        if node.nlink <= 0:
-            if self.keep_orphans:
-                ns.put(txn, node)
-                txn.put("meta", b"orphan:" + ino_key(node.ino), b"")
-            else:
-                self._purge(txn, node.ino)
-        else:
-            ns.put(txn, node)
-
-    def _purge(self, txn: Txn, ino: int) -> None:
-        content.delete_all(txn, ino)
-        txn.delete("inodes", ino_key(ino))
-        txn.delete("legacy", ino_key(ino))
-        txn.delete("errors", ino_key(ino))
-        for k, _ in list(txn.range("xattrs", ino_key(ino), ino_key(ino + 1))):
-            txn.delete("xattrs", k)
-        txn.delete("meta", b"orphan:" + ino_key(ino))
-
-    def _purge_orphans(self, txn: Txn) -> int:
-        n = 0
-        for k, _ in list(txn.range("meta", b"orphan:", b"orphan;")):
-            ino = U64.unpack_from(k, 7)[0]
-            v = txn.get("inodes", ino_key(ino))
-            if v is not None and Inode.unpack(ino, v).nlink > 0:
-                txn.delete("meta", k)  # a stale mark: a name still holds the inode
-                continue
-            self._purge(txn, ino)
-            n += 1
-        return n
+        t = time.time_ns()
+        return self.transact(lambda txn: ns.link(txn, self.tree, ino, parent, name, t))
 
     def forget(self, ino: int) -> None:
-        """The kernel forgot `ino`: purge it if no directory entry names it any more."""
-
-        def op(txn: Txn) -> None:
-            if txn.get("meta", b"orphan:" + ino_key(ino)) is not None:
-                self._purge(txn, ino)
-
-        if not self.readonly:
-            self._write(op)
+        """The kernel forgot `ino`: purge it if no directory entry names it any more.
+        Not in failsafe (nor read-only): its mark stays, for the next writer's open."""
+        if not self.readonly and self.failsafe is None:
+            self.transact(lambda txn: ns.forget(txn, ino))
 
     def unlink(self, parent: int, name: bytes) -> Inode:
         return self._remove(parent, name, directory=False)
@@ -531,112 +270,18 @@ class Store:
         return self._remove(parent, name, directory=True)
 
     def _remove(self, parent: int, name: bytes, directory: bool) -> Inode:
-        """unlink (a non-directory) or rmdir (an empty directory) `name` in `parent`."""
-        ns.check_name(name)
-        t = now_ns()
-        shown = name.decode(errors="replace")
-
-        def op(txn: Txn) -> Inode:
-            d = self._listed(txn, parent)
-            c = ns.child(txn, parent, name)
-            if c is None:
-                raise NotFound(shown)
-            if directory:
-                node = self._listed(txn, c)  # NotADir for a file
-                if not ns.is_empty(txn, c):
-                    raise NotEmpty(shown)
-                d.nlink -= 1
-            else:
-                node = ns.get(txn, c)
-                if node.is_dir:
-                    raise IsADir(shown)
-            ns.remove_entry(txn, parent, name)
-            self._drop_link(txn, node, t)
-            self._touch_dir(d, t)
-            ns.put(txn, d)
-            return node
-
-        return self._write(op)
+        t, keep = time.time_ns(), self.keep_orphans
+        return self.transact(
+            lambda txn: ns.remove(txn, self.tree, parent, name, directory, t, keep)
+        )
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
     ) -> None:
-        ns.check_name(old_name)
-        ns.check_name(new_name)
-        if flags & RENAME_EXCHANGE and flags & RENAME_NOREPLACE:
-            raise Invalid("RENAME_EXCHANGE and RENAME_NOREPLACE together")
-        t = now_ns()
-
-        def op(txn: Txn) -> None:
-            src_dir = self._listed(txn, old_parent)
-            dst_dir = src_dir if new_parent == old_parent else self._listed(txn, new_parent)
-            c = ns.child(txn, old_parent, old_name)
-            if c is None:
-                raise NotFound(old_name.decode(errors="replace"))
-            node = ns.get(txn, c)
-            other_ino = ns.child(txn, new_parent, new_name)
-            if other_ino == c:
-                return  # same inode under both names: POSIX says do nothing
-            other = ns.get(txn, other_ino) if other_ino is not None else None
-            if node.is_dir:
-                self._check_not_ancestor(txn, c, new_parent)
-            if flags & RENAME_EXCHANGE:
-                if other is None:
-                    raise NotFound(new_name.decode(errors="replace"))
-                if other.is_dir:
-                    self._check_not_ancestor(txn, other.ino, old_parent)
-                ns.add_entry(txn, old_parent, old_name, other.ino)
-                ns.add_entry(txn, new_parent, new_name, c)
-                if node.is_dir != other.is_dir and old_parent != new_parent:
-                    delta = 1 if node.is_dir else -1
-                    src_dir.nlink -= delta
-                    dst_dir.nlink += delta
-                for n, p in ((node, new_parent), (other, old_parent)):
-                    if n.is_dir:
-                        n.parent = p
-                    n.ctime_ns = t
-                    n.flags |= CHANGED
-                    ns.put(txn, n)
-            else:
-                if other is not None:
-                    if flags & RENAME_NOREPLACE:
-                        raise Exists(new_name.decode(errors="replace"))
-                    if other.is_dir and not node.is_dir:
-                        raise IsADir(new_name.decode(errors="replace"))
-                    if node.is_dir and not other.is_dir:
-                        raise NotADir(new_name.decode(errors="replace"))
-                    if other.is_dir:
-                        self._listed(txn, other.ino)
-                        if not ns.is_empty(txn, other.ino):
-                            raise NotEmpty(new_name.decode(errors="replace"))
-                        dst_dir.nlink -= 1
-                    self._drop_link(txn, other, t)
-                ns.remove_entry(txn, old_parent, old_name)
-                ns.add_entry(txn, new_parent, new_name, c)
-                if node.is_dir:
-                    node.parent = new_parent
-                    if old_parent != new_parent:
-                        src_dir.nlink -= 1
-                        dst_dir.nlink += 1
-                node.ctime_ns = t
-                node.flags |= CHANGED
-                ns.put(txn, node)
-            self._touch_dir(src_dir, t)
-            ns.put(txn, src_dir)
-            if dst_dir is not src_dir:
-                self._touch_dir(dst_dir, t)
-                ns.put(txn, dst_dir)
-
-        self._write(op)
-
-    def _check_not_ancestor(self, txn: Txn, ino: int, target_parent: int) -> None:
-        p = target_parent
-        while True:
-            if p == ino:
-                raise Invalid("cannot move a directory into itself")
-            if p == ROOT_INO or p == 0:
-                return
-            p = ns.get(txn, p).parent
+        ns.check_rename(old_name, new_name, flags)
+        t, keep = time.time_ns(), self.keep_orphans
+        old, new = (old_parent, old_name), (new_parent, new_name)
+        self.transact(lambda txn: ns.rename(txn, self.tree, *old, *new, flags, t, keep))
 
     def setattr(
         self,
@@ -651,498 +296,100 @@ class Store:
     ) -> Inode:
         if size is not None:
             self.truncate(ino, size)
-        t = now_ns()
-
-        def op(txn: Txn) -> Inode:
-            node = ns.get(txn, ino)
-            if mode is not None:
-                node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
-            if uid is not None:
-                node.uid = uid
-            if gid is not None:
-                node.gid = gid
-            if atime_ns is not None:
-                node.atime_ns = atime_ns
-            if mtime_ns is not None:
-                node.mtime_ns = mtime_ns
-            node.ctime_ns = ctime_ns if ctime_ns is not None else t
-            node.flags |= CHANGED
-            ns.put(txn, node)
-            return node
-
-        return self._write(op)
-
-    # -- extended attributes -------------------------------------------------------
+        t = time.time_ns()
+        ids, times = (mode, uid, gid), (atime_ns, mtime_ns, ctime_ns)
+        return self.transact(lambda txn: ns.setattr(txn, ino, t, *ids, *times))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         with self.backend.read() as txn:
-            ns.get(txn, ino)
-            v = txn.get("xattrs", xattr_key(ino, name))
-            if v is None:
-                raise NoData(name.decode(errors="replace"))
-            return bytes(v)
+            return ns.getxattr(txn, ino, name)
 
     def listxattr(self, ino: int) -> list[bytes]:
         with self.backend.read() as txn:
-            ns.get(txn, ino)
-            return [bytes(k[8:]) for k, _ in txn.range("xattrs", ino_key(ino), ino_key(ino + 1))]
+            return ns.listxattr(txn, ino)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        def op(txn: Txn) -> None:
-            node = ns.get(txn, ino)
-            k = xattr_key(ino, name)
-            exists = txn.get("xattrs", k) is not None
-            if flags & XATTR_CREATE and exists:
-                raise Exists(name.decode(errors="replace"))
-            if flags & XATTR_REPLACE and not exists:
-                raise NoData(name.decode(errors="replace"))
-            txn.put("xattrs", k, value)
-            node.ctime_ns = now_ns()
-            node.flags |= CHANGED
-            ns.put(txn, node)
-
-        self._write(op)
+        t = time.time_ns()
+        self.transact(lambda txn: ns.setxattr(txn, ino, name, value, flags, t))
 
     def removexattr(self, ino: int, name: bytes) -> None:
-        def op(txn: Txn) -> None:
-            node = ns.get(txn, ino)
-            if not txn.delete("xattrs", xattr_key(ino, name)):
-                raise NoData(name.decode(errors="replace"))
-            node.ctime_ns = now_ns()
-            node.flags |= CHANGED
-            ns.put(txn, node)
+        t = time.time_ns()
+        self.transact(lambda txn: ns.removexattr(txn, ino, name, t))
 
-        self._write(op)
-
-    # -- contents -----------------------------------------------------------------
+    # -- contents (files.py) ---------------------------------------------------------
 
     def read(self, ino: int, off: int, n: int) -> bytes:
-        """Bytes of a file; a LEGACY file is migrated first."""
-        data = self.read_stored(ino, off, n)
-        if data is None:
-            self.migrate(ino)
-            data = self.read_stored(ino, off, n)
-            if data is None:
-                raise SourceError("not migrated")
-        return bytes(data)
+        return files.read(self, ino, off, n)
 
     def read_stored(self, ino: int, off: int, n: int) -> bytes | memoryview | None:
-        """Bytes of a file in one read transaction, a view rather than a copy when
-        they lie in one chunk (content.read_view); None if the file is LEGACY."""
-        with self.backend.read() as txn:
-            node = ns.get(txn, ino)
-            if node.is_reg and not node.stored:
-                return None
-            data = content.read_view(txn, ino, node.size, off, n, self.cache)
-        self.readahead.note(ino, off, off + len(data), node.size)
-        return data
+        return files.read_stored(self, ino, off, n)
+
+    def read_or_heal(self, ino: int, off: int, n: int) -> tuple[bytes | memoryview | None, bool]:
+        return files.read_or_heal(self, ino, off, n)
 
     def data_ranges(self, ino: int) -> list[tuple[int, int, bool]]:
-        """(offset, length, is_hole) runs tiling a MIGRATED file, from one snapshot:
-        a copy writes the data runs and seeks over the holes (see content.data_ranges).
-        Invalid for anything else (a LEGACY file's bytes are in Phase 3)."""
-        with self.backend.read() as txn:
-            node = ns.get(txn, ino)
-            if not (node.is_reg and node.stored):
-                raise Invalid("not a migrated regular file")
-            return content.data_ranges(txn, ino, node.size)
+        return files.data_ranges(self, ino)
 
     def plan_write(self, ino: int, spans: list[tuple[int, bytes]]) -> content.Rewrite:
-        with self.backend.read() as txn:
-            node = ns.get(txn, ino)
-            if node.is_dir:
-                raise IsADir("is a directory")
-            if not node.stored:
-                raise Invalid("migrate the file before writing")
-            return content.plan_write(
-                txn, ino, node.version, node.size, spans, self.chunker, self.cache
-            )
+        return files.plan_write(self, ino, spans)
 
     def commit(self, rw: content.Rewrite, mtime: bool = True) -> Inode | None:
-        """Apply a planned rewrite; None if the file changed since it was planned."""
-        t = now_ns()
-
-        def op(txn: Txn) -> Inode | None:
-            node = ns.get(txn, rw.ino)
-            if node.version != rw.base_version or node.size != rw.base_size:
-                return None
-            content.apply(txn, rw)
-            node.size = rw.new_size
-            node.version += 1
-            if mtime:
-                node.mtime_ns = node.ctime_ns = t
-            node.flags |= CHANGED | STORED
-            ns.put(txn, node)
-            return node
-
-        try:
-            return self._write(op)
-        except cas.MissingChunk:
-            return None
+        return files.commit(self, rw, mtime)
 
     def write_spans(self, ino: int, spans: list[tuple[int, bytes]]) -> Inode:
-        """Write sorted, disjoint spans into a file in one transaction."""
-        if not spans:
-            return self.getattr(ino)
-        self._migrated(ino)
-        while True:
-            done = self.commit(self.plan_write(ino, spans))
-            if done is not None:
-                return done
+        return files.write_spans(self, ino, spans)
 
     def write(self, ino: int, off: int, data: bytes) -> Inode:
-        return self.write_spans(ino, [(off, data)])
+        return files.write_spans(self, ino, [(off, data)])
 
     def truncate(self, ino: int, size: int) -> Inode:
-        if size < 0:
-            raise Invalid("negative size")
-        node = self.getattr(ino)
-        if node.is_dir:
-            raise IsADir("is a directory")
-        if not node.is_reg:
-            raise Invalid("not a regular file")
-        if not node.stored:
-            if size == 0:
-                return self._drop_legacy_content(ino)
-            self.migrate(ino)
-        while True:
-            with self.backend.read() as txn:
-                node = ns.get(txn, ino)
-                rw = content.plan_truncate(txn, ino, node.version, node.size, size, self.cache)
-            done = self.commit(rw)
-            if done is not None:
-                return done
+        return files.truncate(self, ino, size)
 
-    def _drop_legacy_content(self, ino: int) -> Inode:
-        t = now_ns()
-
-        def op(txn: Txn) -> Inode:
-            node = ns.get(txn, ino)
-            if not node.stored:
-                node.flags |= STORED | CHANGED
-                node.size = 0
-                node.version += 1
-                node.mtime_ns = node.ctime_ns = t
-                ns.put(txn, node)
-                return node
-            return node
-
-        node = self._write(op)
-        if node.size:
-            return self.truncate(ino, 0)
-        return node
-
-    def _migrated(self, ino: int) -> Inode:
-        node = self.getattr(ino)
-        if node.is_reg and not node.stored:
-            return self.migrate(ino)
-        return node
-
-    # -- migration -----------------------------------------------------------------
+    # -- migration, healing, errors and walks (migration.py) ---------------------------
 
     def prepare_migration(
-        self, ino: int, stop: Callable[[], bool] | None = None
-    ) -> ingest.Migration | None:
-        """Read and chunk a LEGACY file (no lock held); None if it is not LEGACY.
+        self, ino: int, stop: Callable[[], bool] | None = None, spill: Spill | None = None
+    ) -> Migration | None:
+        return migration.prepare_migration(self, ino, stop, spill)
 
-        `stop` is polled between chunks; when it says so, Preempted is raised."""
-        with self.backend.read() as txn:
-            node = ns.get(txn, ino)
-            if not node.is_reg or node.stored:
-                return None
-            leg = ns.get_legacy(txn, ino)
-        if leg is None or self.tree is None:
-            raise SourceError("no Phase 3 origin")
+    def stage_chunks(self, records: dict[bytes, bytes]) -> None:
+        migration.stage_chunks(self, records)
 
-        def has_chunk(d: bytes) -> bool:
-            with self.backend.read() as t:
-                return cas.has(t, d)
-
-        def stage(records: dict[bytes, bytes]) -> None:
-            self._write(lambda t: ingest.stage_records(t, records))
-
-        return ingest.prepare(
-            self.tree, ino, node.version, leg, self.chunker, has_chunk, stage, stop=stop
-        )
-
-    def commit_migrations(self, ms: list[ingest.Migration]) -> list[Inode]:
-        """Commit prepared migrations in one transaction. A file deleted meanwhile, or
-        no longer LEGACY (written, truncated, migrated by someone else), is dropped
-        from the batch and the rest commit: the app deleting or rewriting a file is
-        not an error. The chunks a dropped file staged are freed unless referenced."""
-
-        def op(txn: Txn) -> list[Inode]:
-            done = []
-            dropped = []
-            for m in ms:
-                v = txn.get("inodes", ino_key(m.ino))
-                node = None if v is None else Inode.unpack(m.ino, v)
-                if node is None or node.stored or node.version != m.base_version:
-                    dropped.append(m)
-                    continue
-                ingest.commit_extents(txn, m)
-                # Not the times: the Phase 3 file had the entry's stat when it was
-                # read (ingest.prepare checks), and a utimens or rename through the
-                # mount since then must not be undone.
-                node.flags |= STORED
-                node.size = m.size
-                ns.put(txn, node)
-                ns.put_legacy(txn, m.ino, m.legacy)
-                txn.delete("errors", ino_key(m.ino))
-                done.append(node)
-            for m in dropped:  # after the others: one of them may share a staged chunk
-                ingest.unstage(txn, m)
-            return done
-
-        for _ in range(3):
-            try:
-                return self._write(op)
-            except cas.MissingChunk:
-                # A chunk deduplicated against was freed meanwhile: redo those files,
-                # without the ones deleted since. One that cannot be read again (it
-                # changed in Phase 3) gets its error; the others still commit.
-                again = []
-                for m in ms:
-                    try:
-                        p = self.prepare_migration(m.ino)
-                    except NotFound:
-                        continue
-                    except SourceError as e:
-                        self.record_error(m.ino, str(e))
-                        continue
-                    if p is not None:
-                        again.append(p)
-                ms = again
-        raise FerryError("migration keeps racing with writes; try again")
+    def commit_migrations(self, ms: list[Migration]) -> list[Inode]:
+        return migration.commit_migrations(self, ms)
 
     def migrate(self, ino: int) -> Inode:
-        """Migrate one LEGACY file now (first read); SourceError is recorded and raised."""
-        try:
-            m = self.prepare_migration(ino)
-        except SourceError as e:
-            self.record_error(ino, str(e))
-            raise
-        if m is not None:
-            self.commit_migrations([m])
-        return self.getattr(ino)
+        return migration.migrate(self, ino)
 
     def open_legacy(self, ino: int) -> Phase3File:
-        """The Phase 3 copy of a LEGACY file, to serve its reads until it is migrated.
-
-        SourceError, recorded in status, if that is unsafe or the file changed in
-        Phase 3 since its entry was imported. Such a file then stays LEGACY and its
-        opens and reads get EIO: the mount keeps showing the entry it imported
-        (stat, and the rollback point's manifest, describe the old version), and
-        quietly taking the new content would serve bytes that match neither.
-        Truncating it to 0 or deleting it through the mount still works."""
-        with self.backend.read() as txn:
-            leg = ns.get_legacy(txn, ino)
-        if leg is None or self.tree is None:
-            raise SourceError("no Phase 3 origin")
-        try:
-            f = Phase3File(self.tree.open_file(leg.path), leg)
-            try:
-                f.check()
-            except BaseException:
-                f.close()
-                raise
-        except SourceError as e:
-            self.record_error(ino, str(e))
-            raise
-        return f
+        return migration.open_legacy(self, ino)
 
     def read_legacy(self, f: Phase3File, ino: int, off: int, n: int) -> bytes:
-        """Bytes of a LEGACY file from its Phase 3 copy `f` (open_legacy); SourceError,
-        recorded in status, if the file changed there before or during the read."""
-        try:
-            return f.pread(n, off)
-        except SourceError as e:
-            self.record_error(ino, str(e))
-            raise
+        return migration.read_legacy(self, f, ino, off, n)
 
     def heal(self, ino: int, bad: bytes) -> bool:
-        """Rewrite the chunk `bad` from the Phase 3 copy of `ino`, if the file is
-        unmodified since Phase 3 and its bytes there still hash to `bad`. Not in
-        failsafe or read-only: the read then gets EIO (its ReadOnly was EROFS)."""
-        if self.readonly or self.failsafe is not None or bad == HOLE:
-            return False  # (a gap between extents reads as CorruptChunk(HOLE))
-        with self.backend.read() as txn:
-            node = ns.get(txn, ino)
-            leg = ns.get_legacy(txn, ino)
-            spots = [(o, n) for o, d, n in content.all_extents(txn, ino) if d == bad]
-        if node.changed or leg is None or self.tree is None or not spots:
-            return False
-        try:
-            fd = self.tree.open_file(leg.path)
-        except SourceError:
-            return False
-        try:
-            for off, n in spots:
-                plain = os.pread(fd, n, off)
-                if len(plain) == n and chunk_digest(plain) == bad:
-                    self._put_chunk(bad, codec.encode(plain))
-                    self.cache.discard(bad)
-                    return True
-        finally:
-            os.close(fd)
-        return False
-
-    def _put_chunk(self, digest: bytes, record: bytes) -> None:
-        self._write(lambda txn: txn.put("chunks", digest, record))
+        return migration.heal(self, ino, bad)
 
     def record_error(self, ino: int, message: str) -> None:
-        """Say in status why `ino` is not migrated; nothing if it was deleted meanwhile."""
-
-        def op(txn: Txn) -> None:
-            if txn.get("inodes", ino_key(ino)) is not None:
-                ns.record_error(txn, ino, message)
-
-        if not self.readonly and self.failsafe is None:
-            self._write(op)
+        migration.record_error(self, ino, message)
 
     def errors(self) -> list[tuple[int, str]]:
-        """The per-file errors that still apply (see `_error_applies`)."""
-        with self.backend.read() as txn:
-            return [
-                (ino, bytes(v).decode(errors="replace"))
-                for k, v in txn.range("errors", b"")
-                if _error_applies(txn, ino := U64.unpack(k)[0])
-            ]
+        return migration.errors(self)
 
     def prune_errors(self) -> int:
-        """Delete the error records that no longer apply; returns how many."""
-
-        def op(txn: Txn) -> int:
-            stale = [
-                bytes(k)
-                for k, _ in txn.range("errors", b"")
-                if not _error_applies(txn, U64.unpack(k)[0])
-            ]
-            for k in stale:
-                txn.delete("errors", k)
-            return len(stale)
-
-        if self.readonly or self.failsafe is not None:
-            return 0
-        with self.backend.read() as txn:
-            if all(_error_applies(txn, U64.unpack(k)[0]) for k, _ in txn.range("errors", b"")):
-                return 0
-        return self._write(op)
-
-    def legacy_files(self, after: int = 0, limit: int = 1000) -> list[int]:
-        """Inodes of LEGACY files past `after`, in inode order."""
-        out = []
-        with self.backend.read() as txn:
-            for k, v in txn.range("inodes", ino_key(after + 1)):
-                node = Inode.unpack(U64.unpack(k)[0], v)
-                if node.is_reg and not node.stored:
-                    out.append(node.ino)
-                    if len(out) >= limit:
-                        break
-        return out
+        return migration.prune_errors(self)
 
     def legacy_files_by_path(self) -> Iterator[int]:
-        """LEGACY files of the listed tree, depth first with names in byte order:
-        the order of `sorted(paths)`, and of an app reading a session's files
-        together. Migrating in this order lays each session's chunks side by side
-        in the store, so a cold read of a session is one run of the disk, not
-        seeks to wherever a hash or inode order put each file. One directory's
-        entries are held at a time (per level of the walk)."""
-        stack: list[Iterator[tuple[bytes, int, int]]] = [iter(self._sorted_entries(ROOT_INO))]
-        linked: set[int] = set()  # files of several names: yielded at the first
-        while stack:
-            entry = next(stack[-1], None)
-            if entry is None:
-                stack.pop()
-                continue
-            _, ino, nlink = entry
-            if nlink == 0:
-                stack.append(iter(self._sorted_entries(ino)))
-            elif nlink == 1:
-                yield ino
-            elif ino not in linked:
-                linked.add(ino)
-                yield ino
+        return migration.legacy_files_by_path(self)
 
-    def _sorted_entries(self, d: int) -> list[tuple[bytes, int, int]]:
-        """(name, ino, link count, or 0 for a directory) of `d`'s directories and
-        LEGACY files, by name."""
-        out = []
-        with self.backend.read() as txn:
-            for _, name, c in ns.entries(txn, d):
-                node = ns.get(txn, c)
-                if node.is_dir:
-                    out.append((name, c, 0))
-                elif node.is_reg and not node.stored:
-                    out.append((name, c, max(1, node.nlink)))
-        out.sort()
-        return out
-
-    def unlisted_dirs(self, limit: int = 1000) -> list[int]:
-        out = []
-        with self.backend.read() as txn:
-            for k, v in txn.range("inodes", b""):
-                node = Inode.unpack(U64.unpack(k)[0], v)
-                if node.is_dir and not node.stored:
-                    out.append(node.ino)
-                    if len(out) >= limit:
-                        break
-        return out
-
-    def import_all(self, entries: int = 4096) -> int:
-        """List every UNLISTED directory, breadth first, about `entries` directory
-        entries per transaction (a bigger transaction's dirty pages are memory that
-        grows with the tree). Returns how many directories were listed."""
-        listed = 0
-        queue: deque[int] = deque([ROOT_INO])
-        while queue:
-            listed += self.import_step(queue, entries)
-        return listed
-
-    # -- figures ------------------------------------------------------------------
+    # -- figures (stats.py) -----------------------------------------------------------
 
     def stats(self) -> Stats:
-        s = Stats()
-        with self.backend.read() as txn:
-            for k, v in txn.range("inodes", b""):
-                node = Inode.unpack(U64.unpack(k)[0], v)
-                if node.is_dir:
-                    s.dirs_total += 1
-                    s.dirs_listed += node.stored
-                elif node.is_reg:
-                    s.files_total += 1
-                    s.bytes_logical += node.size
-                    if node.stored:
-                        s.files_migrated += 1
-                        s.bytes_migrated += node.size
-                    else:
-                        s.files_legacy += 1
-                        s.bytes_legacy += node.size
-            for _, v in txn.range("chunks", b""):
-                s.chunks += 1
-                s.bytes_compressed += len(v)
-            for k, _ in txn.range("errors", b""):
-                s.errors += _error_applies(txn, U64.unpack(k)[0])
-        s.bytes_stored = self.backend.disk_bytes()
-        return s
-
-    def iter_inodes(self) -> Iterator[Inode]:
-        with self.backend.read() as txn:
-            for k, v in txn.range("inodes", b""):
-                yield Inode.unpack(U64.unpack(k)[0], v)
+        return figures.stats(self.backend)
 
     def statfs(self) -> tuple[int, int, int, int]:
         """(block size, total blocks, free blocks, files) of the store's filesystem."""
-        st = os.statvfs(self.path or ".")
-        return st.f_frsize, st.f_blocks, st.f_bavail, st.f_files
+        return figures.statfs(self.path)
 
-
-def _error_applies(txn: Txn, ino: int) -> bool:
-    """An error record is about migrating a file or listing a directory: it stops
-    applying when the inode is gone or the file is no longer LEGACY (migrated since,
-    or its content replaced through the mount)."""
-    v = txn.get("inodes", ino_key(ino))
-    if v is None:
-        return False
-    node = Inode.unpack(ino, v)
-    return not (node.is_reg and node.stored)
+    def iter_inodes(self) -> Iterator[Inode]:
+        return figures.iter_inodes(self.backend)

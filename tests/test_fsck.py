@@ -23,7 +23,8 @@ import pytest
 from ferryfs.store import codec
 from ferryfs.store.chunker import digest
 from ferryfs.store.errors import CorruptChunk
-from ferryfs.store.fsck import CURSOR, Checker
+from ferryfs.store.fsck import Checker
+from ferryfs.store.fsck_cursor import CURSOR
 from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.records import (
     HOLE,
@@ -316,7 +317,7 @@ class Stopping(Checker):
         super().__init__(store, deep=True, max_seconds=3600, jobs=2)
         self.budget = budget
 
-    def _late(self) -> bool:
+    def late(self) -> bool:
         self.budget -= 1
         return self.budget < 0
 

@@ -97,7 +97,7 @@ def make_tree(root: Path, files: int) -> dict[Path, bytes]:
 # so from inside the write transaction and waits there to be killed.
 KILLABLE = """
 import sys, threading
-from ferryfs.store import ingest
+from ferryfs.store import migration as ingest
 from ferryfs.tools import migrate_cmd
 from ferryfs.tools.cli import main
 migrate_cmd.GROUP_FILES = 1

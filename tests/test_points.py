@@ -44,7 +44,7 @@ def age(store: Path, days: int) -> None:
                 p.created_ns -= days * points.DAY_NS
                 txn.put("points", points.head_key(p.id), p.header())
 
-        s._write(op)
+        s.transact(op)
 
 
 def test_migrate_records_the_whole_tree(
@@ -114,7 +114,7 @@ def test_verify_sees_drift_by_stat_and_by_content(
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     path = os.fsencode(victim.relative_to(src))
     with Store.open(str(store)) as s:
-        s._write(
+        s.transact(
             lambda t: t.put(
                 "points",
                 points.row_key(1, path),
@@ -139,8 +139,8 @@ def test_an_unfinished_point_is_recorded_again(tmp_path: Path, sample_tree) -> N
         first = points.ensure_first_point(s)
         # A crash in the middle of the walk: header not complete, some rows, one stale.
         first.complete = False
-        s._write(lambda t: t.put("points", points.head_key(1), first.header()))
-        s._write(
+        s.transact(lambda t: t.put("points", points.head_key(1), first.header()))
+        s.transact(
             lambda t: t.put(
                 "points",
                 points.row_key(1, b"stale"),
@@ -211,7 +211,7 @@ def test_expire_refuses_while_files_are_not_migrated(tmp_path: Path, sample_tree
     with Store.open(str(store), source=str(src), create=True) as s:
         points.ensure_first_point(s)
         s.import_all()
-        for ino in s.legacy_files(limit=5):
+        for ino in list(s.legacy_files_by_path())[:5]:
             s.migrate(ino)
     age(store, 40)
     r = ferry("points", "expire", store, "--yes")

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ferryfs.store import cas, ingest
+from ferryfs.store import cas
+from ferryfs.store import migration as ingest
 from ferryfs.store import store as store_module
 from ferryfs.store.chunker import Chunker, digest
 from ferryfs.store.errors import (
@@ -33,19 +34,15 @@ from ferryfs.store.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    ReadOnly,
     SchemaMismatch,
     SourceError,
     StoreLocked,
 )
 from ferryfs.store.kv import LmdbBackend
+from ferryfs.store.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
 from ferryfs.store.records import ROOT_INO, U64, Inode
-from ferryfs.store.store import (
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    XATTR_CREATE,
-    XATTR_REPLACE,
-    Store,
-)
+from ferryfs.store.store import Store
 from storehelpers import check_invariants, deadline, raw, snapshot, walk_store
 
 UID, GID = 4321, 8765
@@ -176,7 +173,7 @@ def migrate_all(s: Store) -> list[int]:
     """Import and migrate everything; returns the inodes that failed."""
     s.import_all()
     failed = []
-    for ino in s.legacy_files(limit=10**6):
+    for ino in s.legacy_files_by_path():
         try:
             s.migrate(ino)
         except SourceError:
@@ -787,7 +784,7 @@ def test_truncating_a_legacy_file_to_zero_never_reads_it(
     env: Env, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = store.lookup(ROOT_INO, b"big.bin")
-    monkeypatch.setattr(ingest, "prepare", lambda *a, **k: pytest.fail("read the source"))
+    monkeypatch.setattr(ingest, "prepare_migration", lambda *a, **k: pytest.fail("read the source"))
     store.truncate(node.ino, 0)
     assert store.read(node.ino, 0, 10) == b""
     store.write(node.ino, 0, b"new")
@@ -864,6 +861,88 @@ def test_a_corrupt_chunk_reads_as_eio_never_as_wrong_bytes(store: Store) -> None
         assert store.read(node.ino, 0, 10**7) == data
 
 
+def test_read_or_heal_heals_from_phase3_or_sets_failsafe_before_raising(store: Store) -> None:
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    big = store.lookup(ROOT_INO, b"big.bin")
+    store.migrate(big.ino)
+    _, d, _ = rng.choice(raw(store).extents[big.ino])
+    flip_bit(store, d, rng)
+    data, healed = store.read_or_heal(big.ino, 0, 10**7)
+    assert healed and data is not None and bytes(data) == FILES[b"big.bin"], seed
+    assert store.failsafe is None
+    # Changed through the mount: Phase 3 holds another version, nothing to heal from.
+    store.write(big.ino, 0, b"changed")
+    _, d, _ = rng.choice(raw(store).extents[big.ino])
+    flip_bit(store, d, rng)
+    with pytest.raises(CorruptChunk) as e:
+        store.read_or_heal(big.ino, 0, 10**7)
+    assert e.value.digest == d, seed
+    assert store.failsafe is not None and d.hex()[:16] in store.failsafe
+    with pytest.raises(ReadOnly):  # writes stop until fsck has looked
+        store.create(ROOT_INO, b"new", 0o644, UID, GID)
+
+
+def test_forget_in_failsafe_leaves_the_orphan_for_the_next_open(env: Env) -> None:
+    # The kernel forgets inodes whenever it likes, failsafe or not: no error then.
+    store = env.open(keep_orphans=True)
+    f = store.create(ROOT_INO, b"gone", 0o644, UID, GID)
+    store.write(f.ino, 0, b"bytes")
+    store.unlink(ROOT_INO, b"gone")
+    store.failsafe = "a chunk is corrupt"
+    store.forget(f.ino)
+    assert raw(store).orphans == {f.ino}
+    if env.lmdb:
+        store = env.reopen(store)
+        assert raw(store).orphans == set()
+        with pytest.raises(NotFound):
+            store.getattr(f.ino)
+
+
+def test_preparing_a_migration_opens_no_write_transaction(
+    env: Env, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Preparing runs on low-priority threads: a write there would hold the writer
+    # behind a starved thread. Its new chunks are written by the commit.
+    monkeypatch.setattr(ingest, "STAGE_BYTES", 100_000)  # more than this of new chunks
+    big = store.lookup(ROOT_INO, b"big.bin")
+
+    def no_write() -> None:
+        raise AssertionError("a write transaction while preparing a migration")
+
+    monkeypatch.setattr(store.backend, "write", no_write)
+    m = store.prepare_migration(big.ino)
+    monkeypatch.undo()
+    assert m is not None and len(m.records) > 1
+    assert raw(store).chunks == {}
+    assert [n.ino for n in store.commit_migrations([m])] == [big.ino]
+    assert raw(store).pending == set()
+    assert store.read(big.ino, 0, 10**7) == FILES[b"big.bin"]
+    check_invariants(store, deep=True)
+
+
+def test_a_big_migration_hands_its_chunks_to_the_callers_spill_in_bounded_groups(
+    env: Env, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest, "STAGE_BYTES", 100_000)
+    big = store.lookup(ROOT_INO, b"big.bin")
+    groups: list[int] = []
+
+    def spill(records: dict[bytes, bytes]) -> None:
+        groups.append(sum(map(len, records.values())))
+        store.stage_chunks(records)
+
+    m = store.prepare_migration(big.ino, spill=spill)
+    assert m is not None and len(groups) >= 2, groups
+    # A group is cut at the first chunk past the bound: at most one chunk more.
+    assert max(groups) <= 100_000 + store.chunker.max_size, groups
+    assert raw(store).pending == set(m.staged) and set(raw(store).chunks) == set(m.staged)
+    store.commit_migrations([m])
+    assert raw(store).pending == set()
+    assert store.read(big.ino, 0, 10**7) == FILES[b"big.bin"]
+    check_invariants(store, deep=True)
+
+
 def test_a_failed_migration_commit_leaves_the_file_legacy(
     env: Env, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -879,7 +958,7 @@ def test_a_failed_migration_commit_leaves_the_file_legacy(
             raise RuntimeError("crash inside the commit")
 
     monkeypatch.setattr(ingest, "commit_extents", half_then_fail)
-    ms = [store.prepare_migration(i) for i in (log.ino, big.ino)]
+    ms = [store.prepare_migration(i, spill=store.stage_chunks) for i in (log.ino, big.ino)]
     assert all(m is not None for m in ms)
     with pytest.raises(RuntimeError):
         store.commit_migrations([m for m in ms if m is not None])

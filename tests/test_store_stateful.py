@@ -19,11 +19,13 @@ import shutil
 import tempfile
 
 import hypothesis.strategies as st
-from ferryfs.store import content, ingest
+from ferryfs.store import content
+from ferryfs.store import migration as ingest
 from ferryfs.store.chunker import Chunker
 from ferryfs.store.errors import Exists, IsADir, NotEmpty, NotFound
+from ferryfs.store.namespace import RENAME_NOREPLACE
 from ferryfs.store.records import HOLE, ROOT_INO
-from ferryfs.store.store import RENAME_NOREPLACE, Store
+from ferryfs.store.store import Store
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from storehelpers import SparseFile, check_invariants, deadline, raw

@@ -287,7 +287,7 @@ def test_removing_the_lock_files_lets_no_second_writer_in(tree: Path, tmp_path: 
 
 
 def test_the_writer_lock_is_one_for_store_open_and_fsck(tree: Path, tmp_path: Path) -> None:
-    from ferryfs.store.fsck import hold_writer_lock
+    from ferryfs.store.fsck_repair import hold_writer_lock
 
     store = tmp_path / "store"
     Store.open(str(store), source=str(tree), create=True).close()

@@ -13,14 +13,8 @@ import os
 import sys
 
 from ferryfs.store.errors import CheckCannotRun, FerryError, StoreDamaged, StoreLocked
-from ferryfs.store.fsck import (
-    Checker,
-    Problem,
-    Report,
-    defuse_orphan_marks,
-    hold_writer_lock,
-    repair,
-)
+from ferryfs.store.fsck import Checker, Problem, Report
+from ferryfs.store.fsck_repair import defuse_orphan_marks, hold_writer_lock, repair
 from ferryfs.store.store import Store
 
 from ._common import confirm, shown

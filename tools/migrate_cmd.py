@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ferryfs.store import points
 from ferryfs.store.errors import SourceError, UsageError
-from ferryfs.store.ingest import Migration
+from ferryfs.store.migration import Migration
 from ferryfs.store.store import Store
 
 from . import layout
@@ -86,18 +86,21 @@ def migrate_all(store: Store, jobs: int) -> dict[str, int]:
                 done["bytes"] += node.size
         group, group_bytes, last = [], 0, time.monotonic()
 
+    # A big file's chunks are written as they are made, from the pool's threads (one
+    # process: LMDB takes its write transactions one at a time).
+    spill = store.stage_chunks
     with ThreadPoolExecutor(jobs) as pool, Bar("migrating", total) as bar:
         pending: deque[tuple[int, Future[Migration | None]]] = deque()
         it = store.legacy_files_by_path()
         for ino in it:
-            pending.append((ino, pool.submit(store.prepare_migration, ino)))
+            pending.append((ino, pool.submit(store.prepare_migration, ino, None, spill)))
             if len(pending) >= jobs * 4:
                 break
         while pending:
             ino, fut = pending.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(store.prepare_migration, nxt)))
+                pending.append((nxt, pool.submit(store.prepare_migration, nxt, None, spill)))
             try:
                 m = fut.result()
             except SourceError as e:

@@ -28,7 +28,7 @@ import os
 import time
 from datetime import UTC, datetime
 
-from ferryfs.store import points
+from ferryfs.store import points, release
 from ferryfs.store.errors import CheckCannotRun, PointRefused, UsageError
 from ferryfs.store.store import Store
 
@@ -227,7 +227,7 @@ def _expire(store: Store, args: argparse.Namespace) -> int:
             cur = points.current(txn)
         if cur is None:
             raise PointRefused("no complete rollback point to verify against; nothing deleted")
-        rel = points.release_phase3(store, tree, cur.id)
+        rel = release.release_phase3(store, tree, cur.id)
         for path, why in rel.kept:
             print(f"kept  {shown(path)}  {why}")
         print(
