@@ -18,7 +18,9 @@ Each invariant is a few small `check_*` methods that add `Problem`s:
 5. (--deep) an unmodified MIGRATED file hashes to its Phase 3 hash;
 6. the Phase 3 tree still matches the rollback point: every manifest row by
    lstat, and (--deep) every file whose hash is known by content (points.py);
-7. the search index: nothing writes it yet, so an empty index is all there is.
+7. the search index: every document the index rows vouch for matches a live
+   file's current version, and every file the index does not hold is marked
+   (index.check); `--repair` builds the index again.
 
 Paths come from a map ino -> (parent, name) built once per run. It and the
 other per-run maps (inodes, link counts, reference counts, the chunk key set)
@@ -52,7 +54,7 @@ from typing import Any
 
 import blake3
 
-from . import codec, content, points
+from . import codec, content, index, points
 from . import namespace as ns
 from .errors import CorruptChunk, NotFound, OpError, SourceError, StoreLocked
 from .kv import Buf, LmdbBackend, Txn
@@ -657,12 +659,12 @@ class Checker:
     # -- invariant 7: the index -------------------------------------------------------------------
 
     def check_index(self, txn: Txn) -> None:
-        # Nothing writes the index yet (no indexer in this version), so there are no
-        # terms to compare its postings with: skip it when empty, which is always.
-        if next(iter(txn.range("index", b"")), None) is not None:
-            self.report.notes.append(
-                "the index is not empty but no indexer defines its terms: not checked"
-            )
+        if self.store.path is None:
+            return
+        found, notes = index.check(txn, self.store.path)
+        self.report.notes.extend(notes)
+        for f in found:
+            self.add(f.kind, f.detail, ino=f.ino, repairable=True)
 
     # -- --max-duration ---------------------------------------------------------------------------
 
@@ -776,7 +778,9 @@ def repair(store: Store, report: Report) -> list[str]:
        saves every file holding it; if none can, its holders are lost;
     5. an unmodified file whose extents or content are wrong is re-imported:
        reset to LEGACY with its extents dropped, then migrated again, when its
-       Phase 3 copy still hashes to what was migrated.
+       Phase 3 copy still hashes to what was migrated;
+    6. the search index, if it is wrong (or files were re-imported), is built
+       again from the files (index.rebuild).
     Files changed through the mount cannot be rebuilt from anywhere: lost."""
     by: dict[str, list[Problem]] = defaultdict(list)
     for p in report.problems:
@@ -823,6 +827,10 @@ def repair(store: Store, report: Report) -> list[str]:
     for ino in redo:
         if not _reimport(store, ino):
             lost.update(p.path for p in report.problems if p.ino == ino and p.kind in REIMPORT)
+
+    # 6: the search index is a cache: rebuilt whole from the (repaired) files
+    if any(p.kind.startswith("index-") for p in report.problems) or redo:
+        index.rebuild(store)
     return sorted(lost)
 
 

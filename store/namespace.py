@@ -11,6 +11,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 
+from . import index
 from .errors import NameTooLong, NotADir, NotFound, SourceError
 from .kv import Txn
 from .phase3 import Phase3Tree, join
@@ -43,6 +44,8 @@ def get(txn: Txn, ino: int) -> Inode:
 
 def put(txn: Txn, inode: Inode) -> None:
     txn.put("inodes", ino_key(inode.ino), inode.pack())
+    if stat.S_ISREG(inode.mode) or (stat.S_ISDIR(inode.mode) and not inode.stored):
+        index.mark(txn, inode.ino)  # the search index must look again (index.py)
 
 
 def child(txn: Txn, parent: int, name: bytes) -> int | None:
@@ -62,11 +65,20 @@ def is_empty(txn: Txn, ino: int) -> bool:
 
 
 def add_entry(txn: Txn, parent: int, name: bytes, ino: int) -> None:
-    txn.put("dirents", dirent_key(parent, name), U64.pack(ino))
+    k = dirent_key(parent, name)
+    old = txn.get("dirents", k)
+    if old is not None:
+        index.unnamed(txn, U64.unpack(old)[0], parent, name)
+    txn.put("dirents", k, U64.pack(ino))
+    index.named(txn, ino, parent, name)
 
 
 def remove_entry(txn: Txn, parent: int, name: bytes) -> None:
-    txn.delete("dirents", dirent_key(parent, name))
+    k = dirent_key(parent, name)
+    old = txn.get("dirents", k)
+    if old is not None:
+        index.unnamed(txn, U64.unpack(old)[0], parent, name)
+    txn.delete("dirents", k)
 
 
 def alloc(txn: Txn) -> int:

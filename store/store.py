@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from . import cas, codec, content, ingest
+from . import cas, codec, content, index, ingest
 from . import namespace as ns
 from .chunker import Chunker
 from .chunker import digest as chunk_digest
@@ -483,6 +483,7 @@ class Store:
 
     def _purge(self, txn: Txn, ino: int) -> None:
         content.delete_all(txn, ino)
+        index.mark(txn, ino)  # its search document goes too (index.py)
         txn.delete("inodes", ino_key(ino))
         txn.delete("legacy", ino_key(ino))
         txn.delete("errors", ino_key(ino))

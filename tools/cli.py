@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 from types import ModuleType
+from typing import NoReturn
 
 from ferryfs.store.errors import FerryError
 
@@ -45,10 +46,17 @@ def _load(module: str) -> ModuleType | None:
         raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line and exit 2, as every other refusal."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, just that subcommand's module is imported (start-up
     time matters for a command run from scripts and status loops)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ferryfs",
         description="Move a live application's files into chunked, deduplicated storage.",
     )

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ferryfs.store import points
+from ferryfs.store import index, points
 from ferryfs.store.errors import SourceError, UsageError
 from ferryfs.store.ingest import Migration
 from ferryfs.store.store import Store
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         points.ensure_first_point(store)
         store.import_all()
         result = migrate_all(store, args.jobs)
+        # The search index, from what was just migrated (index.py; resumable too).
+        result["indexed"] = index.build(store).files
     took = time.monotonic() - t0
     if args.json:
         import json
