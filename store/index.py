@@ -121,6 +121,15 @@ def dirty(txn: Txn, after: int = 0) -> Iterator[int]:
         yield U64.unpack_from(k, 1)[0]
 
 
+def counts(txn: Txn) -> tuple[int, int]:
+    """(files indexed at some version, marks pending) for stats and status."""
+    if ident(txn) is None:
+        return 0, sum(1 for _ in txn.range("inodes", b""))  # nothing is trusted yet
+    held = sum(1 for _ in txn.range(DB, VER, bytes([VER[0] + 1])))
+    pending = sum(1 for _ in txn.range(DB, DIRTY, bytes([DIRTY[0] + 1])))
+    return held, pending
+
+
 def ident(txn: Txn) -> str | None:
     v = txn.get(DB, IDENT)
     return None if v is None else bytes(v).decode()

@@ -87,6 +87,9 @@ class Stats:
     bytes_stored: int = 0
     chunks: int = 0
     errors: int = 0
+    files_indexed: int = 0  # files whose current content the search index holds
+    index_pending: int = 0  # files and directories marked for the index to look at
+    bytes_index: int = 0  # the search index's files on disk (STORE/index)
 
 
 class Store:
@@ -1030,7 +1033,9 @@ class Store:
                 s.bytes_compressed += len(v)
             for _ in txn.range("errors", b""):
                 s.errors += 1
+            s.files_indexed, s.index_pending = index.counts(txn)
         s.bytes_stored = self.backend.disk_bytes()
+        s.bytes_index = index.bytes_on_disk(self.path)
         return s
 
     def iter_inodes(self) -> Iterator[Inode]:

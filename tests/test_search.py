@@ -203,6 +203,12 @@ def test_migrated_store_answers_from_the_index(tree: Path, tmp_path: Path) -> No
     _migrate(tree, store)
     docs = check_exact(store, tree)
     assert all(d["index_used"] and d["read_at_query_time"] == 0 for d in docs)
+    st = json.loads(
+        subprocess.run([*FERRYFS, "stats", str(store), "--json"], capture_output=True).stdout
+    )
+    assert st["files_indexed"] == st["files_total"] and st["index_pending"] == 0
+    text_bytes = sum(p.stat().st_size for p in tree.rglob("*") if p.suffix in (".json", ".jsonl"))
+    assert 0 < st["bytes_index"] < 0.1 * text_bytes
     # Malformed JSON is migrated byte-exact and searched as text.
     with Store.open(str(store), readonly=True) as s:
         ino = s.lookup(s.lookup(1, b"odd").ino, b"broken.jsonl").ino

@@ -31,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
         ("chunks", f"{s.chunks} ({_mb(s.bytes_compressed)} compressed)"),
         ("stored on disk", _mb(s.bytes_stored)),
         ("savings", f"{saved:.1%} of migrated bytes"),
+        (
+            "search index",
+            f"{_mb(s.bytes_index)}, {s.files_indexed} files, {s.index_pending} pending",
+        ),
         ("errors", str(s.errors)),
     ]
     for k, v in rows:

@@ -69,6 +69,11 @@ def render(s: dict[str, Any]) -> str:
             + (f", {saved:.0%} after overhead)" if saved >= 0 else ")"),
         ),
         ("sweep", f"{s['sweep_state']}, {_mb(s.get('sweep_rate', 0))}/s, ETA {_eta(s)}"),
+        (
+            "index",
+            f"{s.get('files_indexed', 0)} files indexed, {s.get('index_pending', 0)} pending"
+            f" ({_mb(s.get('bytes_index', 0))}, {s.get('index_state', 'off')})",
+        ),
         ("errors", f"{s['errors']} files, {s.get('corrupt_reads', 0)} corrupt reads"),
     ]
     if s.get("failsafe"):
