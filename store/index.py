@@ -189,8 +189,8 @@ def open_index(store_path: str) -> Any:
 
 @dataclass
 class Batch:
-    # (ino, version or -1 for a non-file, kind, words or None for "only the mark")
-    docs: list[tuple[int, int, int, list[str] | None]] = field(default_factory=list)
+    # (ino, version or -1 for a non-file, kind, text.index_text or None: "only the mark")
+    docs: list[tuple[int, int, int, str | None]] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)  # purged inodes
 
 
@@ -346,8 +346,10 @@ class Indexer:
                     batch.docs.append((ino, node.version, kind, None))  # only the mark to drop
                     continue
                 data = self._content(node)
-                ws = None if data is None else text.file_words(data, kind)
-                batch.docs.append((ino, node.version, kind, ws if ws is not None else []))
+                ps = None if data is None else text.pieces(data, kind)
+                batch.docs.append(
+                    (ino, node.version, kind, "" if ps is None else text.index_text(ps))
+                )
                 nbytes += node.size
                 if nbytes >= BATCH_BYTES:
                     break
@@ -399,7 +401,7 @@ class Indexer:
             doc.add_unsigned("ino", ino)
             doc.add_unsigned("ver", ver)
             doc.add_unsigned("kind", kind)
-            doc.add_text("text", " ".join(text.iter_terms(ws)))
+            doc.add_text("text", ws)
             w.add_document(doc)
             changed = True
             self.progress.files += 1

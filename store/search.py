@@ -43,7 +43,12 @@ class Query:
     @property
     def needs_check(self) -> bool:
         """Whether the index's candidates must be checked against the file's words."""
-        return any(len(e) > 1 or len(e[0]) > text.MAX_TERM for e in self.elements)
+        return any(len(e) > 1 for e in self.elements)
+
+    @property
+    def indexable(self) -> bool:
+        """Whether the index can answer for every word (see text.MAX_TERM)."""
+        return all(len(w) <= text.MAX_TERM for e in self.elements for w in e)
 
     def wanted(self) -> set[str]:
         return {w for e in self.elements for w in e}
@@ -300,7 +305,7 @@ def search(store: Store, q: Query, reader: Reader, filters: Filters | None = Non
     walks: list[tuple[int, bytes]] = []
     assert store.path is not None
     with store.backend.read() as txn:
-        ix = _trusted_index(txn, store.path)
+        ix = _trusted_index(txn, store.path) if q.indexable else None
         if ix is None:
             full = FullPaths(txn)
             for ino in full.files:
@@ -415,7 +420,7 @@ def _candidates(ix: Any, q: Query) -> list[tuple[float, int, int, int]]:
     schema = ix.schema
 
     def tq(w: str) -> Any:
-        return tantivy.Query.term_query(schema, "text", text.term(w), index_option="freq")
+        return tantivy.Query.term_query(schema, "text", w, index_option="freq")
 
     parts = []
     for e in q.elements:

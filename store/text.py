@@ -19,16 +19,23 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 WORD = re.compile(r"\w+")
 
 PLAIN, JSON, JSONL = 0, 1, 2
 
-# Terms longer than this are stored cut to it: a query word longer than it is
-# looked up by its prefix and checked against the file's words.
-MAX_TERM = 64
+# A word longer than this may be missing from the index (tantivy's terms are
+# at most 64 KB): a query with such a word reads every file instead.
+MAX_TERM = 1000
+
+# For index_text: ASCII bytes that are not word characters become spaces and
+# capitals become small letters; bytes of non-ASCII characters stay as they are.
+_ASCII_WORDS = bytes(
+    (c + 32 if 65 <= c <= 90 else c) if c >= 128 or chr(c).isalnum() or c == 95 else 32
+    for c in range(256)
+)
+_HIGH = re.compile(rb"[\x80-\xff]+")
 
 
 def kind(name: bytes) -> int:
@@ -45,9 +52,28 @@ def words(s: str) -> list[str]:
     return [w.lower() for w in WORD.findall(s)]
 
 
-def term(word: str) -> str:
-    """The index term of a (lowercased) word."""
-    return word[:MAX_TERM]
+def index_text(ps: list[str]) -> str:
+    """The words of text pieces, lowercased, separated by spaces, in no promised
+    order: what the index's whitespace tokenizer takes. The same words as
+    `words` (a test holds it to that), at C speed for ASCII text: a byte table
+    does the ASCII words, and only the runs holding other characters go
+    through the regular expression."""
+    b = "\n".join(ps).encode("utf-8", "surrogatepass").translate(_ASCII_WORDS)
+    if b.isascii():
+        return b.decode("ascii")
+    out: list[str] = []
+    pos = 0
+    for m in _HIGH.finditer(b):
+        if m.start() < pos:
+            continue  # inside a run already done
+        start = b.rfind(b" ", 0, m.start()) + 1
+        end = b.find(b" ", m.end())
+        end = len(b) if end < 0 else end
+        out.append(b[pos:start].decode("ascii"))
+        out.append(" ".join(words(b[start:end].decode("utf-8", "surrogatepass"))))
+        pos = end
+    out.append(b[pos:].decode("ascii"))
+    return "".join(out)
 
 
 def decode(data: bytes) -> str | None:
@@ -135,8 +161,3 @@ def snippet(data: bytes, k: int, wanted: set[str], width: int = 120) -> str:
                 lo = max(0, m.start() - width // 3)
                 return " ".join(p[lo : lo + width].split())
     return " ".join(ps[0][:width].split()) if ps else ""
-
-
-def iter_terms(ws: list[str]) -> Iterator[str]:
-    for w in ws:
-        yield term(w)

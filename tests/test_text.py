@@ -79,4 +79,19 @@ def test_query_parsing() -> None:
     assert q.elements == [["connection", "reset"], ["peer"]]
     assert q.needs_check
     assert not parse_query(["a", "b"]).needs_check
-    assert parse_query(["x" * 100]).needs_check  # longer than an index term
+    assert not parse_query(["x" * 2000]).indexable  # longer than an index term
+
+
+def test_index_text_has_the_same_words() -> None:
+    cases = [
+        "Hello, World_2 x-y",
+        "Été—x_1 ÀB naïve café",
+        "a\u00a0b x\u2028y İstanbul ǅ Ⅻ ½ ٣ 漢字かな",
+        "mixed ascii_and_ünïcode-words; CAPS\ttabs\nnewlines",
+        "",
+        "\ud800 lone surrogate",
+    ]
+    for s in cases:
+        assert sorted(text.index_text([s, s[::-1]]).split()) == sorted(
+            text.words(s) + text.words(s[::-1])
+        ), s
