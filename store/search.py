@@ -341,6 +341,8 @@ def search(store: Store, q: Query, reader: Reader, filters: Filters | None = Non
     for p, (ino, kind, node, checking) in to_read.items():
         try:
             data = reader.read(ino, p, node)
+        except FileNotFoundError:
+            continue  # renamed or deleted since the snapshot: not there now
         except (OSError, FerryError) as e:
             res.errors.append(f"{os.fsdecode(p)}: {e}")
             continue

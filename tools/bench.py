@@ -6,7 +6,8 @@ reads through ferryfs, borg mount and fuse-overlayfs; the idle sweep.
 
 Three sections, each printed as soon as it is done: `migrate` (this module),
 `read` (bench_read.py: the read table of issue 3) and `sweep` (bench_sweep.py:
-sweep time and read latency, issue 4); their mounts live in bench_mounts.py.
+sweep time and read latency, issue 4), `search` (bench_search.py: ferryfs search
+against ripgrep and grep, issue 13); their mounts live in bench_mounts.py.
 The `migrate` section:
 
 Builds (or reuses) a sample Phase 3 tree of at least `--mb` MB in `--out`, then
@@ -523,7 +524,7 @@ def machine_line() -> str:
 # ---------------------------------------------------------------------------
 
 
-SECTIONS = ("migrate", "read", "sweep")
+SECTIONS = ("migrate", "read", "sweep", "search")
 
 
 def migrate_section(
@@ -625,6 +626,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench_read import read_section
 
             lines = read_section(out, work, tree, args.quick, args.repeat)
+        elif section == "search":
+            from .bench_search import search_section
+
+            lines = search_section(out, work, tree, mb, args.repeat)
         else:
             from .bench_sweep import sweep_section
 

@@ -26,6 +26,9 @@ python3 -c 'import os,sys; print("  state before:", os.getxattr(sys.argv[1], "us
 head -c 120 "$SRC/$f"; echo " ..."
 python3 -c 'import os,sys; print("  state after: ", os.getxattr(sys.argv[1], "user.ferryfs.state").decode())' "$SRC/$f"
 ff status "$SRC" --watch --interval 0.5
+# Search the live mount: the index answers for what it holds, and reads the rest.
+ff search "$SRC" error session --limit 5
+ff search "$SRC" '"the user"' --json --limit 1
 echo "+ diff -r $DEMO/copy $SRC (the app sees the same files)"
 diff -r "$DEMO/copy" "$SRC" && echo "  identical"
 ff umount "$SRC"
