@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import shutil
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -238,6 +236,9 @@ class Indexer:
         self.index = None
 
     def _start_over(self) -> None:
+        import secrets
+        import shutil
+
         import tantivy
 
         # Forget the old identity first: a crash below leaves a store whose
