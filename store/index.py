@@ -368,6 +368,9 @@ class Indexer:
                 return None if data is None else bytes(data)
             fd = self.store.open_legacy(node.ino)
             try:
+                head = os.pread(fd, SNIFF, 0)
+                if not _may_be_text(head, len(head) < SNIFF):
+                    return None  # an attachment is not read whole to find that out
                 return _read_fd(fd, node.size)
             finally:
                 os.close(fd)
@@ -493,10 +496,11 @@ def _may_be_text(head: bytes, whole: bool) -> bool:
 
 
 def _read_fd(fd: int, size: int) -> bytes:
+    """The whole file from offset 0 (it may have grown or shrunk since `size`)."""
     parts = []
     got = 0
     while True:
-        b = os.read(fd, max(1 << 20, size - got))
+        b = os.pread(fd, max(1 << 20, size - got), got)
         if not b:
             break
         parts.append(b)
