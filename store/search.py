@@ -17,6 +17,7 @@ its Phase 3 tree for LEGACY files), or the live mount's files at their paths.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 import stat
@@ -32,6 +33,7 @@ from .phase3 import Phase3Tree, join
 from .records import ROOT_INO, U64, Inode, ino_key
 from .store import Store
 
+BM25_K1 = 1.2  # tantivy's
 _QUOTED = re.compile(r'"([^"]*)"|([^"]+)|"')
 
 
@@ -39,6 +41,9 @@ _QUOTED = re.compile(r'"([^"]*)"|([^"]+)|"')
 class Query:
     elements: list[list[str]]  # each a word ([w]) or a phrase ([w1, w2, ...])
     any: bool = False
+    # BM25's idf of each word in the index, so that a file read at query time is
+    # scored as the index scores the files it holds (as if of average length).
+    idf: dict[str, float] = field(default_factory=dict)
 
     @property
     def needs_check(self) -> bool:
@@ -67,7 +72,8 @@ class Query:
                 tf = int(all(w in counts for w in e) and text.has_phrase(ws, e))
             if tf:
                 hit += 1
-                score += tf / (tf + 1.2)
+                weight = sum(self.idf.get(w, 1.0) for w in e)
+                score += weight * tf * (BM25_K1 + 1) / (tf + BM25_K1)
             elif not self.any:
                 return None
         return score if hit else None
@@ -437,6 +443,10 @@ def _candidates(ix: Any, q: Query) -> list[tuple[float, int, int, int]]:
         try:
             ix.reload()
             s = ix.searcher()
+            total = s.num_docs
+            for w in q.wanted():
+                df = s.doc_freq("text", w)
+                q.idf[w] = math.log(1 + (total - df + 0.5) / (df + 0.5))
             n = s.search(query, limit=1, count=True).count
             if not n:
                 return []

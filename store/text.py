@@ -153,11 +153,10 @@ def has_phrase(seq: list[str], phrase: list[str]) -> bool:
 
 
 def snippet(data: bytes, k: int, wanted: set[str], width: int = 120) -> str:
-    """A short piece of the file's text around the first wanted word."""
-    ps = pieces(data, k) or []
-    for p in ps:
-        for m in WORD.finditer(p):
-            if m.group().lower() in wanted:
-                lo = max(0, m.start() - width // 3)
-                return " ".join(p[lo : lo + width].split())
-    return " ".join(ps[0][:width].split()) if ps else ""
+    """About `width` characters of the file's text around the first wanted word."""
+    s = " ".join(pieces(data, k) or [])
+    for m in WORD.finditer(s):
+        if m.group().lower() in wanted:
+            lo = max(0, m.start() - width // 3)
+            return " ".join(s[lo : lo + width].split())
+    return " ".join(s[:width].split())

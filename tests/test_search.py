@@ -221,6 +221,26 @@ def test_migrated_store_answers_from_the_index(tree: Path, tmp_path: Path) -> No
     }
 
 
+def test_a_file_read_at_query_time_scores_like_an_indexed_one(tree: Path, tmp_path: Path) -> None:
+    """Best first holds across the index and query-time reads: the same bytes
+    score about the same either way (BM25 with the index's idf)."""
+    store = tmp_path / "store"
+    _migrate(tree, store)
+    _, before = search(store, "quokka", "habitat")
+    first = before["hits"][0]
+    with Store.open(str(store)) as s:
+        ino = 1
+        for part in os.fsencode(first["path"]).split(b"/"):
+            ino = s.lookup(ino, part).ino
+        data = s.read(ino, 0, 1 << 30)
+        s.write(ino, 0, data)  # same bytes, a new version: read at query time now
+    _, after = search(store, "quokka", "habitat")
+    assert after["read_at_query_time"] == 1
+    again = next(h for h in after["hits"] if h["path"] == first["path"])
+    assert 0.5 < again["score"] / first["score"] < 2.0
+    assert again["snippet"] and len(again["snippet"]) > 20
+
+
 def test_live_mount_exact_after_append_create_rename_delete(tree: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     _migrate(tree, store)
