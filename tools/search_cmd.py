@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise FerryError(f"cannot search {args.target}: {e}") from None
     with store:
         reader: search.Reader
+        if mount is None:
+            mount = _mounted_in_place(store_dir, store.source_path())
         if mount is not None:
             reader = search.MountReader(mount)
         else:
@@ -106,6 +108,20 @@ def _resolve(target: str) -> tuple[str, str | None]:
     if os.path.isdir(os.path.join(target, "db")):
         return target, None
     raise UsageError(f"{target} is neither a ferryfs mount nor a ferryfs store")
+
+
+def _mounted_in_place(store_dir: str, src: str | None) -> str | None:
+    """The live mount serving this store over its own Phase 3 tree, if any: that
+    tree is then shadowed, and the files are read through the mount instead."""
+    from .mounts import is_ferryfs
+
+    if src is None or not is_ferryfs(src):
+        return None
+    try:
+        served = os.fsdecode(os.getxattr(src, "user.ferryfs.store"))
+    except OSError:
+        return None
+    return src if os.path.realpath(served) == os.path.realpath(store_dir) else None
 
 
 def _attach_tree(store: object) -> None:
