@@ -2,8 +2,9 @@
 in it is opened.
 
 Everything ferryfs keeps about a store sits in one directory (`SRC.ferry` by
-default): `db/` (LMDB's data.mdb and lock.mdb), `daemon.log` (+ `.1`) and
-`fsck.cursor`. It holds the plaintext of small files, so:
+default): `db/` (LMDB's data.mdb and lock.mdb), `daemon.log` (+ `.1`),
+`fsck.cursor` and `index/` (the search index, index.py). It holds the
+plaintext of small files, so:
 
 - it is private: 0700 directories and 0600 files whatever the umask; an older
   store with looser modes is tightened when opened (and a warning logged);
