@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -73,11 +74,13 @@ class Indexer:
             idx = index.open_index(self.path)
         self.index = idx
         self.writer = idx.writer(heap_size=WRITER_HEAP, num_threads=1)
+        private(index_dir(self.path))
 
     def close(self) -> None:
         if self.writer is not None:
             with contextlib.suppress(Exception):
                 self.writer.wait_merging_threads()
+            private(index_dir(self.path))
         self.writer = None
         self.index = None
 
@@ -244,6 +247,7 @@ class Indexer:
             self.progress.files += 1
         if changed:
             w.commit()  # durable before any row below says so
+            private(index_dir(self.path))
 
         def rows(txn: Txn) -> None:
             for ino in gone:
@@ -282,6 +286,23 @@ class Indexer:
     def pending(self) -> int:
         with self.store.backend.read() as txn:
             return sum(1 for _ in dirty(txn))
+
+
+def private(d: str) -> None:
+    """Make the index's files 0600 (and its directory 0700), as everything else in
+    the store (storedir.py): tantivy creates them by the umask, 0644 or even 0666.
+    Run after each commit and at close; a file a background merge makes meanwhile
+    is still inside the 0700 directory, which lets nobody else in."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(d)
+        if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(d, 0o700)
+    with contextlib.suppress(OSError), os.scandir(d) as it:
+        for e in it:
+            with contextlib.suppress(OSError):
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                    os.chmod(e.path, stat.S_IMODE(st.st_mode) & 0o600)
 
 
 def _drop_rows(txn: Txn, prefix: bytes) -> int:

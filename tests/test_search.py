@@ -270,6 +270,14 @@ def test_live_mount_exact_after_append_create_rename_delete(tree: Path, tmp_path
         st = m.status()
         assert st["index_state"] in ("idle", "waiting", "running")
         assert st["index_files"] > 0
+    # The index's files are private like the rest of the store (tantivy makes them
+    # by the umask).
+    loose = {
+        e.name: oct(e.stat().st_mode)
+        for e in os.scandir(store / "index")
+        if e.stat(follow_symlinks=False).st_mode & 0o077
+    }
+    assert loose == {}
     # Unmounted, the store answers the same, and its index is sound (one document a file).
     check_exact(store, _plain_copy(store, tmp_path))
     with Store.open(str(store), readonly=True) as s:
