@@ -46,13 +46,14 @@ from typing import Any
 from . import text
 from .kv import Txn
 from .records import U64, Inode, dirent_key, ino_key
+from .storedir import INDEX
 
 DB = "index"
 DIRTY = b"D"
 VER = b"V"
 NAME = b"N"
 IDENT = b"I"
-INDEX_DIR = "index"
+INDEX_DIR = INDEX
 
 _VER = struct.Struct(">QB")
 
