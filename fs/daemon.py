@@ -28,6 +28,7 @@ from ferryfs.store.store import Store
 from ferryfs.store.storedir import LogRotation
 
 from .control import Control
+from .indexer import IndexTask
 from .mountinfo import mount_entries
 from .operations import Operations
 from .sweep import Sweep
@@ -45,13 +46,20 @@ def mount_options(allow_other: bool) -> set[str]:
 
 
 async def serve(
-    ops: Operations, control: Control, ready: int | None, sweep: Sweep | None, mnt: str
+    ops: Operations,
+    control: Control,
+    ready: int | None,
+    sweep: Sweep | None,
+    mnt: str,
+    indexer: IndexTask | None = None,
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, ops, sweep)
         await nursery.start(ops.lazy.run)
         if sweep is not None:
             await nursery.start(sweep.run)
+        if indexer is not None:
+            await nursery.start(indexer.run)
         if ready is not None:
             os.write(ready, b"ready\n")
             os.close(ready)
@@ -184,12 +192,20 @@ def run(
     control.commands[b"sync"] = sync
     control.reports[b"open"] = lambda: open_report(ops)
     sweep = Sweep(store, sweep_config) if sweep_config is not None else None
-    if sweep is not None:
-        ops.on_request = sweep.poke
+    # The search index catches up in idle time, as the sweep does (and not without it).
+    indexer = IndexTask(store, sweep_config.idle_ms) if sweep_config is not None else None
+    if sweep is not None and indexer is not None:
+        sw, ix = sweep, indexer
+
+        def poke() -> None:
+            sw.poke()
+            ix.poke()
+
+        ops.on_request = poke
         control.commands.update(
             {b"pause": sweep.pause, b"resume": sweep.resume, b"cancel": sweep.cancel}
         )
-        control.status_extra = sweep.status
+        control.status_extra = lambda: {**sw.status(), **ix.status()}
     else:
         control.status_extra = lambda: {"sweep_state": "off"}
     why = _mount(ops, mnt, mount_options(allow_other))
@@ -203,7 +219,7 @@ def run(
     log.info("mounted %s on %s (store %s, pid %d)", src, mnt, store_dir, os.getpid())
     clean = False
     try:
-        trio.run(serve, ops, control, ready, sweep, mnt)
+        trio.run(serve, ops, control, ready, sweep, mnt, indexer)
         clean = True
     finally:
         try:
@@ -212,6 +228,8 @@ def run(
             ops.lazy.background.close()
             if sweep is not None:
                 sweep.background.close()
+            if indexer is not None:
+                indexer.close()
             store.close()
             pyfuse3.close(unmount=clean)
     log.info("unmounted %s", mnt)

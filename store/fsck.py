@@ -25,7 +25,9 @@ Each invariant is a few small `check_*` methods that add `Problem`s:
    hashed as zeros from a shared buffer: memory does not grow with them);
 6. the Phase 3 tree still matches the rollback point: every manifest row by
    lstat, and (--deep) every file whose hash is known by content (points.py);
-7. the search index: nothing writes it yet, so an empty index is all there is.
+7. the search index: every document the index rows vouch for matches a live
+   file's current version, and every file the index does not hold is marked
+   (index.check); `--repair` builds the index again.
 
 Paths come from a map ino -> (parent, name) built once per run. It and the
 other per-run maps (inodes, link counts, reference counts, the chunk key set)

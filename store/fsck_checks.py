@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from . import cas, points
+from . import cas, index, points
 from . import namespace as ns
 from .chunker import DIGEST_SIZE
 from .fsck_report import Problem, Report
@@ -389,12 +389,12 @@ class Checks:
     # -- invariant 7: the index -------------------------------------------------------------------
 
     def check_index(self, txn: Txn) -> None:
-        # Nothing writes the index yet (no indexer in this version), so there are no
-        # terms to compare its postings with: skip it when empty, which is always.
-        if next(iter(txn.range("index", b"")), None) is not None:
-            self.report.notes.append(
-                "the index is not empty but no indexer defines its terms: not checked"
-            )
+        if self.store.path is None:
+            return
+        found, notes = index.check(txn, self.store.path)
+        self.report.notes.extend(notes)
+        for f in found:
+            self.add(f.kind, f.detail, ino=f.ino, repairable=True)
 
 
 def malformed_extent(key: bytes, value: Buf) -> str | None:

@@ -7,7 +7,7 @@ import os
 from collections import Counter, defaultdict
 from functools import partial
 
-from . import content
+from . import content, index_writer
 from . import namespace as ns
 from .errors import (
     NotFound,
@@ -47,7 +47,9 @@ def repair(store: Store, report: Report) -> list[str]:
        saves every file holding it; if none can, its holders are lost;
     5. an unmodified file whose extents or content are wrong is re-imported:
        reset to LEGACY with its extents dropped, then migrated again, when its
-       Phase 3 copy still hashes to what was migrated.
+       Phase 3 copy still hashes to what was migrated;
+    6. the search index, if it is wrong (or files were re-imported), is built
+       again from the files (index_writer.rebuild).
     Files changed through the mount cannot be rebuilt from anywhere: lost."""
     by: dict[str, list[Problem]] = defaultdict(list)
     for p in report.problems:
@@ -94,6 +96,10 @@ def repair(store: Store, report: Report) -> list[str]:
     for ino in redo:
         if not _reimport(store, ino):
             lost.update(p.path for p in report.problems if p.ino == ino and p.kind in REIMPORT)
+
+    # 6: the search index is a cache: rebuilt whole from the (repaired) files
+    if any(p.kind.startswith("index-") for p in report.problems) or redo:
+        index_writer.rebuild(store)
     return sorted(lost)
 
 

@@ -15,7 +15,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from . import content
+from . import content, index
 from .errors import (
     Exists,
     Invalid,
@@ -71,6 +71,7 @@ def get(txn: Txn, ino: int) -> Inode:
 
 def put(txn: Txn, inode: Inode) -> None:
     txn.put("inodes", ino_key(inode.ino), inode.pack())
+    index.touched(txn, inode)  # the search index must look again (index.py)
 
 
 def child(txn: Txn, parent: int, name: bytes) -> int | None:
@@ -108,10 +109,12 @@ def is_empty(txn: Txn, ino: int) -> bool:
 
 
 def add_entry(txn: Txn, parent: int, name: bytes, ino: int) -> None:
+    index.entry(txn, parent, name, ino)  # the inodes' names, for search (index.py)
     txn.put("dirents", dirent_key(parent, name), U64.pack(ino))
 
 
 def remove_entry(txn: Txn, parent: int, name: bytes) -> None:
+    index.entry(txn, parent, name, None)
     txn.delete("dirents", dirent_key(parent, name))
 
 
@@ -285,19 +288,18 @@ def drop_link(txn: Txn, node: Inode, t: int, keep_orphans: bool) -> None:
     node.nlink -= 1 if not node.is_dir else node.nlink
     node.ctime_ns = t
     node.flags |= CHANGED
+    if node.nlink <= 0 and not keep_orphans:
+        purge(txn, node.ino)
+        return
+    put(txn, node)
     if node.nlink <= 0:
-        if keep_orphans:
-            put(txn, node)
-            txn.put("meta", orphan_key(node.ino), b"")
-        else:
-            purge(txn, node.ino)
-    else:
-        put(txn, node)
+        txn.put("meta", orphan_key(node.ino), b"")
 
 
 def purge(txn: Txn, ino: int) -> None:
     """Delete every record of `ino`: contents, inode, origin, error, xattrs, mark."""
     content.delete_all(txn, ino)
+    index.mark(txn, ino)  # its search document goes too (index.py)
     txn.delete("inodes", ino_key(ino))
     txn.delete("legacy", ino_key(ino))
     txn.delete("errors", ino_key(ino))

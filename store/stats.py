@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from . import index
 from . import namespace as ns
 from .kv import Backend
 from .records import U64, Inode
@@ -28,10 +29,14 @@ class Stats:
     bytes_stored: int = 0
     chunks: int = 0
     errors: int = 0
+    files_indexed: int = 0  # files whose current content the search index holds
+    index_pending: int = 0  # files and directories marked for the index to look at
+    bytes_index: int = 0  # the search index's files on disk (STORE/index)
 
 
-def stats(backend: Backend) -> Stats:
-    """The store's figures, from one read snapshot (a walk of every inode and chunk)."""
+def stats(backend: Backend, path: str | None = None) -> Stats:
+    """The store's figures, from one read snapshot (a walk of every inode and chunk);
+    `path`, the store directory, for the size of its search index."""
     s = Stats()
     with backend.read() as txn:
         for k, v in txn.range("inodes", b""):
@@ -53,7 +58,9 @@ def stats(backend: Backend) -> Stats:
             s.bytes_compressed += len(v)
         for k, _ in txn.range("errors", b""):
             s.errors += ns.error_applies(txn, U64.unpack(k)[0])
+        s.files_indexed, s.index_pending = index.counts(txn)
     s.bytes_stored = backend.disk_bytes()
+    s.bytes_index = index.bytes_on_disk(path)
     return s
 
 

@@ -385,7 +385,7 @@ class Store:
     # -- figures (stats.py) -----------------------------------------------------------
 
     def stats(self) -> Stats:
-        return figures.stats(self.backend)
+        return figures.stats(self.backend, self.path)
 
     def statfs(self) -> tuple[int, int, int, int]:
         """(block size, total blocks, free blocks, files) of the store's filesystem."""

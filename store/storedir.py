@@ -2,8 +2,9 @@
 in it is opened.
 
 Everything ferryfs keeps about a store sits in one directory (`SRC.ferry` by
-default): `db/` (LMDB's data.mdb and lock.mdb), `daemon.log` (+ `.1`) and
-`fsck.cursor`. It holds the plaintext of small files, so:
+default): `db/` (LMDB's data.mdb and lock.mdb), `daemon.log` (+ `.1`),
+`fsck.cursor` and `index/` (the search index, index.py). It holds the
+plaintext of small files, so:
 
 - it is private: 0700 directories and 0600 files whatever the umask; an older
   store with looser modes is tightened when opened (and a warning logged);
@@ -49,6 +50,7 @@ DB = "db"
 DATA = "data.mdb"
 LMDB_LOCK = "lock.mdb"
 LOG = "daemon.log"
+INDEX = "index"  # the search index's directory (index.py): its files are tightened too
 # Left in every store directory made, so one whose db/ was moved away is never empty,
 # and so never mistaken for an empty directory to make a new store in.
 MARK = "ferryfs-store"
@@ -191,11 +193,35 @@ class StoreDir:
             if stat.S_ISREG(st.st_mode):
                 chmod = partial(os.chmod, name, dir_fd=self.fd)
                 loose |= _tighten(os.path.join(self.path, name), st, chmod)
+            elif stat.S_ISDIR(st.st_mode) and name == INDEX:
+                loose |= self._tighten_dir(name)
         loose |= _tighten(self.path, os.fstat(self.fd), partial(os.fchmod, self.fd))
         db = os.path.join(self.path, DB)
         loose |= _tighten(db, os.fstat(self.db_fd), partial(os.fchmod, self.db_fd))
         if loose:
             log.warning("store %s was readable by others: made private (0700/0600)", self.path)
+
+    def _tighten_dir(self, name: str) -> bool:
+        """`_tighten` a directory of the store and the files in it (opened by fd,
+        never following a link)."""
+        where = os.path.join(self.path, name)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        except OSError:
+            return False  # a link or gone: the index is rebuilt if it cannot be used
+        try:
+            loose = _tighten(where, os.fstat(fd), partial(os.fchmod, fd))
+            for n in os.listdir(fd):
+                try:
+                    st = os.lstat(n, dir_fd=fd)
+                except FileNotFoundError:
+                    continue  # merged away by a live daemon's index writer
+                if stat.S_ISREG(st.st_mode):
+                    chmod = partial(os.chmod, n, dir_fd=fd)
+                    loose |= _tighten(os.path.join(where, n), st, chmod)
+            return loose
+        finally:
+            os.close(fd)
 
     def _chmod_db(self, name: str, mode: int) -> None:
         # By name, not through an fd: opening and closing lock.mdb would drop the

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
+from typing import NoReturn
 
 from ferryfs.store.errors import FerryError
 
@@ -58,10 +59,18 @@ def _load(module: str) -> ModuleType | None:
         raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line and exit 2, as every other refusal (argparse's
+    own error prints the whole usage first). Its subcommands' parsers are too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser. Every command is listed, but only the module of `only` (the
     command being run) is imported and given its arguments."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ferryfs",
         description="Move a live application's files into chunked, deduplicated storage.",
     )

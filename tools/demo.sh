@@ -52,6 +52,9 @@ EOF
 ff status "$SRC"
 ff resume "$SRC"
 ff status "$SRC" --watch --interval 0.5
+# Search the live mount: the index answers for what it holds, and reads the rest.
+ff search "$SRC" error session --limit 5
+ff search "$SRC" '"the user"' --json --limit 1
 echo "+ diff -r $DEMO/copy $SRC (the app sees the same files)"
 diff -r "$DEMO/copy" "$SRC" && echo "  identical"
 ff umount "$SRC"

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ferryfs.store import points
+from ferryfs.store import index_writer, points
 from ferryfs.store.errors import SourceError, UsageError
 from ferryfs.store.migration import Migration
 from ferryfs.store.store import Store
@@ -35,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="the store directory (default: SRC.ferry beside SRC)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="reader threads")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--no-index",
+        action="store_true",
+        help="leave the search index to the sweep of the next mount (search stays exact)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +55,11 @@ def run(args: argparse.Namespace) -> int:
         check_source(store, args.src)
         points.ensure_first_point(store)
         store.import_all()
-        result = migrate_all(store, args.jobs)
+        if args.no_index:
+            result = migrate_all(store, args.jobs)
+            result["indexed"] = 0
+        else:
+            result = migrate_indexing(store, args.jobs)
     took = time.monotonic() - t0
     if args.json:
         import json
@@ -62,6 +72,26 @@ def run(args: argparse.Namespace) -> int:
             f" ({mb / max(took, 1e-9):.1f} MB/s); {result['errors']} errors; store {store_dir}"
         )
     return 1 if result["errors"] else 0
+
+
+def migrate_indexing(store: Store, jobs: int) -> dict[str, int]:
+    """`migrate_all` with the search index built beside it: cutting text into
+    words holds the GIL while chunking, hashing and compressing mostly do not,
+    so a thread indexing (LEGACY files from Phase 3) overlaps the migration.
+    Migrated files come back marked; the last pass only drops their marks."""
+    ix = index_writer.Indexer(store)
+    ix.open()
+    try:
+        worker = threading.Thread(target=ix.catch_up, name="ferryfs-index")
+        worker.start()
+        try:
+            result = migrate_all(store, jobs)
+        finally:
+            worker.join()
+        result["indexed"] = ix.catch_up().files
+        return result
+    finally:
+        ix.close()
 
 
 def check_source(store: Store, src: str) -> None:

@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
         ("chunks", f"{s.chunks} ({mb(s.bytes_compressed)} after dedup and compression)"),
         ("on disk", on_disk_text(s.bytes_stored, s.bytes_compressed)),
         ("saved", saved_text(s.bytes_stored, s.bytes_compressed, s.bytes_migrated)),
+        (
+            "search index",
+            f"{mb(s.bytes_index)}, {s.files_indexed} files, {s.index_pending} pending",
+        ),
         ("errors", str(s.errors)),
     ]
     for k, v in rows:

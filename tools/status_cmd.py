@@ -68,6 +68,11 @@ def render(s: dict[str, Any]) -> str:
         ("on disk", on_disk_text(s["bytes_stored"], s["bytes_compressed"])),
         ("saved", saved_text(s["bytes_stored"], s["bytes_compressed"], s["bytes_migrated"])),
         ("sweep", _sweep(s)),
+        (
+            "index",
+            f"{s.get('files_indexed', 0)} files indexed, {s.get('index_pending', 0)} pending"
+            f" ({mb(s.get('bytes_index', 0))}, {s.get('index_state', 'off')})",
+        ),
         ("errors", f"{s['errors']} files, {s.get('corrupt_reads', 0)} corrupt reads"),
     ]
     if s.get("failsafe"):

@@ -2,13 +2,14 @@
 sample tree, printed as markdown tables to paste into docs/benchmarks.md.
 
     .venv/bin/python tools/bench/run.py [--out DIR] [--mb 200] [--quick] [--repeat 3]
-                                        [--only migrate,read,sweep,cli]
+                                        [--only migrate,read,sweep,cli,search]
 
-(`make bench BENCH_ARGS="..."` runs it.) Four sections, each printed as soon as
+(`make bench BENCH_ARGS="..."` runs it.) Five sections, each printed as soon as
 it is done: `migrate` (bench_migrate.py: migrate against borg create and restic
 backup, memory against file count), `read` (bench_read.py: the read table of
 issue 3), `sweep` (bench_sweep.py: sweep time and read latency, issue 4) and
-`cli` (bench_cli.py: the command's start-up time). What they share is in
+`cli` (bench_cli.py: the command's start-up time), `search` (bench_search.py:
+ferryfs search against ripgrep and grep, issue 13). What they share is in
 bench_common.py, their mounts in bench_mounts.py. This module owns only the
 command line, the header lines and running the chosen sections in order.
 """
@@ -28,6 +29,7 @@ from bench_cli import cli_section
 from bench_common import drop_caches, sample_tree
 from bench_migrate import migrate_section
 from bench_read import read_section
+from bench_search import search_section
 from bench_sweep import sweep_section
 
 
@@ -66,7 +68,7 @@ def machine_line() -> str:
     )
 
 
-SECTIONS = ("migrate", "read", "sweep", "cli")
+SECTIONS = ("migrate", "read", "sweep", "cli", "search")
 
 
 def parse_only(text: str) -> list[str]:
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             lines = read_section(out, work, tree, args.quick, args.repeat)
         elif section == "sweep":
             lines = sweep_section(work, tree, args.quick, args.repeat)
+        elif section == "search":
+            lines = search_section(out, work, tree, mb, args.repeat)
         else:
             lines = cli_section(work, tree, args.quick)
         print()

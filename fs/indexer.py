@@ -1,0 +1,90 @@
+"""The search index's catching up, in the background of a mount.
+
+Like the sweep, it works only when no foreground request came for `idle_ms`,
+and a request pre-empts it: reading and cutting files into words runs on a
+low-priority thread (background.py) that polls the pre-emption flag between
+files; the commit (tantivy's, then one store transaction) runs at normal
+priority on a worker thread, since it holds the store's writer lock. What is
+left to do is the store's own `index` rows (store/index.py), so a daemon killed at
+any moment carries on where it stopped, and a search is exact meanwhile.
+
+Concurrency rules: the Indexer is touched by one worker thread at a time (the
+task awaits each step before the next); the trio thread only sets flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import trio
+from ferryfs.store.errors import FerryError
+from ferryfs.store.index_writer import Indexer
+from ferryfs.store.store import Store
+
+from .background import Background
+
+log = logging.getLogger("ferryfs.indexer")
+
+POLL = 0.25  # seconds between looks at the marks when there is nothing to do
+
+
+class IndexTask:
+    def __init__(self, store: Store, idle_ms: int) -> None:
+        self.indexer = Indexer(store)
+        self.idle = idle_ms / 1000
+        self.state = "starting"
+        self.last_request = -float("inf")
+        self._preempt = threading.Event()
+        self.background = Background(1)
+        self._stopped = False
+
+    def poke(self) -> None:
+        """A foreground request arrived: give way now."""
+        self.last_request = time.monotonic()
+        self._preempt.set()
+
+    def status(self) -> dict[str, Any]:
+        p = self.indexer.progress
+        return {"index_state": self.state, "index_files": p.files, "index_errors": p.errors}
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            await trio.to_thread.run_sync(self.indexer.open)
+        except (FerryError, OSError, ValueError) as e:
+            log.warning("search index unavailable (searches read every file): %s", e)
+            self.state = "off"
+            return
+        while not self._stopped:
+            await self._wait_quiet()
+            self.state = "running"
+            try:
+                batch = await self.background.run(self.indexer.prepare, self._preempt.is_set)
+                if batch is None:
+                    self.state = "idle"
+                    await trio.sleep(POLL)
+                    continue
+                await trio.to_thread.run_sync(self.indexer.commit, batch)
+            except (FerryError, OSError, ValueError) as e:
+                # The disk is full, or failsafe: the marks stay for the next try.
+                log.warning("indexing: %s", e)
+                self.state = "waiting"
+                await trio.sleep(5)
+
+    async def _wait_quiet(self) -> None:
+        while True:
+            quiet_for = time.monotonic() - self.last_request
+            if quiet_for >= self.idle:
+                self._preempt.clear()
+                return
+            self.state = "waiting"
+            await trio.sleep(max(0.005, self.idle - quiet_for))
+
+    def close(self) -> None:
+        """After the task ended: let tantivy's merges finish, stop the thread."""
+        self._stopped = True
+        self.background.close()
+        self.indexer.close()

@@ -1,0 +1,379 @@
+"""Bringing the search index up to date: reading the marked files, cutting them
+into words (text.py), committing their documents to tantivy and then the rows
+(index.py) that say what tantivy holds.
+
+One writer at a time: the store's (the daemon's IndexTask, or migrate and fsck
+offline), which holds the store's lock and tantivy's writer lock on
+`STORE/index/`. Tantivy commits durably before any row says so, so a crash
+leaves the rows behind the index, never ahead of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from . import index, text
+from .index import DB, IDENT, NAME, VER, dirty, disk_ident, ident, index_dir, indexed, names
+from .kv import Txn
+from .phase3 import Phase3File
+from .records import U64, Inode, ino_key
+from .store import Store
+
+# A batch of the indexer: one tantivy commit and one store transaction.
+BATCH_FILES = 512
+BATCH_BYTES = 32 << 20
+WRITER_HEAP = 48 << 20
+SNIFF = 8192
+
+
+@dataclass
+class Batch:
+    # (ino, version or -1 for a non-file, kind, text.index_text or None: "only the mark")
+    docs: list[tuple[int, int, int, str | None]] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)  # purged inodes
+
+
+@dataclass
+class Progress:
+    files: int = 0
+    bytes: int = 0
+    cleared: int = 0  # marks dropped with no re-indexing (the document still matched)
+    errors: int = 0
+
+
+class Indexer:
+    """Brings the tantivy index and the `index` rows up to date with the store.
+
+    Owned by the store's writer (it holds the store's lock, and tantivy's
+    writer lock on `STORE/index/`)."""
+
+    def __init__(self, store: Store) -> None:
+        if store.path is None:
+            raise ValueError("an index needs a store directory")
+        self.store = store
+        self.path = store.path
+        self.index: Any = None
+        self.writer: Any = None
+        self.progress = Progress()
+
+    def open(self) -> None:
+        """Open the tantivy index, or start a new one (marking every file) if the
+        store has none or its rows describe another."""
+        with self.store.backend.read() as txn:
+            want = ident(txn)
+        have = disk_ident(self.path)
+        idx = index.open_index(self.path) if want is not None and want == have else None
+        if idx is None:
+            self._start_over()
+            idx = index.open_index(self.path)
+        self.index = idx
+        self.writer = idx.writer(heap_size=WRITER_HEAP, num_threads=1)
+        private(index_dir(self.path))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.wait_merging_threads()
+            private(index_dir(self.path))
+        self.writer = None
+        self.index = None
+
+    def _start_over(self) -> None:
+        import secrets
+        import shutil
+
+        import tantivy
+
+        # Forget the old identity first: a crash below leaves a store whose
+        # index nothing trusts, never rows that describe a half-made index.
+        self.store.transact(lambda txn: txn.delete(DB, IDENT))
+        d = index_dir(self.path)
+        if os.path.lexists(d):
+            if os.path.isdir(d) and not os.path.islink(d):
+                shutil.rmtree(d)
+            else:
+                os.unlink(d)
+        os.mkdir(d, 0o700)
+        tantivy.Index(index.schema(), path=d, reuse=False)
+        new = secrets.token_hex(16)
+        tmp = os.path.join(d, "ident.tmp")
+        with open(tmp, "w") as f:
+            f.write(new)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(d, "ident"))
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._mark_everything()
+        self.store.transact(lambda txn: txn.put(DB, IDENT, new.encode()))
+
+    def _mark_everything(self) -> None:
+        """Drop every `V` row, mark every file and UNLISTED directory, and record
+        every name, a few thousand rows per transaction (new writes meanwhile
+        mark and name themselves)."""
+        for prefix in (VER, NAME):
+            while self.store.transact(partial(_drop_rows, prefix=prefix)):
+                pass
+        self._scan("inodes", self._mark_inode)
+        self._scan("dirents", self._name_dirent)
+
+    def _scan(self, db: str, fn: Callable[[Txn, bytes, bytes], None]) -> None:
+        after: bytes | None = b""
+        while after is not None:
+            after = self.store.transact(partial(_scan_step, db=db, after=after, fn=fn))
+
+    @staticmethod
+    def _mark_inode(txn: Txn, k: bytes, v: bytes) -> None:
+        node = Inode.unpack(U64.unpack(k)[0], v)
+        if node.is_reg or (node.is_dir and not node.stored):
+            index.mark(txn, node.ino)
+
+    @staticmethod
+    def _name_dirent(txn: Txn, k: bytes, v: bytes) -> None:
+        index.named(txn, U64.unpack(v)[0], U64.unpack_from(k, 0)[0], k[16:])
+
+    # -- catching up ------------------------------------------------------------------------
+
+    def step(self, stop: Callable[[], bool] | None = None) -> bool:
+        """Index one batch of marked inodes. True if there may be more."""
+        batch = self.prepare(stop)
+        if batch is None:
+            return False
+        self.commit(batch)
+        return True
+
+    def prepare(self, stop: Callable[[], bool] | None = None) -> Batch | None:
+        """Read and cut into words a batch of marked files (no lock held; `stop`
+        is polled between files). None if nothing is marked."""
+        todo: list[int] = []
+        with self.store.backend.read() as txn:
+            for ino in dirty(txn):
+                todo.append(ino)
+                if len(todo) >= BATCH_FILES:
+                    break
+        if not todo:
+            return None
+        batch = Batch()
+        nbytes = 0
+        for ino in todo:
+            if stop is not None and stop():
+                break
+            with self.store.backend.read() as txn:
+                v = txn.get("inodes", ino_key(ino))
+                node = None if v is None else Inode.unpack(ino, v)
+                ns = names(txn, ino) if node is not None else []
+                have = indexed(txn, ino)
+            if node is None:
+                batch.gone.append(ino)
+            elif not node.is_reg:
+                # A directory: its mark goes once it is listed (the sweep lists).
+                batch.docs.append((ino, -1, 0, None))
+            else:
+                kind = text.kind(ns[0][1]) if ns else text.PLAIN
+                if have == (node.version, kind):
+                    batch.docs.append((ino, node.version, kind, None))  # only the mark to drop
+                    continue
+                data = self._content(node)
+                ps = None if data is None else text.pieces(data, kind)
+                batch.docs.append(
+                    (ino, node.version, kind, "" if ps is None else text.index_text(ps))
+                )
+                nbytes += node.size
+                if nbytes >= BATCH_BYTES:
+                    break
+        return batch
+
+    def _content(self, node: Inode) -> bytes | None:
+        """A file's bytes, or None if they are not text (a cheap look at the start
+        settles most binary files)."""
+        try:
+            if node.stored:
+                head = self.store.read_stored(node.ino, 0, min(node.size, SNIFF))
+                if head is None or not _may_be_text(bytes(head), node.size <= SNIFF):
+                    return None
+                data = self.store.read_stored(node.ino, 0, node.size)
+                return None if data is None else bytes(data)
+            f = self.store.open_legacy(node.ino)
+            try:
+                head = f.pread(SNIFF, 0)
+                if not _may_be_text(head, len(head) < SNIFF):
+                    return None  # an attachment is not read whole to find that out
+                return _read_whole(f, node.size)
+            finally:
+                f.close()
+        except Exception:
+            self.progress.errors += 1
+            return None
+
+    def commit(self, batch: Batch) -> None:
+        """Commit a prepared batch: tantivy first (durably), then the rows that
+        say what it holds, each only if the file did not move on meanwhile."""
+        import tantivy
+
+        docs, gone = batch.docs, batch.gone
+
+        w = self.writer
+        sch = self.index.schema
+
+        def drop(ino: int) -> None:
+            # By query: delete_documents_by_term makes a signed term, which never
+            # matches an unsigned field (tantivy 0.27's Python binding).
+            w.delete_documents_by_query(tantivy.Query.term_query(sch, "ino", ino))
+
+        changed = False
+        for ino in gone:
+            drop(ino)
+            changed = True
+        for ino, ver, kind, ws in docs:
+            if ws is None:
+                continue
+            drop(ino)
+            doc = tantivy.Document()
+            doc.add_unsigned("ino", ino)
+            doc.add_unsigned("ver", ver)
+            doc.add_unsigned("kind", kind)
+            doc.add_text("text", ws)
+            w.add_document(doc)
+            changed = True
+            self.progress.files += 1
+        if changed:
+            w.commit()  # durable before any row below says so
+            private(index_dir(self.path))
+
+        def rows(txn: Txn) -> None:
+            for ino in gone:
+                if txn.get("inodes", ino_key(ino)) is None:
+                    txn.delete(DB, index.ver_key(ino))
+                    txn.delete(DB, index.dirty_key(ino))
+            for ino, ver, kind, ws in docs:
+                v = txn.get("inodes", ino_key(ino))
+                if v is None:
+                    continue  # purged meanwhile: its purge marked it again
+                node = Inode.unpack(ino, v)
+                if ver < 0:  # a directory or special file
+                    if not (node.is_dir and not node.stored) and not node.is_reg:
+                        txn.delete(DB, index.dirty_key(ino))
+                    continue
+                if node.version != ver:
+                    continue
+                if ws is not None:
+                    index.set_indexed(txn, ino, ver, kind)
+                elif indexed(txn, ino) != (ver, kind):
+                    continue
+                if all(text.kind(n) == kind for _, n in names(txn, ino)):
+                    txn.delete(DB, index.dirty_key(ino))
+                    if ws is None:
+                        self.progress.cleared += 1
+
+        self.store.transact(rows)
+
+    def catch_up(self, stop: Callable[[], bool] | None = None) -> Progress:
+        """Index until nothing is marked (or `stop` says so)."""
+        while self.step(stop):
+            if stop is not None and stop():
+                break
+        return self.progress
+
+    def pending(self) -> int:
+        with self.store.backend.read() as txn:
+            return sum(1 for _ in dirty(txn))
+
+
+def private(d: str) -> None:
+    """Make the index's files 0600 (and its directory 0700), as everything else in
+    the store (storedir.py): tantivy creates them by the umask, 0644 or even 0666.
+    Run after each commit and at close; a file a background merge makes meanwhile
+    is still inside the 0700 directory, which lets nobody else in."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(d)
+        if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(d, 0o700)
+    with contextlib.suppress(OSError), os.scandir(d) as it:
+        for e in it:
+            with contextlib.suppress(OSError):
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                    os.chmod(e.path, stat.S_IMODE(st.st_mode) & 0o600)
+
+
+def _drop_rows(txn: Txn, prefix: bytes) -> int:
+    stop = bytes([prefix[0] + 1])
+    keys = [k for k, _ in _take(txn.range(DB, prefix, stop), 4096)]
+    for k in keys:
+        txn.delete(DB, k)
+    return len(keys)
+
+
+def _scan_step(
+    txn: Txn, db: str, after: bytes, fn: Callable[[Txn, bytes, bytes], None]
+) -> bytes | None:
+    """`fn` on up to 4096 items of `db` past `after`; the last key done, or None at the end."""
+    last = None
+    for k, v in [(k, bytes(v)) for k, v in _take(txn.range(db, after), 4097)]:
+        if k == after:
+            continue
+        fn(txn, k, v)
+        last = k
+    return last
+
+
+def _take(it: Iterator[tuple[bytes, Any]], n: int) -> list[tuple[bytes, Any]]:
+    out = []
+    for x in it:
+        out.append(x)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _may_be_text(head: bytes, whole: bool) -> bool:
+    if b"\0" in head:
+        return False
+    if whole:
+        return True
+    import codecs
+
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _read_whole(f: Phase3File, size: int) -> bytes:
+    """The whole file from offset 0 (it may have grown or shrunk since `size`; a
+    change since its entry was imported is a SourceError, as for any read)."""
+    parts = []
+    got = 0
+    while True:
+        b = f.pread(max(1 << 20, size - got), got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def build(store: Store, stop: Callable[[], bool] | None = None) -> Progress:
+    """Open (or start) a store's index and bring it up to date: for migrate and fsck."""
+    ix = Indexer(store)
+    ix.open()
+    try:
+        return ix.catch_up(stop)
+    finally:
+        ix.close()
+
+
+def rebuild(store: Store) -> Progress:
+    """Start the index over and build it whole (fsck --repair)."""
+    store.transact(lambda txn: txn.delete(DB, IDENT))
+    return build(store)
