@@ -11,7 +11,6 @@ mountpoint is worse than a dead one, since a script might rsync into it.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
@@ -27,10 +26,14 @@ from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.store import Store
 from ferryfs.store.storedir import LogRotation
 
-from .control import Control
+from .control import Command, Control
+from .counters import Counters
+from .handles import OpenFiles
 from .operations import Operations
 from .sweep import Sweep
 from .sweep_config import SweepConfig, add_sweep_arguments, sweep_config
+from .writeback import WriteBack
+from .writer import Writer
 
 log = logging.getLogger("ferryfs.daemon")
 
@@ -43,9 +46,7 @@ def mount_options(allow_other: bool) -> set[str]:
     return opts
 
 
-async def serve(
-    ops: Operations, control: Control, ready: int | None, sweep: Sweep | None, mnt: str
-) -> None:
+async def serve(ops: Operations, ready: int | None, sweep: Sweep | None, mnt: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, ops, sweep)
         await nursery.start(ops.lazy.run)
@@ -54,7 +55,7 @@ async def serve(
         if ready is not None:
             os.write(ready, b"ready\n")
             os.close(ready)
-        nursery.start_soon(_record_point, ops.store)
+        nursery.start_soon(_record_point, ops.store, ops.writer)
         nursery.start_soon(_tune_readahead, mnt)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -70,12 +71,19 @@ async def _tune_readahead(mnt: str) -> None:
     log.info("kernel read-ahead left at 128 KiB (raising it needs root)")
 
 
-async def _record_point(store: Store) -> None:
+async def _record_point(store: Store, writer: Writer) -> None:
     """Record the first rollback point behind the mount, not before it: the walk
     of a big tree takes seconds, and the mount never changes Phase 3, so what it
-    records is the same whenever it runs."""
+    records is the same whenever it runs. The walk writes a transaction per few
+    thousand rows from its own thread, beside the writer: the one exception in
+    docs/concurrency.md (on the writer, it would hold up every write for the walk)."""
+
+    def record() -> points.Point:
+        with writer.permit():
+            return points.ensure_first_point(store)
+
     try:
-        p = await trio.to_thread.run_sync(points.ensure_first_point, store)
+        p = await trio.to_thread.run_sync(record)
         log.info("rollback point %d: %d entries of the Phase 3 tree recorded", p.id, p.entries)
     except FerryError as e:
         log.error("could not record a rollback point: %s", e)
@@ -91,7 +99,7 @@ async def _signals(ops: Operations, sweep: Sweep | None) -> None:
             log.info("stopping: flushing open files")
             if sweep is not None:
                 await sweep.cancel()
-            for ino, n, e in await ops.flush_all():
+            for ino, n, e in await ops.writeback.flush_all():
                 msg = f"lost {n} buffered bytes of inode {ino} at shutdown: could not write: {e}"
                 log.error("%s", msg)
                 ops.counters.errors.append(msg)
@@ -103,10 +111,10 @@ async def _signals(ops: Operations, sweep: Sweep | None) -> None:
 REPORT_FILES = 200
 
 
-async def open_report(ops: Operations) -> dict[str, Any]:
+async def open_report(writeback: WriteBack) -> dict[str, Any]:
     """Write out every buffered file it can, then say which files are open (by inode:
     the daemon does not keep names) and which hold bytes that could not be saved."""
-    failed = {ino: e for ino, _n, e in await ops.flush_all()}
+    failed = {ino: e for ino, _n, e in await writeback.flush_all()}
     files: list[dict[str, Any]] = [
         {
             "ino": ino,
@@ -114,12 +122,12 @@ async def open_report(ops: Operations) -> dict[str, Any]:
             "unsaved": f.dirty_bytes,
             "error": str(failed[ino]) if ino in failed else None,
         }
-        for ino, f in ops.files.by_ino.items()
+        for ino, f in writeback.files.by_ino.items()
         if f.handles or f.spans
     ]
     files.sort(key=lambda d: -d["unsaved"])  # the ones that matter most survive the cut
     return {
-        "handles": len(ops.files.by_fh),
+        "handles": len(writeback.files.by_fh),
         "unsaved": sum(d["unsaved"] for d in files),
         "files": files[:REPORT_FILES],
         "more": max(0, len(files) - REPORT_FILES),
@@ -175,29 +183,31 @@ def run(
         _fail(ready, str(e))
         return e.exit_code
     rotation = _rotate_log(store)
-    ops = Operations(store, owner_uid=os.getuid())
-    control = Control(store, store_dir, ops.counters)
-    ops.control = control
-
-    async def sync() -> None:
-        failed = await ops.flush_all()
-        store.sync()
-        if failed:  # the caller must not take a sync that saved nothing for a good one
-            ino, n, e = failed[0]
-            log.warning("sync: could not write %d buffered bytes of inode %d: %s", n, ino, e)
-            raise pyfuse3.FUSEError(getattr(e, "errno", None) or errno.EIO)
-
-    control.commands[b"sync"] = sync
-    control.reports[b"open"] = lambda: open_report(ops)
-    sweep = Sweep(store, sweep_config) if sweep_config is not None else None
+    writer = Writer()
+    writer.watch(store)  # from here on, every write transaction runs on the writer
+    counters = Counters()
+    writeback = WriteBack(store, OpenFiles(), writer)
+    sweep = Sweep(store, sweep_config, writer) if sweep_config is not None else None
+    commands: dict[bytes, Command] = {b"sync": lambda: _sync(writeback)}
     if sweep is not None:
-        ops.on_request = sweep.poke
-        control.commands.update(
-            {b"pause": sweep.pause, b"resume": sweep.resume, b"cancel": sweep.cancel}
-        )
-        control.status_extra = sweep.status
-    else:
-        control.status_extra = lambda: {"sweep_state": "off"}
+        commands.update({b"pause": sweep.pause, b"resume": sweep.resume, b"cancel": sweep.cancel})
+    control = Control(
+        store,
+        store_dir,
+        counters,
+        commands=commands,
+        reports={b"open": lambda: open_report(writeback)},
+        status_extra=sweep.status if sweep is not None else lambda: {"sweep_state": "off"},
+    )
+    ops = Operations(
+        store,
+        os.getuid(),
+        writer=writer,
+        writeback=writeback,
+        counters=counters,
+        control=control,
+        on_request=sweep.poke if sweep is not None else None,
+    )
     why = _mount(ops, mnt, mount_options(allow_other))
     if why is not None:
         store.close()
@@ -209,21 +219,31 @@ def run(
     log.info("mounted %s on %s (store %s, pid %d)", src, mnt, store_dir, os.getpid())
     clean = False
     try:
-        trio.run(serve, ops, control, ready, sweep, mnt)
+        trio.run(serve, ops, ready, sweep, mnt)
         clean = True
     finally:
         try:
+            ops.lazy.stop()
+            if sweep is not None:
+                sweep.stop()
+            writer.close()  # the last transaction handed over is committed
             store.sync()
         finally:
-            ops.lazy.background.close()
-            if sweep is not None:
-                sweep.background.close()
             store.close()
             pyfuse3.close(unmount=clean)
     log.info("unmounted %s", mnt)
     if rotation is not None:
         rotation.stop()
     return 0
+
+
+async def _sync(writeback: WriteBack) -> None:
+    """The `sync` command: write out every buffer, then fsync the store."""
+    failed = await writeback.sync()
+    if failed:  # the caller must not take a sync that saved nothing for a good one
+        ino, n, e = failed[0]
+        log.warning("sync: could not write %d buffered bytes of inode %d: %s", n, ino, e)
+        raise e
 
 
 def _mount(ops: Operations, mnt: str, options: set[str]) -> str | None:
