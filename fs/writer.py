@@ -21,7 +21,7 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar, TypeVarTuple
 
 import outcome
 import trio
@@ -30,6 +30,7 @@ from ferryfs.store.store import Store
 log = logging.getLogger("ferryfs.writer")
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 _Job = Callable[[], None]
 
@@ -43,12 +44,13 @@ class Writer:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
+        self._closed = False
         self._permitted: set[int] = set()  # thread idents allowed beside the writer
         self.strays: Counter[str] = Counter()  # write transactions opened elsewhere, by thread
 
     # -- handing work over ----------------------------------------------------------
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         """`fn(*args)` on the writer thread; its result or its exception. Not
         cancellable (as `trio.to_thread.run_sync`): a transaction is not abandoned
         half done, and its caller learns how it ended."""
@@ -65,24 +67,10 @@ class Writer:
             await done.wait()
         return box[0].unwrap()
 
-    def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the writer thread, from a thread that is not trio's (nor
-        the writer itself: that would wait for itself)."""
-        if threading.current_thread() is self._thread:
-            return fn(*args)
-        done = threading.Event()
-        box: list[outcome.Outcome[T]] = []
-
-        def job() -> None:
-            box.append(outcome.capture(fn, *args))
-            done.set()
-
-        self._submit(job)
-        done.wait()
-        return box[0].unwrap()
-
     def _submit(self, job: _Job) -> None:
         with self._start:
+            if self._closed:
+                raise RuntimeError("the writer is closed")
             if self._thread is None:
                 # A daemon thread: an Operations built by a test and never closed
                 # must not keep the interpreter from exiting.
@@ -100,7 +88,8 @@ class Writer:
     def close(self) -> None:
         """Finish the jobs handed over, then end the thread."""
         with self._start:
-            t, self._thread = self._thread, None
+            t = self._thread
+            self._closed = True  # the thread stays ours while it drains (see check)
         if t is not None:
             self._jobs.put(None)
             t.join()
