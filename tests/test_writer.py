@@ -239,3 +239,25 @@ def test_a_mount_writes_only_on_its_writer(tmp_path: Path) -> None:
         wait_for(lambda: m.status()["sweep_state"] == "done", 120, "the sweep to finish")
         m.sync()
         assert "not on the writer" not in m.new_log()
+
+
+async def test_close_commits_what_was_handed_over_then_refuses_more() -> None:
+    st = Store.memory()
+    w = Writer()
+    w.watch(st)
+    release = threading.Event()
+    closer = threading.Thread(target=w.close)
+    async with trio.open_nursery() as n:
+        n.start_soon(w.run, release.wait)
+        n.start_soon(w.run, st.mkdir, ROOT_INO, b"d", 0o755, 0, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        closer.start()  # joins the writer: it drains the queue first
+        deadline = time.monotonic() + 10
+        while not w._closed and time.monotonic() < deadline:
+            await trio.sleep(0.001)
+        release.set()
+    closer.join()
+    assert st.lookup(ROOT_INO, b"d").is_dir
+    assert not w.strays  # the jobs drained at close ran on the writer too
+    with pytest.raises(RuntimeError):
+        await w.run(st.getattr, ROOT_INO)
