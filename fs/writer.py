@@ -83,7 +83,10 @@ class Writer:
             job = self._jobs.get()
             if job is None:
                 return
-            job()  # outcome.capture keeps every exception in the box
+            try:
+                job()  # outcome.capture keeps the call's exceptions in the box
+            except Exception:  # the hand-back failed (trio gone): keep serving the others
+                log.exception("writer: could not hand a result back")
 
     def close(self) -> None:
         """Finish the jobs handed over, then end the thread."""
