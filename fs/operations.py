@@ -29,7 +29,7 @@ from ferryfs.store.errors import (
     SourceError,
 )
 from ferryfs.store.records import Inode
-from ferryfs.store.store import LIST_AHEAD, Store
+from ferryfs.store.store import Store
 
 from .control import Control
 from .counters import Counters
@@ -121,12 +121,10 @@ class Operations(pyfuse3.Operations):
         self.counters.corrupt_reads += 1
         log.error("corrupt chunk %s: read answered EIO", e.digest.hex()[:16])
 
-    async def _listed(self, ino: int) -> None:
-        """List directory `ino` on the writer if it is UNLISTED, so that what
-        follows only reads."""
+    def _unlisted(self, ino: int) -> bool:
+        """Listing `ino` would write (import its entries): do it on the writer."""
         d = self.store.getattr(ino)
-        if d.is_dir and not d.stored:
-            await self.writer.run(self.store.ensure_listed, ino, LIST_AHEAD)
+        return d.is_dir and not d.stored
 
     async def _migrate(self, ino: int) -> Inode:
         """Make sure `ino` is not LEGACY: migrate it now (before a write)."""
@@ -150,7 +148,8 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._touch()
-        await self._listed(parent_inode)
+        if self._unlisted(parent_inode):
+            return self._entry(await self.writer.run(self.store.lookup, parent_inode, name))
         return self._entry(self.store.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -216,7 +215,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self._touch()
-        await self._listed(fh)
+        if self._unlisted(fh):  # listed with what lies ahead, on the writer; then only reads
+            await self.writer.run(self.store.readdir, fh, 0, 1)
         # "." and ".." first, under cookies 1 and 2 (a name's cookie is a 63-bit
         # hash: one of 2**63 collides with them). No lookup count for either.
         if start_id < DOTDOT_COOKIE:
