@@ -7,9 +7,10 @@ requests, nor from the app. On Linux, nice and I/O priority belong to a
 thread, not to the process, so these threads run at nice 19 and in the idle
 I/O class: when both CPUs are wanted, the scheduler gives them to the request
 thread and the app first; when the machine is idle, they still run at full
-speed. Only work that holds no lock others wait for runs here: the store's
-commits (which hold its writer lock) stay at normal priority, or a foreground
-write could wait behind a starved commit.
+speed. These threads only compute (read Phase 3, chunk, hash, compress) and
+hand their results over; they never open a write transaction, or a foreground
+write could wait behind a starved thread holding the store's kv write lock. The
+rule and the other threads: docs/concurrency.md.
 """
 
 from __future__ import annotations

@@ -20,27 +20,42 @@ kept until the store next commits, so that polling an idle mount (`status
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import pyfuse3
 import trio
+from ferryfs.store.errors import Invalid, NoData, NotPermitted
 from ferryfs.store.stats import Stats
 from ferryfs.store.store import Store
 
+from .counters import Counters
+
+Command = Callable[[], Awaitable[None]]
+Report = Callable[[], Awaitable[Any]]
+
 
 class Control:
-    def __init__(self, store: Store, store_dir: str, counters: Any) -> None:
+    """The control xattrs. `commands` act (`sync`, the sweep's `pause`...);
+    `reports` are JSON documents the daemon builds (`open`); `status_extra` adds
+    to the status document (the sweep's figures)."""
+
+    def __init__(
+        self,
+        store: Store,
+        store_dir: str,
+        counters: Counters,
+        commands: Mapping[bytes, Command] | None = None,
+        reports: Mapping[bytes, Report] | None = None,
+        status_extra: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
         self.store = store
         self.store_dir = store_dir
         self.counters = counters
-        self.commands: dict[bytes, Callable[[], Awaitable[None]]] = {}
-        self.status_extra: Callable[[], dict[str, Any]] = dict
-        # Other names whose value is a JSON document the daemon builds (`open`).
-        self.reports: dict[bytes, Callable[[], Awaitable[Any]]] = {}
+        self.commands = dict(commands or {})
+        self.reports = dict(reports or {})
+        self.status_extra = status_extra
         self._stats: tuple[int, Stats] | None = None  # (store.commits when scanned, counts)
         self._scan = trio.Lock()  # one scan at a time; callers queued behind it reuse it
 
@@ -57,14 +72,14 @@ class Control:
             return json.dumps(await self.status()).encode()
         if name in self.reports:
             return json.dumps(await self.reports[name]()).encode()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        raise NoData(f"no control attribute {name.decode(errors='replace')}")  # ENOATTR
 
     async def set(self, name: bytes, value: bytes) -> None:
         if name != b"control":
-            raise pyfuse3.FUSEError(errno.EPERM)
+            raise NotPermitted("only user.ferryfs.control can be set")
         cmd = self.commands.get(value.strip())
         if cmd is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise Invalid(f"no control command {value.strip().decode(errors='replace')}")
         await cmd()
 
     async def stats(self) -> Stats:

@@ -11,12 +11,12 @@ mountpoint is worse than a dead one, since a script might rsync into it.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -27,12 +27,16 @@ from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.store import Store
 from ferryfs.store.storedir import LogRotation
 
-from .control import Control
+from .control import Command, Control
+from .counters import Counters
+from .handles import OpenFiles
 from .indexer import IndexTask
 from .mountinfo import mount_entries
 from .operations import Operations
 from .sweep import Sweep
 from .sweep_config import SweepConfig, add_sweep_arguments, sweep_config
+from .writeback import WriteBack
+from .writer import Writer
 
 log = logging.getLogger("ferryfs.daemon")
 
@@ -47,7 +51,6 @@ def mount_options(allow_other: bool) -> set[str]:
 
 async def serve(
     ops: Operations,
-    control: Control,
     ready: int | None,
     sweep: Sweep | None,
     mnt: str,
@@ -63,7 +66,7 @@ async def serve(
         if ready is not None:
             os.write(ready, b"ready\n")
             os.close(ready)
-        nursery.start_soon(_record_point, ops.store)
+        nursery.start_soon(_record_point, ops.store, ops.writer)
         nursery.start_soon(_tune_readahead, mnt)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -79,12 +82,19 @@ async def _tune_readahead(mnt: str) -> None:
     log.info("kernel read-ahead left at 128 KiB (raising it needs root)")
 
 
-async def _record_point(store: Store) -> None:
+async def _record_point(store: Store, writer: Writer) -> None:
     """Record the first rollback point behind the mount, not before it: the walk
     of a big tree takes seconds, and the mount never changes Phase 3, so what it
-    records is the same whenever it runs."""
+    records is the same whenever it runs. The walk writes a transaction per few
+    thousand rows from its own thread, beside the writer: the one exception in
+    docs/concurrency.md (on the writer, it would hold up every write for the walk)."""
+
+    def record() -> points.Point:
+        with writer.permit():
+            return points.ensure_first_point(store)
+
     try:
-        p = await trio.to_thread.run_sync(points.ensure_first_point, store)
+        p = await trio.to_thread.run_sync(record)
         log.info("rollback point %d: %d entries of the Phase 3 tree recorded", p.id, p.entries)
     except FerryError as e:
         log.error("could not record a rollback point: %s", e)
@@ -100,7 +110,7 @@ async def _signals(ops: Operations, sweep: Sweep | None) -> None:
             log.info("stopping: flushing open files")
             if sweep is not None:
                 await sweep.cancel()
-            for ino, n, e in await ops.flush_all():
+            for ino, n, e in await ops.writeback.flush_all():
                 msg = f"lost {n} buffered bytes of inode {ino} at shutdown: could not write: {e}"
                 log.error("%s", msg)
                 ops.counters.errors.append(msg)
@@ -112,10 +122,10 @@ async def _signals(ops: Operations, sweep: Sweep | None) -> None:
 REPORT_FILES = 200
 
 
-async def open_report(ops: Operations) -> dict[str, Any]:
+async def open_report(writeback: WriteBack) -> dict[str, Any]:
     """Write out every buffered file it can, then say which files are open (by inode:
     the daemon does not keep names) and which hold bytes that could not be saved."""
-    failed = {ino: e for ino, _n, e in await ops.flush_all()}
+    failed = {ino: e for ino, _n, e in await writeback.flush_all()}
     files: list[dict[str, Any]] = [
         {
             "ino": ino,
@@ -123,12 +133,12 @@ async def open_report(ops: Operations) -> dict[str, Any]:
             "unsaved": f.dirty_bytes,
             "error": str(failed[ino]) if ino in failed else None,
         }
-        for ino, f in ops.files.by_ino.items()
+        for ino, f in writeback.files.by_ino.items()
         if f.handles or f.spans
     ]
     files.sort(key=lambda d: -d["unsaved"])  # the ones that matter most survive the cut
     return {
-        "handles": len(ops.files.by_fh),
+        "handles": len(writeback.files.by_fh),
         "unsaved": sum(d["unsaved"] for d in files),
         "files": files[:REPORT_FILES],
         "more": max(0, len(files) - REPORT_FILES),
@@ -177,37 +187,45 @@ def run(
         _fail(ready, str(e))
         return e.exit_code
     rotation = _rotate_log(store)
-    ops = Operations(store, owner_uid=os.getuid())
-    control = Control(store, store_dir, ops.counters)
-    ops.control = control
-
-    async def sync() -> None:
-        failed = await ops.flush_all()
-        store.sync()
-        if failed:  # the caller must not take a sync that saved nothing for a good one
-            ino, n, e = failed[0]
-            log.warning("sync: could not write %d buffered bytes of inode %d: %s", n, ino, e)
-            raise pyfuse3.FUSEError(getattr(e, "errno", None) or errno.EIO)
-
-    control.commands[b"sync"] = sync
-    control.reports[b"open"] = lambda: open_report(ops)
-    sweep = Sweep(store, sweep_config) if sweep_config is not None else None
+    writer = Writer()
+    writer.watch(store)  # from here on, every write transaction runs on the writer
+    counters = Counters()
+    writeback = WriteBack(store, OpenFiles(), writer)
+    sweep = Sweep(store, sweep_config, writer) if sweep_config is not None else None
     # The search index catches up in idle time, as the sweep does (and not without it).
-    indexer = IndexTask(store, sweep_config.idle_ms) if sweep_config is not None else None
+    indexer = IndexTask(store, sweep_config.idle_ms, writer) if sweep_config is not None else None
+    commands: dict[bytes, Command] = {b"sync": lambda: _sync(writeback)}
+    status_extra: Callable[[], dict[str, Any]] = lambda: {"sweep_state": "off"}  # noqa: E731
+    on_request: Callable[[], None] | None = None
     if sweep is not None and indexer is not None:
         sw, ix = sweep, indexer
+        commands.update({b"pause": sw.pause, b"resume": sw.resume, b"cancel": sw.cancel})
 
         def poke() -> None:
             sw.poke()
             ix.poke()
 
-        ops.on_request = poke
-        control.commands.update(
-            {b"pause": sweep.pause, b"resume": sweep.resume, b"cancel": sweep.cancel}
-        )
-        control.status_extra = lambda: {**sw.status(), **ix.status()}
-    else:
-        control.status_extra = lambda: {"sweep_state": "off"}
+        def both_status() -> dict[str, Any]:
+            return {**sw.status(), **ix.status()}
+
+        on_request, status_extra = poke, both_status
+    control = Control(
+        store,
+        store_dir,
+        counters,
+        commands=commands,
+        reports={b"open": lambda: open_report(writeback)},
+        status_extra=status_extra,
+    )
+    ops = Operations(
+        store,
+        os.getuid(),
+        writer=writer,
+        writeback=writeback,
+        counters=counters,
+        control=control,
+        on_request=on_request,
+    )
     why = _mount(ops, mnt, mount_options(allow_other))
     if why is not None:
         store.close()
@@ -219,15 +237,16 @@ def run(
     log.info("mounted %s on %s (store %s, pid %d)", src, mnt, store_dir, os.getpid())
     clean = False
     try:
-        trio.run(serve, ops, control, ready, sweep, mnt, indexer)
+        trio.run(serve, ops, ready, sweep, mnt, indexer)
         clean = True
     finally:
         try:
+            ops.lazy.stop()
+            if sweep is not None:
+                sweep.stop()
+            writer.close()  # the last transaction handed over is committed
             store.sync()
         finally:
-            ops.lazy.background.close()
-            if sweep is not None:
-                sweep.background.close()
             if indexer is not None:
                 indexer.close()
             store.close()
@@ -236,6 +255,15 @@ def run(
     if rotation is not None:
         rotation.stop()
     return 0
+
+
+async def _sync(writeback: WriteBack) -> None:
+    """The `sync` command: write out every buffer, then fsync the store."""
+    failed = await writeback.sync()
+    if failed:  # the caller must not take a sync that saved nothing for a good one
+        ino, n, e = failed[0]
+        log.warning("sync: could not write %d buffered bytes of inode %d: %s", n, ino, e)
+        raise e
 
 
 def _mount(ops: Operations, mnt: str, options: set[str]) -> str | None:

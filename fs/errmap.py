@@ -21,6 +21,19 @@ log = logging.getLogger("ferryfs.fs")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+class AccessDenied(OpError):
+    """A control xattr asked for by someone other than the mount's owner or root."""
+
+    errno = errno.EACCES
+
+
+class Failsafe(OpError):
+    """A corrupt chunk that could not be healed: EIO (and writes refused from now on).
+    Not a CorruptChunk: that one was counted already."""
+
+    errno = errno.EIO
+
+
 def fuse_errors(fn: F) -> F:
     """Decorate an Operations handler so every failure is a FUSEError."""
 

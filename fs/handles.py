@@ -1,12 +1,9 @@
 """Open files: handles, per-inode write buffers, and the lock that orders a
 file's reads, writes, flushes and truncations.
 
-Concurrency rule: pyfuse3 runs many handlers on one trio loop, so every
-`await` is a point where another request for the same file can run. A file's
-buffer is only touched while holding its `lock`; a flush takes the buffered
-spans out, plans the rewrite in a worker thread, and commits it (a short write
-transaction on this thread) before releasing the lock, so a read that waits
-for the lock sees either the old bytes or the new ones.
+A file's buffer is only touched on the trio thread while holding its `lock`
+(writeback.py flushes it under that lock). Every `await` is a point where
+another request for the same file can run: docs/concurrency.md.
 """
 
 from __future__ import annotations

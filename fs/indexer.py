@@ -4,7 +4,8 @@ Like the sweep, it works only when no foreground request came for `idle_ms`,
 and a request pre-empts it: reading and cutting files into words runs on a
 low-priority thread (background.py) that polls the pre-emption flag between
 files; the commit (tantivy's, then one store transaction) runs at normal
-priority on a worker thread, since it holds the store's writer lock. What is
+priority: tantivy's on a worker thread, the store's rows on the mount's writer
+(docs/concurrency.md). What is
 left to do is the store's own `index` rows (store/index.py), so a daemon killed at
 any moment carries on where it stopped, and a search is exact meanwhile.
 
@@ -25,6 +26,7 @@ from ferryfs.store.index_writer import Indexer
 from ferryfs.store.store import Store
 
 from .background import Background
+from .writer import Writer
 
 log = logging.getLogger("ferryfs.indexer")
 
@@ -32,8 +34,9 @@ POLL = 0.25  # seconds between looks at the marks when there is nothing to do
 
 
 class IndexTask:
-    def __init__(self, store: Store, idle_ms: int) -> None:
+    def __init__(self, store: Store, idle_ms: int, writer: Writer) -> None:
         self.indexer = Indexer(store)
+        self.writer = writer
         self.idle = idle_ms / 1000
         self.state = "starting"
         self.last_request = -float("inf")
@@ -53,7 +56,7 @@ class IndexTask:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
-            await trio.to_thread.run_sync(self.indexer.open)
+            await trio.to_thread.run_sync(self._open)
         except (FerryError, OSError, ValueError) as e:
             log.warning("search index unavailable (searches read every file): %s", e)
             self.state = "off"
@@ -67,12 +70,20 @@ class IndexTask:
                     self.state = "idle"
                     await trio.sleep(POLL)
                     continue
-                await trio.to_thread.run_sync(self.indexer.commit, batch)
+                await trio.to_thread.run_sync(self.indexer.commit_index, batch)
+                await self.writer.run(self.indexer.commit_rows, batch)
             except (FerryError, OSError, ValueError) as e:
                 # The disk is full, or failsafe: the marks stay for the next try.
                 log.warning("indexing: %s", e)
                 self.state = "waiting"
                 await trio.sleep(5)
+
+    def _open(self) -> None:
+        # Starting an index over marks every file, a transaction per few thousand
+        # rows: permitted beside the writer, as the first rollback point's walk is,
+        # rather than holding every foreground write (docs/concurrency.md).
+        with self.writer.permit():
+            self.indexer.open()
 
     async def _wait_quiet(self) -> None:
         while True:

@@ -2,8 +2,9 @@
 
 A LEGACY file opened for reading is served straight from its Phase 3 copy (the
 same bytes), so the first read costs little more than a plain read, while this
-task migrates it on a worker thread; later opens are served from the store. A
-file opened for writing is migrated before the open returns (operations.py).
+task migrates it (read and chunked on a nice-19 thread, committed on the
+writer); later opens are served from the store. A file opened for writing is
+migrated before the open returns (operations.py). Threads: docs/concurrency.md.
 
 Files are migrated `jobs` at a time in the order they were opened; each holds
 the file's lock from OpenFiles while it migrates, so a write waits for it. A
@@ -22,14 +23,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Any
 
 import trio
 from ferryfs.store.errors import NotFound, OpError
 from ferryfs.store.store import Store
 
 from .background import Background
+from .counters import Counters
 from .handles import OpenFiles
+from .writer import Writer
 
 log = logging.getLogger("ferryfs.lazy")
 
@@ -38,10 +40,21 @@ PATIENCE = 3.0
 
 
 class LazyMigrator:
-    def __init__(self, store: Store, files: OpenFiles, counters: Any, jobs: int = 2) -> None:
+    """Migrates files on first open; `run` in a nursery, `stop` once it has ended."""
+
+    def __init__(
+        self,
+        store: Store,
+        files: OpenFiles,
+        counters: Counters,
+        writer: Writer | None = None,
+        jobs: int = 2,
+    ) -> None:
         self.store = store
         self.files = files
         self.counters = counters
+        self.writer = writer if writer is not None else Writer()
+        self._own_writer = writer is None
         self.jobs = jobs
         self._queue: deque[tuple[int, float]] = deque()  # (inode, when requested)
         self._queued: set[int] = set()
@@ -54,11 +67,18 @@ class LazyMigrator:
             self._queue.append((ino, time.monotonic()))
             self._wake.set()
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as n:
             for _ in range(self.jobs):
                 n.start_soon(self._worker)
             task_status.started()
+
+    def stop(self) -> None:
+        """Release the threads, once `run` has ended (its nursery cancelled): a
+        migration in flight finishes first (it is not abandoned half done)."""
+        self.background.close()
+        if self._own_writer:
+            self.writer.close()
 
     async def _worker(self) -> None:
         while True:
@@ -111,10 +131,9 @@ class LazyMigrator:
         except NotFound:
             raise  # deleted meanwhile: no error to record about it
         except OpError as e:
-            self.store.record_error(ino, str(e))
+            await self.writer.run(self.store.record_error, ino, str(e))
             raise
         if m is None:
             return
-        # The commit's fdatasync runs off the trio thread, as the sweep's does.
-        if await trio.to_thread.run_sync(self.store.commit_migrations, [m]):
+        if await self.writer.run(self.store.commit_migrations, [m]):
             self.counters.migrated_on_open += 1

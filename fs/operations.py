@@ -1,35 +1,43 @@
 """The FUSE protocol adapter: each handler translates one request into store
-calls. What a file system looks like lives in the store; errnos in errmap.
+calls. What a file system looks like lives in the store; errnos in errmap;
+buffered writes in writeback.
 
-Concurrency rules (pyfuse3 runs up to 99 handlers at once on one trio loop):
-- a store call is synchronous and is one transaction: it is atomic;
-- heavy work (migrating a file, planning a rewrite) runs in a worker thread
-  through `trio.to_thread`, holding the file's lock from `OpenFiles`, and is
-  committed on this thread before the lock is released;
-- a new `await` between two store calls breaks their atomicity: take the
-  file's lock around both, or make them one store call.
+pyfuse3 runs up to 99 handlers at once on this one trio thread. Reads run
+inline; every store call that writes is handed to the writer thread
+(`await self.writer.run(...)`). Which thread does what, and why a new `await`
+between two store calls breaks their atomicity: docs/concurrency.md.
 """
 
 from __future__ import annotations
 
-import errno
+import functools
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import pyfuse3
 import trio
-from ferryfs.store.errors import CorruptChunk, OpError, SourceError
+from ferryfs.store.errors import (
+    CorruptChunk,
+    IsADir,
+    NotADir,
+    NotPermitted,
+    OpError,
+    ReadOnly,
+    SourceError,
+)
 from ferryfs.store.records import Inode
 from ferryfs.store.store import Store
 
-from .errmap import fuse_errors
-from .handles import OpenFile, OpenFiles
+from .control import Control
+from .counters import Counters
+from .errmap import AccessDenied, Failsafe, fuse_errors
+from .handles import OpenFiles
 from .lazy import LazyMigrator
+from .writeback import WriteBack
+from .writer import Writer
 
 log = logging.getLogger("ferryfs.fs")
 
@@ -43,35 +51,38 @@ DOT_COOKIE, DOTDOT_COOKIE = 1, 2
 ENTRY_TIMEOUT = 300.0
 
 
-@dataclass
-class Counters:
-    """What the mount has done since it started, for `status`."""
-
-    reads: int = 0
-    migrated_on_open: int = 0
-    corrupt_reads: int = 0
-    healed: int = 0
-    errors: list[str] = field(default_factory=list)
-    last_request: float = field(default_factory=time.monotonic)
-
-
 class Operations(pyfuse3.Operations):
-    """ferryfs as pyfuse3 sees it: a thin adapter over a `Store`."""
+    """ferryfs as pyfuse3 sees it: a thin adapter over a `Store`.
+
+    Only `store` and `owner_uid` are needed (tests build it so); the daemon passes
+    the collaborators it shares with the control channel and the sweep."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, owner_uid: int, control: Any = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        owner_uid: int,
+        *,
+        writer: Writer | None = None,
+        writeback: WriteBack | None = None,
+        counters: Counters | None = None,
+        control: Control | None = None,
+        on_request: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__()
         self.store = store
         self.owner_uid = owner_uid
-        self.files = OpenFiles()
-        self.lookups: dict[int, int] = {}
-        self.counters = Counters()
+        self.writer = writer if writer is not None else Writer()
+        self.files = writeback.files if writeback is not None else OpenFiles()
+        self.writeback = writeback or WriteBack(store, self.files, self.writer)
+        self.counters = counters if counters is not None else Counters()
         self.control = control  # answers the user.ferryfs.* control xattrs on the root
+        self.on_request = on_request or (lambda: None)
+        self.lookups: dict[int, int] = {}
         self.opened_version: dict[int, int] = {}
-        self.on_request: Callable[[], None] = lambda: None
-        self.lazy = LazyMigrator(store, self.files, self.counters)
+        self.lazy = LazyMigrator(store, self.files, self.counters, self.writer)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -110,35 +121,10 @@ class Operations(pyfuse3.Operations):
         self.counters.corrupt_reads += 1
         log.error("corrupt chunk %s: read answered EIO", e.digest.hex()[:16])
 
-    async def _flush_file(self, ino: int) -> None:
-        """Write a file's buffered spans to the store. Call with its lock held."""
-        f = self.files.by_ino.get(ino)
-        while f is not None and f.spans:
-            # Many small spans cost as much to plan as a MiB of bytes.
-            big = f.dirty_bytes >= 1 << 20 or len(f.spans) >= 4096
-            spans = f.take()
-            try:
-                while True:
-                    if big:  # worth a thread hop (~0.75 ms here): chunking and compression
-                        rw = await trio.to_thread.run_sync(self.store.plan_write, ino, spans)
-                    else:
-                        rw = self.store.plan_write(ino, spans)
-                    if self.store.commit(rw) is not None:
-                        break
-                f.settle()
-            except BaseException:
-                # ENOSPC or worse: keep the bytes buffered, so freeing space and
-                # flushing again loses nothing the app wrote.
-                f.restore(spans)
-                raise
-
-    async def _flush_dirty(self, f: OpenFile) -> None:
-        """Flush `f` if it has buffered bytes or a flush in flight (whose spans are
-        out of the buffer, not yet committed). A clean file's lock is not taken: a
-        first-open migration holds it for as long as the file takes to migrate."""
-        if f.spans or f.flushing:
-            async with f.lock:
-                await self._flush_file(f.ino)
+    def _unlisted(self, ino: int) -> bool:
+        """Listing `ino` would write (import its entries): do it on the writer."""
+        d = self.store.getattr(ino)
+        return d.is_dir and not d.stored
 
     async def _migrate(self, ino: int) -> Inode:
         """Make sure `ino` is not LEGACY: migrate it now (before a write)."""
@@ -148,6 +134,13 @@ class Operations(pyfuse3.Operations):
             node = self.store.getattr(ino)
         return node
 
+    def _forget(self, inos: list[int]) -> None:
+        for ino in inos:  # on the writer: one hop for the kernel's whole batch
+            try:
+                self.store.forget(ino)
+            except Exception:
+                log.exception("forget of inode %d failed", ino)
+
     # -- namespace -----------------------------------------------------------------
 
     @fuse_errors
@@ -155,9 +148,12 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._touch()
+        if self._unlisted(parent_inode):
+            return self._entry(await self.writer.run(self.store.lookup, parent_inode, name))
         return self._entry(self.store.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        gone = []
         for ino, n in inode_list:
             left = self.lookups.get(ino, 0) - n
             if left > 0:
@@ -165,10 +161,9 @@ class Operations(pyfuse3.Operations):
                 continue
             self.lookups.pop(ino, None)
             if ino not in self.files.by_ino:
-                try:
-                    self.store.forget(ino)
-                except Exception:
-                    log.exception("forget of inode %d failed", ino)
+                gone.append(ino)
+        if gone:
+            await self.writer.run(self._forget, gone)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -187,13 +182,13 @@ class Operations(pyfuse3.Operations):
         async with self.files.lock(inode):
             # Writes buffered before this request land first, or their commit would
             # overwrite the times it sets (tar -p: write, futimens, close).
-            await self._flush_file(inode)
+            await self.writeback.flush_file(inode)
             if fields.update_size:
                 node = self.store.getattr(inode)
                 if node.is_reg and not node.stored and attr.st_size != 0:
                     await self.lazy.migrate_locked(inode)
-            now = time.time_ns()
-            node = self.store.setattr(
+            change = functools.partial(
+                self.store.setattr,
                 inode,
                 mode=attr.st_mode if fields.update_mode else None,
                 uid=attr.st_uid if fields.update_uid else None,
@@ -201,8 +196,9 @@ class Operations(pyfuse3.Operations):
                 size=attr.st_size if fields.update_size else None,
                 atime_ns=attr.st_atime_ns if fields.update_atime else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-                ctime_ns=attr.st_ctime_ns if fields.update_ctime else now,
+                ctime_ns=attr.st_ctime_ns if fields.update_ctime else time.time_ns(),
             )
+            node = await self.writer.run(change)
         return self._attr(node)
 
     @fuse_errors
@@ -212,14 +208,15 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self._touch()
-        node = self.store.getattr(inode)
-        if not node.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if not self.store.getattr(inode).is_dir:
+            raise NotADir(f"inode {inode} is not a directory")
         return inode
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self._touch()
+        if self._unlisted(fh):  # listed with what lies ahead, on the writer; then only reads
+            await self.writer.run(self.store.readdir, fh, 0, 1)
         # "." and ".." first, under cookies 1 and 2 (a name's cookie is a 63-bit
         # hash: one of 2**63 collides with them). No lookup count for either.
         if start_id < DOTDOT_COOKIE:
@@ -250,8 +247,9 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._touch()
+        gid = self._gid(parent_inode, ctx)
         return self._entry(
-            self.store.mknod(parent_inode, name, mode, ctx.uid, self._gid(parent_inode, ctx), rdev)
+            await self.writer.run(self.store.mknod, parent_inode, name, mode, ctx.uid, gid, rdev)
         )
 
     @fuse_errors
@@ -260,8 +258,9 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         self._touch()
         mode = self._inherit_sgid(parent_inode, mode, directory=True)
+        gid = self._gid(parent_inode, ctx)
         return self._entry(
-            self.store.mkdir(parent_inode, name, mode, ctx.uid, self._gid(parent_inode, ctx))
+            await self.writer.run(self.store.mkdir, parent_inode, name, mode, ctx.uid, gid)
         )
 
     def _gid(self, parent: int, ctx: pyfuse3.RequestContext) -> int:
@@ -278,20 +277,21 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._touch()
-        self.store.unlink(parent_inode, name)
+        await self.writer.run(self.store.unlink, parent_inode, name)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._touch()
-        self.store.rmdir(parent_inode, name)
+        await self.writer.run(self.store.rmdir, parent_inode, name)
 
     @fuse_errors
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._touch()
+        gid = self._gid(parent_inode, ctx)
         return self._entry(
-            self.store.symlink(parent_inode, name, target, ctx.uid, self._gid(parent_inode, ctx))
+            await self.writer.run(self.store.symlink, parent_inode, name, target, ctx.uid, gid)
         )
 
     @fuse_errors
@@ -305,14 +305,18 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> None:
         self._touch()
-        self.store.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self.writer.run(
+            self.store.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags
+        )
 
     @fuse_errors
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._touch()
-        return self._entry(self.store.link(inode, new_parent_inode, new_name))
+        return self._entry(
+            await self.writer.run(self.store.link, inode, new_parent_inode, new_name)
+        )
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -336,14 +340,14 @@ class Operations(pyfuse3.Operations):
         self._touch()
         node = self.store.getattr(inode)
         if node.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
+            raise IsADir(f"inode {inode} is a directory")
         if flags & os.O_TRUNC and node.is_reg:
             # libfuse asks for atomic O_TRUNC: the kernel sends no setattr.
             async with self.files.lock(inode):
                 f = self.files.by_ino.get(inode)
                 if f is not None:
                     f.drop()
-                node = self.store.truncate(inode, 0)
+                node = await self.writer.run(self.store.truncate, inode, 0)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         legacy = None
         if node.is_reg and not node.stored:
@@ -352,7 +356,9 @@ class Operations(pyfuse3.Operations):
             else:
                 # Serve this open from Phase 3 (same bytes) while it migrates behind.
                 try:
-                    legacy = self.store.open_legacy(inode)  # records its error in status
+                    # Inline; its failure records the error (docs/concurrency.md).
+                    with self.writer.permit():
+                        legacy = self.store.open_legacy(inode)
                 except SourceError as e:
                     log.warning("cannot migrate inode %d on first open: %s", inode, e)
                     raise
@@ -368,7 +374,8 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._touch()
-        node = self.store.create(parent_inode, name, mode, ctx.uid, self._gid(parent_inode, ctx))
+        gid = self._gid(parent_inode, ctx)
+        node = await self.writer.run(self.store.create, parent_inode, name, mode, ctx.uid, gid)
         h = self.files.open(node.ino)
         self.opened_version[node.ino] = node.version
         return pyfuse3.FileInfo(fh=h.fh), self._entry(node)
@@ -384,12 +391,13 @@ class Operations(pyfuse3.Operations):
         # A flush in progress has already taken the spans out of the buffer but not
         # committed them yet: wait for it too, or this read gets the old bytes. Not
         # for a first-open migration holding the lock: the Phase 3 bytes are the same.
-        await self._flush_dirty(f)
+        await self.writeback.flush_dirty(f)
         if h.legacy is not None:
             node = self.store.getattr(f.ino)
             try:
                 if not node.changed:
-                    return self.store.read_legacy(h.legacy, f.ino, off, size)  # inline: see _read
+                    with self.writer.permit():  # inline: see _read; its failure records
+                        return self.store.read_legacy(h.legacy, f.ino, off, size)
             except SourceError as e:  # changed in Phase 3: EIO, never a mix
                 if not node.stored:
                     log.warning("cannot read inode %d from Phase 3: %s", f.ino, e)
@@ -403,7 +411,7 @@ class Operations(pyfuse3.Operations):
             # Never wrong bytes: heal from Phase 3 if the file is unmodified, else EIO
             # and failsafe (writes refused until fsck has looked at the store).
             self.on_corrupt(e)
-            if await trio.to_thread.run_sync(self.store.heal, f.ino, e.digest):
+            if await self.writer.run(self.store.heal, f.ino, e.digest):
                 self.counters.healed += 1
                 log.warning("healed chunk %s from Phase 3", e.digest.hex()[:16])
                 return await self._read(f.ino, off, size)
@@ -411,7 +419,7 @@ class Operations(pyfuse3.Operations):
                 f"chunk {e.digest.hex()[:16]} of inode {f.ino} is corrupt and cannot be healed"
             )
             log.error("failsafe: %s; writes refused, run ferryfs fsck", self.store.failsafe)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise Failsafe(self.store.failsafe) from None
 
     async def _read(self, ino: int, off: int, size: int) -> bytes | memoryview:
         # Inline on purpose: a trio.to_thread hop costs ~0.75 ms here, more than
@@ -419,7 +427,9 @@ class Operations(pyfuse3.Operations):
         data = self.store.read_stored(ino, off, size)
         if data is None:  # LEGACY (opened before a restart of the daemon, say)
             await self._migrate(ino)
-            data = self.store.read(ino, off, size)
+            data = self.store.read_stored(ino, off, size)
+            if data is None:
+                raise SourceError("not migrated")
         return data  # pyfuse3 replies from any buffer: a view saves a copy
 
     @fuse_errors
@@ -427,7 +437,7 @@ class Operations(pyfuse3.Operations):
         self._touch()
         if self.store.failsafe is not None:
             # Refuse here, not at the flush: close() errors are easy to ignore.
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise ReadOnly(self.store.failsafe)
         h = self.files.get(fh)
         f = h.file
         async with f.lock:
@@ -436,7 +446,7 @@ class Operations(pyfuse3.Operations):
                 await self.lazy.migrate_locked(f.ino)
             f.add(off, buf)
             if f.full:
-                await self._flush_file(f.ino)
+                await self.writeback.flush_file(f.ino)
         return len(buf)
 
     @fuse_errors
@@ -447,21 +457,20 @@ class Operations(pyfuse3.Operations):
         # FLUSH altogether, a round trip per file, but then bytes an app closed
         # would sit in memory until release, and a daemon killed then loses them:
         # tests/test_crash.py caught that.)
-        f = self.files.get(fh).file
-        await self._flush_dirty(f)
+        await self.writeback.flush_dirty(self.files.get(fh).file)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         f = self.files.get(fh).file
         async with f.lock:
-            await self._flush_file(f.ino)
+            await self.writeback.flush_file(f.ino)
         await trio.to_thread.run_sync(self.store.sync)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
         f = self.files.get(fh).file
         try:
-            await self._flush_dirty(f)
+            await self.writeback.flush_dirty(f)
         except OpError as e:
             if f.handles == 1:
                 # close() already returned flush's error to the app; the last handle
@@ -474,7 +483,7 @@ class Operations(pyfuse3.Operations):
         finally:
             f = self.files.close(fh)
         if f.handles == 0 and f.ino not in self.lookups:
-            self.store.forget(f.ino)
+            await self.writer.run(self.store.forget, f.ino)
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -482,18 +491,23 @@ class Operations(pyfuse3.Operations):
 
     # -- extended attributes ---------------------------------------------------------
 
-    def _control_allowed(self, ctx: pyfuse3.RequestContext) -> bool:
-        return ctx.uid in (0, self.owner_uid)
+    def _control(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Control | None:
+        """The control channel, if this request is for it (and allowed)."""
+        if inode != pyfuse3.ROOT_INODE or not name.startswith(CONTROL_PREFIX):
+            return None
+        if self.control is None:
+            return None
+        if ctx.uid not in (0, self.owner_uid):
+            raise AccessDenied("only the mount's owner or root may use its control channel")
+        return self.control
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATE_XATTR:
             return self.store.getattr(inode).state.encode()
-        if inode == pyfuse3.ROOT_INODE and name.startswith(CONTROL_PREFIX) and self.control:
-            if not self._control_allowed(ctx):
-                raise pyfuse3.FUSEError(errno.EACCES)
-            value: bytes = await self.control.get(name[len(CONTROL_PREFIX) :])
-            return value
+        control = self._control(inode, name, ctx)
+        if control is not None:
+            return await control.get(name[len(CONTROL_PREFIX) :])
         return self.store.getxattr(inode, name)
 
     @fuse_errors
@@ -501,13 +515,12 @@ class Operations(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         if name == STATE_XATTR:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        if inode == pyfuse3.ROOT_INODE and name.startswith(CONTROL_PREFIX) and self.control:
-            if not self._control_allowed(ctx):
-                raise pyfuse3.FUSEError(errno.EACCES)
-            await self.control.set(name[len(CONTROL_PREFIX) :], value)
+            raise NotPermitted("the migration state is read-only")
+        control = self._control(inode, name, ctx)
+        if control is not None:
+            await control.set(name[len(CONTROL_PREFIX) :], value)
             return
-        self.store.setxattr(inode, name, value)
+        await self.writer.run(self.store.setxattr, inode, name, value)
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -516,19 +529,5 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name == STATE_XATTR:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        self.store.removexattr(inode, name)
-
-    # -- shutdown ------------------------------------------------------------------
-
-    async def flush_all(self) -> list[tuple[int, int, Exception]]:
-        """Write out every buffered file; the (inode, bytes, error) of each file
-        whose buffered bytes could not be written (they stay buffered). Callers
-        say what that means: lost at shutdown, a failed sync, a refused umount."""
-        failed = []
-        for ino, f in list(self.files.by_ino.items()):
-            try:
-                await self._flush_dirty(f)  # a clean file's lock may be held by its migration
-            except Exception as e:
-                failed.append((ino, f.dirty_bytes, e))
-        return failed
+            raise NotPermitted("the migration state is read-only")
+        await self.writer.run(self.store.removexattr, inode, name)

@@ -9,7 +9,6 @@ mount is `ro`, so the kernel answers EROFS to every write.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
@@ -17,7 +16,7 @@ import sys
 
 import pyfuse3
 import trio
-from ferryfs.store.errors import FerryError
+from ferryfs.store.errors import FerryError, NoData, NotFound, ReadOnly
 from ferryfs.store.phase3 import Entry, Phase3Tree, join
 
 from .errmap import fuse_errors
@@ -81,7 +80,7 @@ class ReadOnlyTree(pyfuse3.Operations):
         for e in self._list(os.path.dirname(self.paths[inode])):
             if e.name == os.path.basename(self.paths[inode]):
                 return e.target
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        raise NotFound(os.fsdecode(self.paths[inode]))
 
     def _list(self, rel: bytes) -> list[Entry]:
         return list(self.tree.listdir(rel))
@@ -105,7 +104,7 @@ class ReadOnlyTree(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise ReadOnly("the Phase 3 tree is shown read-only")
         fd = self.tree.open_file(self.paths[inode])
         self.fds[fd] = fd
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
@@ -142,7 +141,7 @@ class ReadOnlyTree(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        raise NoData(name.decode(errors="replace"))  # ENOATTR
 
 
 async def _serve(ready: int | None) -> None:

@@ -16,13 +16,11 @@ fits, and the rest wait for space (state "waiting for space", looked at again
 every SPACE_RETRY seconds). `cancel` is for the rest of the mount's life:
 `resume` after it is refused.
 
-Concurrency rules: the todo list and counters are touched only on the trio
-thread; background threads run `Store.prepare_migration`; a committer task
-commits each prepared batch (one write transaction, on a worker thread) while
-the next is being prepared; the directory listing also runs on a worker
-thread. So the trio thread never waits for an fdatasync. A foreground write
-waits for the store's writer lock at most one such transaction; a read never
-does.
+Threads (docs/concurrency.md): the todo list and counters are touched only on
+the trio thread; the nice-19 threads (background.py) read, chunk and compress
+(`Store.prepare_migration`) and write nothing; every transaction, listing
+directories and committing each prepared batch, runs on the mount's writer.
+A committer task hands a batch to the writer while the next is being prepared.
 """
 
 from __future__ import annotations
@@ -46,6 +44,7 @@ from ferryfs.store.store import Store
 from .background import Background
 from .load import OtherLoad
 from .sweep_config import SweepConfig
+from .writer import Writer
 
 log = logging.getLogger("ferryfs.sweep")
 
@@ -81,9 +80,11 @@ class SweepStats:
 class Sweep:
     """Background migration of a mount's LEGACY files; see the module docstring."""
 
-    def __init__(self, store: Store, config: SweepConfig) -> None:
+    def __init__(self, store: Store, config: SweepConfig, writer: Writer | None = None) -> None:
         self.store = store
         self.cfg = config
+        self.writer = writer if writer is not None else Writer()
+        self._own_writer = writer is None
         self.state = "waiting"
         self.stats = SweepStats()
         # No foreground request has come yet: the first quiet period is now.
@@ -171,12 +172,19 @@ class Sweep:
 
     # -- the task ----------------------------------------------------------------
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as n:
             n.start_soon(self._committer, self._commits)
             task_status.started()
             async with self._to_commit:  # closed when the loop ends: the committer ends
                 await self._loop()
+
+    def stop(self) -> None:
+        """Release the threads, once `run` has ended (a file being prepared is
+        finished first, and dropped)."""
+        self.background.close()
+        if self._own_writer:
+            self.writer.close()
 
     async def _loop(self) -> None:
         while True:
@@ -248,7 +256,7 @@ class Sweep:
         return False
 
     async def _import_some(self) -> bool:
-        """List UNLISTED directories, a transaction at a time on a worker thread, until
+        """List UNLISTED directories, a transaction at a time on the writer, until
         none is left or a foreground request comes. True if there may be more."""
         if self._listing is None:
             self._listing = deque([ROOT_INO])
@@ -256,7 +264,7 @@ class Sweep:
             return False
         while self._listing and not self._preempt.is_set():
             try:
-                await trio.to_thread.run_sync(self.store.import_step, self._listing, 1024)
+                await self.writer.run(self.store.import_step, self._listing, 1024)
             except NoSpace as e:  # the queue is as it was: listing goes on at the next look
                 log.warning("sweep: cannot list directories: %s; waiting for space", e)
                 self._listing_waits = True
@@ -270,16 +278,16 @@ class Sweep:
 
     async def _refill(self) -> bool:
         """Build the todo list from the store. True if there is work."""
+        # Errors of files deleted or migrated since (by a read, a write, a truncation)
+        # no longer apply: status stops counting them.
+        with contextlib.suppress(OpError):
+            await self.writer.run(self.store.prune_errors)
         self._todo, self._sizes = await trio.to_thread.run_sync(self._scan)
         return bool(self._todo)
 
     def _scan(self) -> tuple[array[int], array[int]]:
         items = []
         pending = 0
-        # Errors of files deleted or migrated since (by a read, a write, a truncation)
-        # no longer apply: status stops counting them.
-        with contextlib.suppress(OpError):
-            self.store.prune_errors()
         skip = self._failed | self._no_space
         for node in self.store.iter_inodes():
             # nlink 0: deleted, kept only while the kernel still knows it; not worth migrating.
@@ -340,15 +348,19 @@ class Sweep:
             )
         self._no_space.update(inos)
 
-    def _give_up(self, inos: list[int], e: OpError) -> None:
+    async def _give_up(self, inos: list[int], e: OpError) -> None:
         """Skip these files until the next mount, and say why in status and the log."""
         self._failed.update(inos)
         self.stats.errors += len(inos)
         for ino in inos:
             log.warning("sweep: cannot migrate inode %d: %s", ino, e)
-            # On a full disk the error cannot be recorded either: the count above stays.
+        await self.writer.run(self._record_errors, inos, str(e))
+
+    def _record_errors(self, inos: list[int], message: str) -> None:
+        for ino in inos:
+            # On a full disk the error cannot be recorded either: the count stays.
             with contextlib.suppress(OpError):
-                self.store.record_error(ino, str(e))
+                self.store.record_error(ino, message)
 
     def _hold(self) -> None:
         if self._inflight == 0:
@@ -402,7 +414,7 @@ class Sweep:
                         self._wait_for_space([ino])
                         continue
                     except (SourceError, OpError) as e:
-                        self._give_up([ino], e)
+                        await self._give_up([ino], e)
                         continue
                     if m is not None:
                         done.append(m)
@@ -432,17 +444,17 @@ class Sweep:
     async def _committer(
         self, batches: trio.MemoryReceiveChannel[tuple[list[Migration], float]]
     ) -> None:
-        """Commit prepared batches in order, one transaction each, on a worker thread
+        """Commit prepared batches in order, one transaction each, on the writer
         (its fdatasync takes milliseconds, and the trio thread must go on answering
         requests), while the loop prepares the next batch."""
         async for ms, t0 in batches:
             committed: list[Inode] = []
             try:
-                committed, full = await trio.to_thread.run_sync(self._commit, ms)
+                committed, full = await self.writer.run(self._commit, ms)
                 if full:
                     self._wait_for_space([m.ino for m in full])
             except OpError as e:  # failsafe or read-only: they stay LEGACY
-                self._give_up([m.ino for m in ms], e)
+                await self._give_up([m.ino for m in ms], e)
             finally:
                 self._release()
             nbytes = sum(x.size for x in committed)

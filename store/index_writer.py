@@ -202,7 +202,7 @@ class Indexer:
                     return None
                 data = self.store.read_stored(node.ino, 0, node.size)
                 return None if data is None else bytes(data)
-            f = self.store.open_legacy(node.ino)
+            f = self.store.open_legacy(node.ino, record=False)  # a reader: writes nothing
             try:
                 head = f.pread(SNIFF, 0)
                 if not _may_be_text(head, len(head) < SNIFF):
@@ -217,6 +217,12 @@ class Indexer:
     def commit(self, batch: Batch) -> None:
         """Commit a prepared batch: tantivy first (durably), then the rows that
         say what it holds, each only if the file did not move on meanwhile."""
+        self.commit_index(batch)
+        self.commit_rows(batch)
+
+    def commit_index(self, batch: Batch) -> None:
+        """The tantivy half of `commit`: no store transaction (a mount runs it on a
+        worker thread, and `commit_rows` on its writer)."""
         import tantivy
 
         docs, gone = batch.docs, batch.gone
@@ -248,6 +254,10 @@ class Indexer:
         if changed:
             w.commit()  # durable before any row below says so
             private(index_dir(self.path))
+
+    def commit_rows(self, batch: Batch) -> None:
+        """The store half of `commit`, after `commit_index`: one transaction."""
+        docs, gone = batch.docs, batch.gone
 
         def rows(txn: Txn) -> None:
             for ino in gone:

@@ -5,7 +5,8 @@ Two backends honour one contract (the store's contract tests run on both):
 this module speaks only `Txn`, so no LMDB handle leaks into the rest of the store.
 
 A transaction is used inside one function call and never across an `await`:
-LMDB write transactions belong to the thread that began them.
+LMDB write transactions belong to the thread that began them. Which threads of
+a mount may begin one (its writer: `write_guard` checks): docs/concurrency.md.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import lmdb
@@ -86,7 +87,14 @@ class Txn(Protocol):
         ...
 
 
+# Called as a write transaction begins, on the thread that begins it: a mount
+# installs its writer's check here (fs/writer.py, docs/concurrency.md).
+WriteGuard = Callable[[], None]
+
+
 class Backend(Protocol):
+    write_guard: WriteGuard | None
+
     def read(self) -> contextlib.AbstractContextManager[Txn]: ...
     def write(self) -> contextlib.AbstractContextManager[Txn]: ...
     def grow(self) -> None: ...
@@ -199,6 +207,7 @@ class LmdbBackend:
             ) from None
         except lmdb.Error as e:  # not allowed, no space, too many readers...
             raise StoreUnusable(f"cannot open {self._shown}: {e}") from None
+        self.write_guard: WriteGuard | None = None
         self._lock = threading.Lock()
         self._gate = threading.Condition()
         self._readers = 0
@@ -309,6 +318,8 @@ class LmdbBackend:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Txn]:
+        if self.write_guard is not None:
+            self.write_guard()
         with self._lock:
             # Copies, not views: a view into a page goes stale when the same transaction
             # writes (a class of bug, not a case to remember at each call site).
@@ -450,6 +461,7 @@ class MemoryBackend:
     def __init__(self) -> None:
         self.data: dict[str, dict[bytes, bytes]] = {n: {} for n in DBS}
         self.keys: dict[str, list[bytes]] = {n: [] for n in DBS}
+        self.write_guard: WriteGuard | None = None
         self._lock = threading.RLock()
 
     @contextlib.contextmanager
@@ -458,6 +470,8 @@ class MemoryBackend:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Txn]:
+        if self.write_guard is not None:
+            self.write_guard()
         with self._lock:
             txn = _MemTxn(self, write=True)
             try:

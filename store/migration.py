@@ -292,7 +292,7 @@ def migrate(s: Host, ino: int) -> Inode:
 # -- reading and healing from Phase 3 ---------------------------------------------------------
 
 
-def open_legacy(s: Host, ino: int) -> Phase3File:
+def open_legacy(s: Host, ino: int, record: bool = True) -> Phase3File:
     """The Phase 3 copy of a LEGACY file, to serve its reads until it is migrated.
 
     SourceError, recorded in status, if that is unsafe or the file changed in
@@ -300,7 +300,8 @@ def open_legacy(s: Host, ino: int) -> Phase3File:
     opens and reads get EIO: the mount keeps showing the entry it imported
     (stat, and the rollback point's manifest, describe the old version), and
     quietly taking the new content would serve bytes that match neither.
-    Truncating it to 0 or deleting it through the mount still works."""
+    Truncating it to 0 or deleting it through the mount still works. With
+    `record` False nothing is written (the search indexer, a reader only)."""
     with s.backend.read() as txn:
         leg = ns.get_legacy(txn, ino)
     if leg is None or s.tree is None:
@@ -313,7 +314,8 @@ def open_legacy(s: Host, ino: int) -> Phase3File:
             f.close()
             raise
     except SourceError as e:
-        record_error(s, ino, str(e))
+        if record:
+            record_error(s, ino, str(e))
         raise
     return f
 

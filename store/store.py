@@ -361,8 +361,8 @@ class Store:
     def migrate(self, ino: int) -> Inode:
         return migration.migrate(self, ino)
 
-    def open_legacy(self, ino: int) -> Phase3File:
-        return migration.open_legacy(self, ino)
+    def open_legacy(self, ino: int, record: bool = True) -> Phase3File:
+        return migration.open_legacy(self, ino, record)
 
     def read_legacy(self, f: Phase3File, ino: int, off: int, n: int) -> bytes:
         return migration.read_legacy(self, f, ino, off, n)
