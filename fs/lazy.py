@@ -121,8 +121,12 @@ class LazyMigrator:
         node = self.store.getattr(ino)
         if not node.is_reg or node.stored:
             return
-        # A big file's chunks are written as they are made (Store.prepare_migration).
-        spill = self.store.stage_chunks
+
+        # A big file's chunks are written as they are made (Store.prepare_migration),
+        # by the writer: the preparing thread only hands them over.
+        def spill(records: dict[bytes, bytes]) -> None:
+            self.writer.call(self.store.stage_chunks, records)
+
         try:
             if background:
                 m = await self.background.run(self.store.prepare_migration, ino, None, spill)

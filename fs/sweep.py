@@ -117,6 +117,11 @@ class Sweep:
 
     # -- called by the adapter and the control channel --------------------------------
 
+    def _spill(self, records: dict[bytes, bytes]) -> None:
+        """A big file's chunk records, handed to the writer from the nice-19 thread
+        preparing it (docs/concurrency.md)."""
+        self.writer.call(self.store.stage_chunks, records)
+
     def poke(self) -> None:
         """A foreground request arrived: give way now."""
         self.last_request = time.monotonic()
@@ -403,7 +408,7 @@ class Sweep:
                             self.store.prepare_migration,
                             ino,
                             self._preempt.is_set,
-                            self.store.stage_chunks,  # a big file's chunks, as they are made
+                            self._spill,  # a big file's chunks, as they are made
                         )
                     except Preempted:
                         gave_way.append((ino, size))

@@ -67,6 +67,24 @@ class Writer:
             await done.wait()
         return box[0].unwrap()
 
+    def call(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """`fn(*args)` on the writer, from a thread that is not trio's: a nice-19
+        thread hands a big migration's chunk records over this way as they are made
+        (their spill), and waits, so its memory stays bounded. On the writer itself
+        it runs inline (a job must not wait for the queue it is in)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        done = threading.Event()
+        box: list[outcome.Outcome[T]] = []
+
+        def job() -> None:
+            box.append(outcome.capture(fn, *args))
+            done.set()
+
+        self._submit(job)
+        done.wait()
+        return box[0].unwrap()
+
     def _submit(self, job: _Job) -> None:
         with self._start:
             if self._closed:
