@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,3 +38,22 @@ def migrated(sample_tree: SampleTree, tmp_path: Path) -> tuple[Path, Path]:
     store = tmp_path / "store"
     assert cli.main(["migrate", str(src), "--store", str(store)]) == 0
     return src, store
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """A random source whose seed is shown when the test fails; FERRYFS_TEST_SEED
+    replays one."""
+    seed = int(os.environ.get("FERRYFS_TEST_SEED") or int.from_bytes(os.urandom(4), "big"))
+    request.node.user_properties.append(("seed", seed))
+    return random.Random(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "seed":
+                report.sections.append(("random seed", f"FERRYFS_TEST_SEED={value} replays it"))
