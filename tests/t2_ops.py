@@ -1,8 +1,9 @@
 """Tier 2: the FUSE adapter called directly, with no kernel and no mount.
 
-Each test builds `Operations(Store.memory(SRC), uid)` over a small Phase 3 tree,
-runs its first-open migrator in a nursery as the daemon does, and awaits the
-handlers with a fake request context (as S3QL's t3_fs_api.py does): the paths
+Each test builds `Operations(Store.memory(SRC), uid)` over a small Phase 3 tree
+(and again over an LMDB store, as the daemon opens it), runs its first-open
+migrator in a nursery as the daemon does, and awaits the handlers with a fake
+request context (as S3QL's t3_fs_api.py does): the paths
 a real mount reaches only through the kernel (lazy open, heal and failsafe, the
 release error path, atomic O_TRUNC, setattr ordering), fast and without FUSE.
 """
@@ -81,10 +82,15 @@ def src(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-async def ops(src: Path) -> AsyncIterator[Operations]:
-    """The adapter over a memory store of `src`, its first-open migrator running."""
-    store = Store.memory(str(src))
+@pytest.fixture(params=["memory", "lmdb"])
+async def ops(request: pytest.FixtureRequest, src: Path) -> AsyncIterator[Operations]:
+    """The adapter over a store of `src` (in memory, or in LMDB as the daemon opens
+    it), its first-open migrator running."""
+    if request.param == "memory":
+        store = Store.memory(str(src))
+    else:
+        path = str(src.with_name("store"))
+        store = Store.open(path, source=str(src), create=True, keep_orphans=True)
     o = Operations(store, os.getuid())
     try:
         async with trio.open_nursery() as n:
