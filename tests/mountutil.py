@@ -112,13 +112,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def _is_our_daemon(pid: int, mnt: Path) -> bool:
-    """`pid` is (still) a ferryfs daemon serving `mnt`: guards a kill against pid reuse."""
+def is_daemon(pid: int, mnt: Path | None = None) -> bool:
+    """`pid` is (still) a ferryfs daemon (serving `mnt`, if given): guards a kill
+    against pid reuse."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"ferryfs.fs.daemon" in argv and os.fsencode(mnt) in argv
+    return b"ferryfs.fs.daemon" in argv and (mnt is None or os.fsencode(mnt) in argv)
 
 
 def is_mounted(mnt: Path) -> bool:
@@ -212,7 +213,7 @@ class Mount:
         if self.pid is None and is_mounted(self.mnt):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(os.getxattr(self.mnt, "user.ferryfs.pid"))
-                if _is_our_daemon(pid, self.mnt):
+                if is_daemon(pid, self.mnt):
                     self.pid = pid
 
     def _fire_watchdog(self) -> None:
@@ -222,7 +223,7 @@ class Mount:
     def _kill(self) -> None:
         """Lazy-unmount and SIGKILL our daemon (only the pid we started)."""
         subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, timeout=30)
-        if self.pid is not None and pid_alive(self.pid) and _is_our_daemon(self.pid, self.mnt):
+        if self.pid is not None and pid_alive(self.pid) and is_daemon(self.pid, self.mnt):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from ferryfs.store import codec
+from ferryfs.store import namespace as ns
+from ferryfs.store.kv import Txn
 from ferryfs.store.records import HOLE, ROOT_INO, STORED, U64, Inode, unpack_extent
 from ferryfs.store.store import Store
+from helpers.damage import chunk_damaged
 
 T = TypeVar("T")
 StatRow = tuple[int, int, int, int, int, int, int, int, int]
@@ -122,6 +124,25 @@ def walk_store(store: Store, read: bool = True) -> dict[bytes, Entry]:
     return out
 
 
+def store_entries(txn: Txn) -> list[tuple[str, Inode]]:
+    """(path relative to the root, inode) of every entry the namespace tables list,
+    depth first, read in one transaction without the store's own walks (an UNLISTED
+    directory is yielded, and lists nothing)."""
+    out: list[tuple[str, Inode]] = []
+
+    def visit(dir_: tuple[int, str]) -> Iterator[tuple[int, str]]:
+        ino, rel = dir_
+        for _cookie, name, c in ns.entries(txn, ino):
+            node = ns.get(txn, c)
+            path = f"{rel}/{os.fsdecode(name)}" if rel else os.fsdecode(name)
+            out.append((path, node))
+            if node.is_dir:
+                yield c, path
+
+    preorder((ROOT_INO, ""), visit)
+    return out
+
+
 @dataclass
 class Raw:
     """The store's databases as plain Python values."""
@@ -214,8 +235,9 @@ def check_invariants(store: Store, deep: bool = False) -> Raw:
         if d not in r.refs and d not in r.pending:
             problems.append(f"orphan chunk {d.hex()[:12]}")
     if deep:
-        for d, rec in r.chunks.items():
-            codec.decode(rec, d)
+        problems += [
+            f"damaged chunk {d.hex()[:12]}" for d, rec in r.chunks.items() if chunk_damaged(d, rec)
+        ]
     assert not problems, "\n".join(problems)
     return r
 
@@ -234,21 +256,6 @@ def deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-def damage_chunk(store_dir: Path, digest: bytes) -> None:
-    """Flip one bit of the last byte of chunk `digest`'s record, in place (unmounted)."""
-    import lmdb
-
-    env = lmdb.open(str(Path(store_dir) / "db"), max_dbs=16)
-    try:
-        chunks = env.open_db(b"chunks")
-        with env.begin(write=True) as t:
-            rec = bytearray(t.get(digest, db=chunks))
-            rec[-1] ^= 0x40
-            t.put(digest, bytes(rec), db=chunks)
-    finally:
-        env.close()
 
 
 def free_last_pages(env_dir: Path) -> tuple[int, int]:

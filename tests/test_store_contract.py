@@ -46,6 +46,7 @@ from ferryfs.store.store import (
     XATTR_REPLACE,
     Store,
 )
+from helpers.damage import damage_chunk
 from storehelpers import check_invariants, deadline, raw, snapshot, walk_store
 
 UID, GID = 4321, 8765
@@ -823,22 +824,6 @@ def test_xattrs(store: Store) -> None:
 # -- faults ---------------------------------------------------------------------------
 
 
-def flip_bit(
-    store: Store, d: bytes, rng: random.Random, only: tuple[int, int] | None = None
-) -> bytes:
-    """XOR one random bit of chunk record `d` (within bytes [only) if given); returns
-    the old record."""
-    with store.backend.write() as txn:
-        old = bytes(txn.get("chunks", d) or b"")
-        lo, hi = only or (0, len(old))
-        i = rng.randrange(lo, min(hi, len(old)))
-        bad = bytearray(old)
-        bad[i] ^= 1 << rng.randrange(8)
-        txn.put("chunks", d, bytes(bad))
-    store.cache = cas.ChunkCache()
-    return old
-
-
 def test_a_corrupt_chunk_reads_as_eio_never_as_wrong_bytes(store: Store) -> None:
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
@@ -851,7 +836,7 @@ def test_a_corrupt_chunk_reads_as_eio_never_as_wrong_bytes(store: Store) -> None
             _, d, _ = rng.choice(raw(store).extents[node.ino])
             codecs.add(raw(store).chunks[d][0])
             # Every other time in the header (codec, dictionary id, zstd frame header).
-            old = flip_bit(store, d, rng) if i % 2 else flip_bit(store, d, rng, only=(0, 12))
+            old = damage_chunk(store, d, rng) if i % 2 else damage_chunk(store, d, rng, 0, 12)
             with pytest.raises(CorruptChunk) as e:
                 store.read(node.ino, 0, len(data))
             assert e.value.errno == errno.EIO, seed
