@@ -72,8 +72,21 @@ def fuse_unavailable() -> str | None:
     return None
 
 
+# The test running now (set by conftest), so that require_fuse can tell whether it
+# carries the `mount` marker.
+RUNNING: pytest.Item | None = None
+
+
 def require_fuse() -> None:
-    """Skip without FUSE; under CI (env CI set) fail instead, with the same reason."""
+    """Every path to a mount calls this first (`mounted` does). Fails a test not
+    marked `mount` (conftest marks the tests whose code reaches this function; mark
+    by hand one it cannot see, e.g. through a method); skips without FUSE, or under
+    CI (env CI set) fails instead, with the same reason."""
+    if RUNNING is not None and RUNNING.get_closest_marker("mount") is None:
+        pytest.fail(
+            f"{RUNNING.nodeid} mounts but is not marked: add @pytest.mark.mount",
+            pytrace=False,
+        )
     why = fuse_unavailable()
     if why is None:
         return
