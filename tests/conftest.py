@@ -1,4 +1,13 @@
-"""Fixtures shared by every test tier."""
+"""Fixtures shared by every test tier, and the `mount` marker.
+
+The tiers, by file name prefix (as S3QL's t1_..t5_):
+  t1_  the store and its key-value backends, called directly (no FUSE);
+  t2_  the FUSE adapter (`fs.operations.Operations`) called directly, no kernel;
+  t3_  real mounts: the kernel, a daemon, apps in the mount;
+  t4_  the CLI, as an operator runs it;
+  t5_  faults: corruption, crashes, a full disk, fsck on damaged stores.
+Helpers more than one module needs live in tests/helpers/.
+"""
 
 from __future__ import annotations
 

@@ -175,6 +175,33 @@ async def test_a_legacy_file_opened_for_writing_is_migrated_before_the_open_retu
     await ops.release(fh)
 
 
+async def test_a_legacy_file_changed_in_phase3_is_eio_never_a_mix(
+    ops: Operations, src: Path
+) -> None:
+    ino = await ino_of(ops, b"s.json")  # its Phase 3 stat is recorded here
+    with open(src / "s.json", "ab") as f:
+        f.write(b"appended in Phase 3 behind the mount's back\n")
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.open(ino, os.O_RDONLY, CTX)
+    assert e.value.errno == errno.EIO
+    assert await state(ops, ino) == "legacy"
+    assert [i for i, _msg in ops.store.errors()] == [ino]  # status says why
+
+
+async def test_a_handle_on_the_phase3_copy_reads_what_another_handle_wrote(
+    ops: Operations,
+) -> None:
+    ino = await ino_of(ops, b"s.json")
+    reader = (await ops.open(ino, os.O_RDONLY, CTX)).fh  # served from Phase 3
+    assert bytes(await ops.read(reader, 0, 5)) == FILES[b"s.json"][:5]
+    writer = (await ops.open(ino, os.O_WRONLY, CTX)).fh
+    await ops.write(writer, 0, b"EDIT!")
+    await ops.flush(writer)
+    assert bytes(await ops.read(reader, 0, 8)) == b"EDIT!" + FILES[b"s.json"][5:8]
+    await ops.release(writer)
+    await ops.release(reader)
+
+
 # -- heal and failsafe -----------------------------------------------------------------------
 
 
