@@ -14,7 +14,7 @@ import errno
 import os
 import random
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,10 +131,10 @@ def chunks_of(store: Store, ino: int) -> list[bytes]:
         return [d for _off, d, _n in content.all_extents(txn, ino) if d != HOLE]
 
 
-async def wait_until(cond: object, what: str, seconds: float = 20) -> None:
-    """Await `cond()` (a coroutine function) until true, failing at the deadline."""
+async def wait_until(cond: Callable[[], Awaitable[bool]], what: str, seconds: float = 20) -> None:
+    """Await `cond()` until true, failing at the deadline."""
     with trio.move_on_after(seconds):
-        while not await cond():  # type: ignore[operator]
+        while not await cond():
             await trio.sleep(0.01)
         return
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
@@ -154,10 +154,11 @@ async def test_a_legacy_file_is_served_from_phase3_then_migrated_behind(ops: Ope
     assert bytes(first) == FILES[b"s.json"][: 1 << 20]
 
     async def migrated() -> bool:
-        return await state(ops, ino) == "migrated"
+        # The counter moves on this thread once the commit (on a worker) returns.
+        return ops.counters.migrated_on_open == 1
 
     await wait_until(migrated, "the first-open migration")
-    assert ops.counters.migrated_on_open == 1
+    assert await state(ops, ino) == "migrated"
     # The handle opened on the Phase 3 copy, and a new one on the store, read the same.
     assert await read_all(ops, fh) == FILES[b"s.json"]
     await ops.release(fh)
