@@ -27,6 +27,7 @@ from ferryfs.store.errors import NoSpace
 from ferryfs.store.records import HOLE, ROOT_INO
 from ferryfs.store.store import Store
 from helpers.damage import chunk_damaged, damage_chunk, stored_chunk
+from storehelpers import check_invariants, raw
 
 T_NS = 1_600_000_000_123_456_789  # a time no clock gives: set by the test, not by a commit
 
@@ -87,7 +88,7 @@ async def ops(request: pytest.FixtureRequest, src: Path) -> AsyncIterator[Operat
     """The adapter over a store of `src` (in memory, or in LMDB as the daemon opens
     it), its first-open migrator running."""
     if request.param == "memory":
-        store = Store.memory(str(src))
+        store = Store.memory(str(src), keep_orphans=True)
     else:
         path = str(src.with_name("store"))
         store = Store.open(path, source=str(src), create=True, keep_orphans=True)
@@ -292,6 +293,26 @@ async def test_a_flush_that_fails_keeps_the_bytes_until_the_last_handle_goes(
     assert ino not in ops.files.by_ino
     monkeypatch.setattr(ops.store, "commit", commit)
     assert await contents(ops, ino) == b"HELLO, phase 3\n"  # the last version that landed
+
+
+async def test_an_unlinked_open_file_reads_until_the_kernel_forgets_it(ops: Operations) -> None:
+    ino = await ino_of(ops, b"other.json")  # the kernel now holds one lookup of it
+    fh = (await ops.open(ino, os.O_RDWR, CTX)).fh
+    await ops.unlink(ROOT_INO, b"other.json", CTX)
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.lookup(ROOT_INO, b"other.json", CTX)
+    assert e.value.errno == errno.ENOENT
+    await ops.write(fh, 0, b"still here")
+    await ops.flush(fh)
+    assert (await read_all(ops, fh))[:10] == b"still here"
+    await ops.release(fh)
+    assert (await ops.getattr(ino, CTX)).st_nlink == 0  # the kernel may still ask
+    await ops.forget([(ino, 1)])
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.getattr(ino, CTX)
+    assert e.value.errno == errno.ENOENT
+    assert raw(ops.store).inodes.get(ino) is None  # and its extents and chunks with it
+    check_invariants(ops.store)
 
 
 # -- O_TRUNC -----------------------------------------------------------------------------------
