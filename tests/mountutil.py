@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 from ferryfs.tools import rollbacks
 from ferryfs.tools.mounts import fs_type
-from storehelpers import preorder
+from storehelpers import tree_rows
 
 MOUNT_SECONDS = 60
 UMOUNT_SECONDS = 60
@@ -405,27 +405,19 @@ def snapshot(
     """Every entry under `root` (relative bytes paths, the root itself as b''): its
     lstat `fields`, then (if `content`) sha256 for a regular file, the target for a
     symlink, else None. Never follows a symlink; never opens a FIFO or device."""
-    base = os.fsencode(root)
-    out: dict[bytes, tuple[Any, ...]] = {}
 
-    def visit(rel: bytes) -> Iterator[bytes]:
-        path = os.path.join(base, rel) if rel else base
-        st = os.lstat(path)
-        row = tuple(getattr(st, f) for f in fields)
+    def row(path: bytes, st: os.stat_result) -> tuple[Any, ...]:
+        got = tuple(getattr(st, f) for f in fields)
         if content:
             extra: Any = None
             if stat.S_ISREG(st.st_mode):
                 extra = sha256_noatime(path)
             elif stat.S_ISLNK(st.st_mode):
                 extra = os.readlink(path)
-            row = (*row, extra)
-        out[rel] = row
-        if stat.S_ISDIR(st.st_mode):
-            for name in sorted(os.listdir(path)):
-                yield os.path.join(rel, name) if rel else name
+            got = (*got, extra)
+        return got
 
-    preorder(b"", visit)  # iterative: the tests hold trees deeper than the recursion limit
-    return out
+    return tree_rows(root, row)
 
 
 def snapshot_diff(

@@ -53,15 +53,32 @@ def preorder(first: T, children: Callable[[T], Iterator[T]]) -> None:
             stack.append(children(nxt))
 
 
-def snapshot(root: Path | str) -> dict[bytes, tuple[StatRow, bytes]]:
-    """Every entry under `root` (root included, as b"") with its stat and its content
-    (regular files), target (symlinks) or nothing; never follows a link or opens a FIFO."""
+def tree_rows(
+    root: Path | str | bytes, row: Callable[[bytes, os.stat_result], T]
+) -> dict[bytes, T]:
+    """`row(path, lstat)` of every entry under `root` (root included, as b""), by
+    path relative to `root`, in name order; never follows a link. The one walk of a
+    plain tree behind both snapshots (here and in mountutil)."""
     top = os.fsencode(root)
-    out: dict[bytes, tuple[StatRow, bytes]] = {}
+    out: dict[bytes, T] = {}
 
     def visit(rel: bytes) -> Iterator[bytes]:
         path = os.path.join(top, rel) if rel else top
         st = os.lstat(path)
+        out[rel] = row(path, st)
+        if stat.S_ISDIR(st.st_mode):
+            for name in sorted(os.listdir(path)):
+                yield os.path.join(rel, name) if rel else name
+
+    preorder(b"", visit)
+    return out
+
+
+def snapshot(root: Path | str) -> dict[bytes, tuple[StatRow, bytes]]:
+    """Every entry under `root` (root included, as b"") with its stat and its content
+    (regular files), target (symlinks) or nothing; never follows a link or opens a FIFO."""
+
+    def row(path: bytes, st: os.stat_result) -> tuple[StatRow, bytes]:
         body = b""
         if stat.S_ISREG(st.st_mode):
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -69,13 +86,9 @@ def snapshot(root: Path | str) -> dict[bytes, tuple[StatRow, bytes]]:
                 body = f.read()
         elif stat.S_ISLNK(st.st_mode):
             body = os.readlink(path)
-        out[rel] = (stat_row(st), body)
-        if stat.S_ISDIR(st.st_mode):
-            for name in sorted(os.listdir(path)):
-                yield os.path.join(rel, name) if rel else name
+        return stat_row(st), body
 
-    preorder(b"", visit)
-    return out
+    return tree_rows(root, row)
 
 
 @dataclass(frozen=True)
