@@ -17,6 +17,7 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pyfuse3
 import pytest
@@ -55,7 +56,7 @@ class Fields:
     update_size: bool = False
 
 
-CTX = Ctx()
+CTX = cast(pyfuse3.RequestContext, Ctx())
 
 
 def session_bytes(n: int, seed: int) -> bytes:
@@ -356,7 +357,8 @@ async def test_setattr_lands_after_the_writes_buffered_before_it(ops: Operations
     await ops.write(fh, size, b"tail")
     attr = pyfuse3.EntryAttributes()
     attr.st_mtime_ns = T_NS
-    got = await ops.setattr(ino, attr, Fields(update_mtime=True), fh, CTX)  # type: ignore[arg-type]
+    fields = cast(pyfuse3.SetattrFields, Fields(update_mtime=True))
+    got = await ops.setattr(ino, attr, fields, fh, CTX)
     assert (got.st_mtime_ns, got.st_size) == (T_NS, size + 4)
     await ops.release(fh)
     after = await ops.getattr(ino, CTX)
@@ -370,8 +372,10 @@ async def test_setattr_of_size_mode_and_time_is_one_answer(ops: Operations, src:
     attr.st_size = 3
     attr.st_mode = stat.S_IFREG | 0o600
     attr.st_mtime_ns = T_NS
-    fields = Fields(update_size=True, update_mode=True, update_mtime=True)
-    got = await ops.setattr(ino, attr, fields, None, CTX)  # type: ignore[arg-type]
+    fields = cast(
+        pyfuse3.SetattrFields, Fields(update_size=True, update_mode=True, update_mtime=True)
+    )
+    got = await ops.setattr(ino, attr, fields, None, CTX)
     assert (got.st_size, got.st_mode, got.st_mtime_ns) == (3, stat.S_IFREG | 0o600, T_NS)
     again = await ops.getattr(ino, CTX)
     assert (again.st_size, again.st_mode, again.st_mtime_ns) == (3, stat.S_IFREG | 0o600, T_NS)

@@ -91,7 +91,9 @@ def damage_chunk(
     try:
         chunks = env.open_db(b"chunks", create=False)
         with env.begin(write=True) as t:
-            old = bytes(t.get(digest, db=chunks))
+            rec = t.get(digest, db=chunks)
+            assert rec is not None, f"no chunk {digest.hex()[:12]} in {where}"
+            old = bytes(rec)
             t.put(digest, damaged(digest, old, rng, lo, hi), db=chunks)
         env.sync(True)
     finally:
