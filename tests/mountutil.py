@@ -46,6 +46,8 @@ MOUNT_SECONDS = 60
 UMOUNT_SECONDS = 60
 WATCHDOG_SECONDS = 300
 FS_TYPE = "fuse.ferryfs"
+# What a daemon logs when its store's disk is full (a mount's `log_ok`).
+FULL_LOG = r"[Nn]o space|ENOSPC|unwritable|cannot migrate|could not write"
 BAD_LOG_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
 
 STAT_FIELDS = (
@@ -366,6 +368,29 @@ def mounted(
     problems = live.stop()
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of `size_mb` MiB mounted on `where` for the body; always unmounted."""
+    require_fuse()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        r = subprocess.run(["umount", str(where)], capture_output=True, text=True)
+        if r.returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+            raise AssertionError(f"tmpfs {where} was busy at the end: {r.stderr.strip()}")
 
 
 def undo_rollback_mount(src: str | os.PathLike[str]) -> None:
