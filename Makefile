@@ -45,10 +45,11 @@ $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
 $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing
 endef
 
-.PHONY: help deps bench-deps venv lint test demo bench clean
+.PHONY: help deps bench-deps venv lint test test-fast demo bench clean
 
 help:
 	@echo "make test    lint (ruff, mypy) and run the tests; installs what is missing"
+	@echo "make test-fast  the tests that mount nothing (pytest -m 'not mount'), under a minute"
 	@echo "make demo    generate a sample tree in demo/, plan, migrate it, show stats"
 	@echo "make bench   run the benchmark (installs borgbackup, restic, fuse-overlayfs)"
 	@echo "make lint    ruff check and mypy only"
@@ -87,6 +88,9 @@ lint: venv
 
 test: lint
 	$(BIN)/pytest -q
+
+test-fast: venv
+	$(BIN)/pytest -q -m "not mount"
 
 demo: venv
 	BIN=$(BIN) tools/demo.sh

@@ -40,12 +40,14 @@ from typing import Any
 import pytest
 from ferryfs.tools import rollbacks
 from ferryfs.tools.mounts import fs_type
-from storehelpers import preorder
+from storehelpers import tree_rows
 
 MOUNT_SECONDS = 60
 UMOUNT_SECONDS = 60
 WATCHDOG_SECONDS = 300
 FS_TYPE = "fuse.ferryfs"
+# What a daemon logs when its store's disk is full (a mount's `log_ok`).
+FULL_LOG = r"[Nn]o space|ENOSPC|unwritable|cannot migrate|could not write"
 BAD_LOG_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
 
 STAT_FIELDS = (
@@ -72,8 +74,21 @@ def fuse_unavailable() -> str | None:
     return None
 
 
+# The test running now (set by conftest), so that require_fuse can tell whether it
+# carries the `mount` marker.
+RUNNING: pytest.Item | None = None
+
+
 def require_fuse() -> None:
-    """Skip without FUSE; under CI (env CI set) fail instead, with the same reason."""
+    """Every path to a mount calls this first (`mounted` does). Fails a test not
+    marked `mount` (conftest marks the tests whose code reaches this function; mark
+    by hand one it cannot see, e.g. through a method); skips without FUSE, or under
+    CI (env CI set) fails instead, with the same reason."""
+    if RUNNING is not None and RUNNING.get_closest_marker("mount") is None:
+        pytest.fail(
+            f"{RUNNING.nodeid} mounts but is not marked: add @pytest.mark.mount",
+            pytrace=False,
+        )
     why = fuse_unavailable()
     if why is None:
         return
@@ -112,13 +127,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def _is_our_daemon(pid: int, mnt: Path) -> bool:
-    """`pid` is (still) a ferryfs daemon serving `mnt`: guards a kill against pid reuse."""
+def is_daemon(pid: int, mnt: Path | None = None) -> bool:
+    """`pid` is (still) a ferryfs daemon (serving `mnt`, if given): guards a kill
+    against pid reuse."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"ferryfs.fs.daemon" in argv and os.fsencode(mnt) in argv
+    return b"ferryfs.fs.daemon" in argv and (mnt is None or os.fsencode(mnt) in argv)
 
 
 def is_mounted(mnt: Path) -> bool:
@@ -212,7 +228,7 @@ class Mount:
         if self.pid is None and is_mounted(self.mnt):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(os.getxattr(self.mnt, "user.ferryfs.pid"))
-                if _is_our_daemon(pid, self.mnt):
+                if is_daemon(pid, self.mnt):
                     self.pid = pid
 
     def _fire_watchdog(self) -> None:
@@ -222,7 +238,7 @@ class Mount:
     def _kill(self) -> None:
         """Lazy-unmount and SIGKILL our daemon (only the pid we started)."""
         subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, timeout=30)
-        if self.pid is not None and pid_alive(self.pid) and _is_our_daemon(self.pid, self.mnt):
+        if self.pid is not None and pid_alive(self.pid) and is_daemon(self.pid, self.mnt):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
@@ -354,6 +370,29 @@ def mounted(
         pytest.fail("\n".join(problems), pytrace=False)
 
 
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of `size_mb` MiB mounted on `where` for the body; always unmounted."""
+    require_fuse()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        r = subprocess.run(["umount", str(where)], capture_output=True, text=True)
+        if r.returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+            raise AssertionError(f"tmpfs {where} was busy at the end: {r.stderr.strip()}")
+
+
 def undo_rollback_mount(src: str | os.PathLike[str]) -> None:
     """Remove the read-only mount a rollback left on `src`, if there is one and a
     rollback record says it is ours (a ferryfs mount is `Mount.stop`'s business)."""
@@ -391,27 +430,19 @@ def snapshot(
     """Every entry under `root` (relative bytes paths, the root itself as b''): its
     lstat `fields`, then (if `content`) sha256 for a regular file, the target for a
     symlink, else None. Never follows a symlink; never opens a FIFO or device."""
-    base = os.fsencode(root)
-    out: dict[bytes, tuple[Any, ...]] = {}
 
-    def visit(rel: bytes) -> Iterator[bytes]:
-        path = os.path.join(base, rel) if rel else base
-        st = os.lstat(path)
-        row = tuple(getattr(st, f) for f in fields)
+    def row(path: bytes, st: os.stat_result) -> tuple[Any, ...]:
+        got = tuple(getattr(st, f) for f in fields)
         if content:
             extra: Any = None
             if stat.S_ISREG(st.st_mode):
                 extra = sha256_noatime(path)
             elif stat.S_ISLNK(st.st_mode):
                 extra = os.readlink(path)
-            row = (*row, extra)
-        out[rel] = row
-        if stat.S_ISDIR(st.st_mode):
-            for name in sorted(os.listdir(path)):
-                yield os.path.join(rel, name) if rel else name
+            got = (*got, extra)
+        return got
 
-    preorder(b"", visit)  # iterative: the tests hold trees deeper than the recursion limit
-    return out
+    return tree_rows(root, row)
 
 
 def snapshot_diff(

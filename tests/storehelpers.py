@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from ferryfs.store import codec
+from ferryfs.store import namespace as ns
+from ferryfs.store.kv import Txn
 from ferryfs.store.records import HOLE, ROOT_INO, STORED, U64, Inode, unpack_extent
 from ferryfs.store.store import Store
+from helpers.damage import chunk_damaged
 
 T = TypeVar("T")
 StatRow = tuple[int, int, int, int, int, int, int, int, int]
@@ -51,15 +53,32 @@ def preorder(first: T, children: Callable[[T], Iterator[T]]) -> None:
             stack.append(children(nxt))
 
 
-def snapshot(root: Path | str) -> dict[bytes, tuple[StatRow, bytes]]:
-    """Every entry under `root` (root included, as b"") with its stat and its content
-    (regular files), target (symlinks) or nothing; never follows a link or opens a FIFO."""
+def tree_rows(
+    root: Path | str | bytes, row: Callable[[bytes, os.stat_result], T]
+) -> dict[bytes, T]:
+    """`row(path, lstat)` of every entry under `root` (root included, as b""), by
+    path relative to `root`, in name order; never follows a link. The one walk of a
+    plain tree behind both snapshots (here and in mountutil)."""
     top = os.fsencode(root)
-    out: dict[bytes, tuple[StatRow, bytes]] = {}
+    out: dict[bytes, T] = {}
 
     def visit(rel: bytes) -> Iterator[bytes]:
         path = os.path.join(top, rel) if rel else top
         st = os.lstat(path)
+        out[rel] = row(path, st)
+        if stat.S_ISDIR(st.st_mode):
+            for name in sorted(os.listdir(path)):
+                yield os.path.join(rel, name) if rel else name
+
+    preorder(b"", visit)
+    return out
+
+
+def snapshot(root: Path | str) -> dict[bytes, tuple[StatRow, bytes]]:
+    """Every entry under `root` (root included, as b"") with its stat and its content
+    (regular files), target (symlinks) or nothing; never follows a link or opens a FIFO."""
+
+    def row(path: bytes, st: os.stat_result) -> tuple[StatRow, bytes]:
         body = b""
         if stat.S_ISREG(st.st_mode):
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -67,13 +86,9 @@ def snapshot(root: Path | str) -> dict[bytes, tuple[StatRow, bytes]]:
                 body = f.read()
         elif stat.S_ISLNK(st.st_mode):
             body = os.readlink(path)
-        out[rel] = (stat_row(st), body)
-        if stat.S_ISDIR(st.st_mode):
-            for name in sorted(os.listdir(path)):
-                yield os.path.join(rel, name) if rel else name
+        return stat_row(st), body
 
-    preorder(b"", visit)
-    return out
+    return tree_rows(root, row)
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,25 @@ def walk_store(store: Store, read: bool = True) -> dict[bytes, Entry]:
                 after = cookie
 
     preorder((ROOT_INO, b""), visit)
+    return out
+
+
+def store_entries(txn: Txn) -> list[tuple[str, Inode]]:
+    """(path relative to the root, inode) of every entry the namespace tables list,
+    depth first, read in one transaction without the store's own walks (an UNLISTED
+    directory is yielded, and lists nothing)."""
+    out: list[tuple[str, Inode]] = []
+
+    def visit(dir_: tuple[int, str]) -> Iterator[tuple[int, str]]:
+        ino, rel = dir_
+        for _cookie, name, c in ns.entries(txn, ino):
+            node = ns.get(txn, c)
+            path = f"{rel}/{os.fsdecode(name)}" if rel else os.fsdecode(name)
+            out.append((path, node))
+            if node.is_dir:
+                yield c, path
+
+    preorder((ROOT_INO, ""), visit)
     return out
 
 
@@ -214,8 +248,9 @@ def check_invariants(store: Store, deep: bool = False) -> Raw:
         if d not in r.refs and d not in r.pending:
             problems.append(f"orphan chunk {d.hex()[:12]}")
     if deep:
-        for d, rec in r.chunks.items():
-            codec.decode(rec, d)
+        problems += [
+            f"damaged chunk {d.hex()[:12]}" for d, rec in r.chunks.items() if chunk_damaged(d, rec)
+        ]
     assert not problems, "\n".join(problems)
     return r
 
@@ -234,21 +269,6 @@ def deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-def damage_chunk(store_dir: Path, digest: bytes) -> None:
-    """Flip one bit of the last byte of chunk `digest`'s record, in place (unmounted)."""
-    import lmdb
-
-    env = lmdb.open(str(Path(store_dir) / "db"), max_dbs=16)
-    try:
-        chunks = env.open_db(b"chunks")
-        with env.begin(write=True) as t:
-            rec = bytearray(t.get(digest, db=chunks))
-            rec[-1] ^= 0x40
-            t.put(digest, bytes(rec), db=chunks)
-    finally:
-        env.close()
 
 
 def free_last_pages(env_dir: Path) -> tuple[int, int]:

@@ -8,10 +8,10 @@ tests do) in random chunk records of an unmounted store.
   set holding a damaged chunk), changes nothing, and `fsck --repair --yes` restores
   every unmodified file byte-exact and names the files it could not save.
 
-What "damaged" means is decided here, not by the code under test: a record whose
-header is not (codec 0 or 1, dictionary 0) or whose payload does not decode (with
-`zstandard` directly) to bytes whose blake3 is the chunk's key. A flip that left a
-record valid would not count (none has so far; the figure line says how many).
+What "damaged" means is decided by `helpers.damage.chunk_damaged`, not by the code
+under test: a record whose header is not (codec 0 or 1, dictionary 0) or whose
+payload does not decode (with `zstandard` directly) to bytes whose blake3 is the
+chunk's key. A flip that would leave a record valid is drawn again.
 
 The seed is printed; rerun one with FERRYFS_CORRUPT_SEED=N.
 """
@@ -23,24 +23,23 @@ import json
 import os
 import random
 import re
-import struct
 import subprocess
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 import lmdb
 import pytest
-import zstandard
 from conftest import NOW_NS
 from ferryfs.store import content
-from ferryfs.store import namespace as ns
-from ferryfs.store.records import HOLE, ROOT_INO
+from ferryfs.store.records import HOLE
 from ferryfs.store.store import Store
 from ferryfs.tools.sampletree import generate
+from helpers.damage import damage_chunk
+from helpers.trees import files_of
 from mountutil import cli, ferry, mounted, wait_for
+from storehelpers import store_entries
 
 SEED = int(os.environ.get("FERRYFS_CORRUPT_SEED", str(int(time.time()) % 100_000)))
 FAST = ("--idle-ms", "20", "--max-load", "64", "--batch-delay-ms", "0")
@@ -48,16 +47,6 @@ HEALABLE_FLIPS = 8  # chunks named only by unmodified files
 UNHEALABLE_FLIPS = 3  # chunks named only by files changed through the mount
 # What the daemon logs about the damage we made on purpose.
 EXPECTED_LOG = r"corrupt chunk|healed chunk|failsafe"
-
-
-def files_of(root: Path) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for n in names:
-            p = Path(dirpath) / n
-            if p.is_file() and not p.is_symlink():
-                out[str(p.relative_to(root))] = p.read_bytes()
-    return out
 
 
 @dataclass
@@ -74,68 +63,27 @@ def layout(store_dir: Path) -> Layout:
     changed: set[str] = set()
     files: dict[str, int] = {}
     with Store.open(str(store_dir), readonly=True) as st, st.backend.read() as txn:
-
-        def visit(ino: int, rel: str) -> None:
-            d = ns.get(txn, ino)
-            assert d.stored, f"directory {rel!r} still UNLISTED after the sweep"
-            for _cookie, name, c in ns.entries(txn, ino):
-                node = ns.get(txn, c)
-                p = os.path.join(rel, os.fsdecode(name)) if rel else os.fsdecode(name)
-                if node.is_dir:
-                    visit(c, p)
-                elif node.is_reg:
-                    assert node.stored, f"{p} still LEGACY after the sweep"
-                    files[p] = c
-                    if node.changed:
-                        changed.add(p)
-                    for _off, dg, _n in content.all_extents(txn, c):
-                        if dg != HOLE:
-                            paths_of[dg].add(p)
-
-        visit(ROOT_INO, "")
+        for p, node in store_entries(txn):
+            if node.is_dir:
+                assert node.stored, f"directory {p!r} still UNLISTED after the sweep"
+            elif node.is_reg:
+                assert node.stored, f"{p} still LEGACY after the sweep"
+                files[p] = node.ino
+                if node.changed:
+                    changed.add(p)
+                for _off, dg, _n in content.all_extents(txn, node.ino):
+                    if dg != HOLE:
+                        paths_of[dg].add(p)
     return Layout(dict(paths_of), changed, files)
 
 
-def damaged(key: bytes, record: bytes) -> bool:
-    """The independent oracle: is this chunk record not what ferryfs wrote for `key`?"""
-    if len(record) < 5:
-        return True
-    codec, dict_id = struct.unpack_from(">BI", record)
-    body = record[5:]
-    if dict_id != 0 or codec not in (0, 1):
-        return True
-    if codec == 0:
-        plain = body
-    elif len(body) < 5 or body[4] & 0x10:  # the zstd frame descriptor's unused bit
-        return True
-    else:
-        try:
-            plain = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 22)
-        except zstandard.ZstdError:
-            return True
-    return blake3.blake3(plain).digest() != key
-
-
 def flip_bits(store_dir: Path, digests: list[bytes], rng: random.Random) -> set[bytes]:
-    """XOR one random bit of one random byte of each chunk record; the damaged digests.
-    The first flip lands in the 5-byte header (codec, dictionary id), which a flip
-    anywhere in a 100 KB record would almost never hit."""
-    env = lmdb.open(str(store_dir / "db"), max_dbs=32, lock=True)
-    try:
-        chunks = env.open_db(b"chunks", create=False)
-        out = set()
-        with env.begin(write=True) as txn:
-            for i, d in enumerate(digests):
-                rec = bytearray(txn.get(d, db=chunks))
-                pos = rng.randrange(5 if i == 0 else len(rec))
-                rec[pos] ^= 1 << rng.randrange(8)
-                txn.put(d, bytes(rec), db=chunks)
-                if damaged(d, bytes(rec)):
-                    out.add(d)
-        env.sync(True)
-    finally:
-        env.close()
-    return out
+    """Damage each chunk record with one random bit; the damaged digests. The first
+    flip lands in the 5-byte header (codec, dictionary id), which a flip anywhere in
+    a 100 KB record would almost never hit."""
+    for i, d in enumerate(digests):
+        damage_chunk(store_dir, d, rng, hi=5 if i == 0 else None)
+    return set(digests)
 
 
 def chunk_records(store_dir: Path) -> dict[bytes, bytes]:

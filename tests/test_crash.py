@@ -46,10 +46,9 @@ from pathlib import Path
 
 from conftest import NOW_NS
 from ferryfs.store import content
-from ferryfs.store import namespace as ns
-from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 from ferryfs.tools.sampletree import generate
+from helpers.trees import files_of
 from mountutil import (
     BAD_LOG_LINE,
     Mount,
@@ -60,7 +59,7 @@ from mountutil import (
     snapshot_diff,
     wait_for,
 )
-from storehelpers import check_invariants
+from storehelpers import check_invariants, store_entries
 
 CRASHES = int(os.environ.get("FERRYFS_CRASHES", "20"))
 SEED = int(os.environ.get("FERRYFS_CRASH_SEED", str(int(time.time()) % 100_000)))
@@ -226,15 +225,8 @@ class Writer:
         return ok
 
 
-def files_of(root: Path) -> dict[Path, bytes]:
-    """Relative path -> content of every regular file under `root` (no symlinks)."""
-    out = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for n in names:
-            p = Path(dirpath) / n
-            if p.is_file() and not p.is_symlink():
-                out[p.relative_to(root)] = p.read_bytes()
-    return out
+def files_by_path(root: Path) -> dict[Path, bytes]:
+    return {Path(p): body for p, body in files_of(root).items()}
 
 
 def migrated_contents(store_dir: Path) -> dict[Path, bytes]:
@@ -242,20 +234,9 @@ def migrated_contents(store_dir: Path) -> dict[Path, bytes]:
     reading through the mount would migrate every file and leave the sweep idle."""
     out: dict[Path, bytes] = {}
     with Store.open(str(store_dir), readonly=True) as st, st.backend.read() as txn:
-
-        def visit(ino: int, rel: Path) -> None:
-            d = ns.get(txn, ino)
-            if not d.stored:
-                return  # UNLISTED: every file below is still LEGACY
-            for _cookie, name, c in ns.entries(txn, ino):
-                node = ns.get(txn, c)
-                p = rel / os.fsdecode(name)
-                if node.is_dir:
-                    visit(c, p)
-                elif node.is_reg and node.stored:
-                    out[p] = content.read(txn, c, node.size, 0, node.size, None)
-
-        visit(ROOT_INO, Path())
+        for p, node in store_entries(txn):  # an UNLISTED directory lists nothing
+            if node.is_reg and node.stored:
+                out[Path(p)] = content.read(txn, node.ino, node.size, 0, node.size, None)
     return out
 
 
@@ -289,7 +270,7 @@ def test_kill_9_at_random_moments_loses_no_fsynced_byte(tmp_path: Path) -> None:
     generate(src, 40, seed=SEED % 1000, attachment_mb=3, now_ns=NOW_NS)
     store = tmp_path / "store"
     pristine = snapshot(src)
-    phase3 = files_of(src)
+    phase3 = files_by_path(src)
     jsonl = sorted(p for p in phase3 if p.suffix == ".jsonl" and len(phase3[p]) > 1000)
     json_ = sorted(p for p in phase3 if p.suffix == ".json")
     big = sorted(
@@ -376,7 +357,7 @@ def test_kill_9_at_random_moments_loses_no_fsynced_byte(tmp_path: Path) -> None:
             print(f"crash {crash:2d} after {delay:.3f} s: {migrated_counts[-1]} files migrated")
 
         # The last word: the whole tree through the mount, then Phase 3 untouched.
-        final = files_of(src)
+        final = files_by_path(src)
         for p, body in phase3.items():
             if p not in written:
                 assert final[p] == body, f"{p} differs from Phase 3 at the end"

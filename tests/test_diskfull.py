@@ -17,43 +17,26 @@ import contextlib
 import errno
 import os
 import random
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import NOW_NS
 from ferryfs.store.store import Store
 from ferryfs.tools.sampletree import generate
-from mountutil import ferry, mounted, pid_alive, require_fuse, snapshot, snapshot_diff, wait_for
+from mountutil import (
+    FULL_LOG,
+    ferry,
+    mounted,
+    pid_alive,
+    small_tmpfs,
+    snapshot,
+    snapshot_diff,
+    wait_for,
+)
 from storehelpers import check_invariants
 
 MiB = 1 << 20
 # What the daemon may log about a full disk.
-FULL_LOG = r"[Nn]o space|ENOSPC|unwritable|cannot migrate|could not write"
-
-
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size_mb: int) -> Iterator[Path]:
-    """A tmpfs of `size_mb` MiB mounted on `where` for the body; always unmounted."""
-    require_fuse()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    where.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        r = subprocess.run(["umount", str(where)], capture_output=True, text=True)
-        if r.returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], capture_output=True)
-            raise AssertionError(f"tmpfs {where} was busy at the end: {r.stderr.strip()}")
 
 
 def assert_consistent(store: Path) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from ferryfs.tools import mount_helper
 from ferryfs.tools.sampletree import generate
-from mountutil import is_mounted, pid_alive, require_fuse, wait_for
+from mountutil import is_daemon, is_mounted, pid_alive, require_fuse, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -86,13 +86,6 @@ def tree(tmp_path: Path) -> tuple[Path, Path, Path]:
     return src, mnt, tmp_path / "store"
 
 
-def _is_daemon(pid: int) -> bool:
-    try:
-        return b"ferryfs.fs.daemon" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def test_mount_t_fuse_ferryfs_and_plain_umount_flush(
     tree: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
@@ -123,7 +116,7 @@ def test_mount_t_fuse_ferryfs_and_plain_umount_flush(
                 pids.append(int(d["pid"]))
     finally:
         for pid in pids:
-            if pid_alive(pid) and _is_daemon(pid):
+            if pid_alive(pid) and is_daemon(pid):
                 os.kill(pid, signal.SIGKILL)
     why = f"\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     assert r.returncode == 0, why
@@ -173,7 +166,7 @@ def test_sbin_helpers_mount_and_umount(tree: tuple[Path, Path, Path]) -> None:
     finally:
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-        if pid is not None and pid_alive(pid) and _is_daemon(pid):
+        if pid is not None and pid_alive(pid) and is_daemon(pid):
             os.kill(pid, signal.SIGTERM)
             wait_for(lambda: not pid_alive(pid), 30, "the daemon to stop")
 
@@ -274,5 +267,5 @@ def test_umount_l_detaches_a_mount_whose_daemon_died(tree: tuple[Path, Path, Pat
     finally:
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-        if pid is not None and pid_alive(pid) and _is_daemon(pid):
+        if pid is not None and pid_alive(pid) and is_daemon(pid):
             os.kill(pid, signal.SIGKILL)

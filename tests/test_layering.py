@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 # folder inside one (tools/bench/) is not installed.
 PACKAGES = {"store": "ferryfs.store", "fs": "ferryfs.fs", "tools": "ferryfs.tools"}
 MAX_LINES = 600
+
+
 def _modules() -> dict[str, Path]:
     mods = {}
     for folder, pkg in PACKAGES.items():

@@ -18,6 +18,7 @@ from ferryfs.store.kv import Txn
 from ferryfs.store.store import Store
 from ferryfs.tools import cli
 from mountutil import ferry
+from storehelpers import tree_rows
 
 
 def inproc(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str]:
@@ -27,12 +28,7 @@ def inproc(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) ->
 
 
 def entries(root: Path) -> dict[bytes, os.stat_result]:
-    out = {b"": root.lstat()}
-    for dirpath, dirs, names in os.walk(os.fsencode(root)):
-        for n in dirs + names:
-            p = os.path.join(dirpath, n)
-            out[os.path.relpath(p, os.fsencode(root))] = os.lstat(p)
-    return out
+    return tree_rows(root, lambda _path, st: st)
 
 
 def age(store: Path, days: int) -> None:

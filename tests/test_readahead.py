@@ -5,6 +5,7 @@ CorruptChunk, never as wrong bytes."""
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from ferryfs.store.cas import ChunkCache
 from ferryfs.store.errors import CorruptChunk
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
-from storehelpers import damage_chunk
+from helpers.damage import damage_chunk
 
 STEP = 256 << 10
 
@@ -57,14 +58,16 @@ def test_sequential_reads_are_decoded_ahead_and_give_the_same_bytes(tmp_path: Pa
     assert s.readahead._threads == []  # close stopped them
 
 
-def test_a_damaged_chunk_ahead_reaches_the_reader_as_corrupt(tmp_path: Path) -> None:
+def test_a_damaged_chunk_ahead_reaches_the_reader_as_corrupt(
+    tmp_path: Path, rng: random.Random
+) -> None:
     store, data = _stored_file(tmp_path, 6 << 20)
     with Store.open(str(store)) as s:
         ino = s.lookup(ROOT_INO, b"log.jsonl").ino
         with s.backend.read() as txn:
             extents = list(content.all_extents(txn, ino))
     bad_off, bad, _ = extents[len(extents) // 2]
-    damage_chunk(store, bad)
+    damage_chunk(store, bad, rng)
     with Store.open(str(store)) as s:
         good = bytearray()
         with pytest.raises(CorruptChunk):

@@ -43,6 +43,7 @@ from ferryfs.store.kv import LmdbBackend
 from ferryfs.store.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
 from ferryfs.store.records import ROOT_INO, U64, Inode
 from ferryfs.store.store import Store
+from helpers.damage import damage_chunk
 from storehelpers import check_invariants, deadline, raw, snapshot, walk_store
 
 UID, GID = 4321, 8765
@@ -820,22 +821,6 @@ def test_xattrs(store: Store) -> None:
 # -- faults ---------------------------------------------------------------------------
 
 
-def flip_bit(
-    store: Store, d: bytes, rng: random.Random, only: tuple[int, int] | None = None
-) -> bytes:
-    """XOR one random bit of chunk record `d` (within bytes [only) if given); returns
-    the old record."""
-    with store.backend.write() as txn:
-        old = bytes(txn.get("chunks", d) or b"")
-        lo, hi = only or (0, len(old))
-        i = rng.randrange(lo, min(hi, len(old)))
-        bad = bytearray(old)
-        bad[i] ^= 1 << rng.randrange(8)
-        txn.put("chunks", d, bytes(bad))
-    store.cache = cas.ChunkCache()
-    return old
-
-
 def test_a_corrupt_chunk_reads_as_eio_never_as_wrong_bytes(store: Store) -> None:
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
@@ -848,7 +833,7 @@ def test_a_corrupt_chunk_reads_as_eio_never_as_wrong_bytes(store: Store) -> None
             _, d, _ = rng.choice(raw(store).extents[node.ino])
             codecs.add(raw(store).chunks[d][0])
             # Every other time in the header (codec, dictionary id, zstd frame header).
-            old = flip_bit(store, d, rng) if i % 2 else flip_bit(store, d, rng, only=(0, 12))
+            old = damage_chunk(store, d, rng) if i % 2 else damage_chunk(store, d, rng, 0, 12)
             with pytest.raises(CorruptChunk) as e:
                 store.read(node.ino, 0, len(data))
             assert e.value.errno == errno.EIO, seed
@@ -867,14 +852,14 @@ def test_read_or_heal_heals_from_phase3_or_sets_failsafe_before_raising(store: S
     big = store.lookup(ROOT_INO, b"big.bin")
     store.migrate(big.ino)
     _, d, _ = rng.choice(raw(store).extents[big.ino])
-    flip_bit(store, d, rng)
+    damage_chunk(store, d, rng)
     data, healed = store.read_or_heal(big.ino, 0, 10**7)
     assert healed and data is not None and bytes(data) == FILES[b"big.bin"], seed
     assert store.failsafe is None
     # Changed through the mount: Phase 3 holds another version, nothing to heal from.
     store.write(big.ino, 0, b"changed")
     _, d, _ = rng.choice(raw(store).extents[big.ino])
-    flip_bit(store, d, rng)
+    damage_chunk(store, d, rng)
     with pytest.raises(CorruptChunk) as e:
         store.read_or_heal(big.ino, 0, 10**7)
     assert e.value.digest == d, seed

@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mountutil import Mount, ferry, is_mounted, mounted, pid_alive, wait_for
-from test_diskfull import FULL_LOG, MiB, small_tmpfs
+from mountutil import FULL_LOG, Mount, ferry, is_mounted, mounted, pid_alive, small_tmpfs, wait_for
+
+MiB = 1 << 20
 
 
 def tiny(tmp_path: Path) -> tuple[Path, Path]:

@@ -189,9 +189,9 @@ async def test_control_errors_go_through_the_error_table(tmp_path: Path) -> None
         assert ran == ["sync"]
         # Through the handler: only the owner or root.
         ops = Operations(st, owner_uid=os.getuid(), control=control)
-        assert await ops.getxattr(ROOT_INO, b"user.ferryfs.pid", ROOT_CTX) == str(
-            os.getpid()
-        ).encode()
+        assert (
+            await ops.getxattr(ROOT_INO, b"user.ferryfs.pid", ROOT_CTX) == str(os.getpid()).encode()
+        )
     finally:
         st.close()
 

@@ -1,0 +1,107 @@
+"""Damaging chunk records on purpose, and telling a damaged record apart.
+
+Every flip is one random bit of one random byte, drawn from an `rng` the caller
+seeded and recorded (the `rng` fixture in conftest prints its seed when a test
+fails), so a failure can be replayed and no byte is favoured.
+
+`chunk_damaged` is the oracle: it decodes a record with zstandard and blake3
+directly, not with `ferryfs.store.codec.decode`, the code under test.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from pathlib import Path
+
+import blake3
+import zstandard
+from ferryfs.store import cas
+from ferryfs.store.store import Store
+
+HEADER = struct.Struct(">BI")  # codec, dictionary id: what ferryfs writes first
+RAW, ZSTD = 0, 1
+BIGGEST = 1 << 24  # bytes; the chunker's largest chunk is far smaller
+
+
+def chunk_damaged(key: bytes, record: bytes) -> bool:
+    """Is `record` not what ferryfs writes for the chunk `key`? Only codecs 0 and 1
+    are known here (a record naming a dictionary counts as damaged)."""
+    if len(record) < HEADER.size:
+        return True
+    codec, dict_id = HEADER.unpack_from(record)
+    body = record[HEADER.size :]
+    if dict_id != 0 or codec not in (RAW, ZSTD):
+        return True
+    if codec == RAW:
+        plain = body
+    elif len(body) < 5 or body[4] & 0x10:  # the zstd frame descriptor's unused bit
+        return True
+    else:
+        try:
+            # A flipped bit in the frame header can claim any size: no chunk is this big.
+            if not 0 <= zstandard.frame_content_size(body) <= BIGGEST:
+                return True
+            plain = zstandard.ZstdDecompressor().decompress(body, max_output_size=BIGGEST)
+        except (zstandard.ZstdError, MemoryError):
+            return True
+    return blake3.blake3(plain).digest() != key
+
+
+def flip_bit(record: bytes, rng: random.Random, lo: int = 0, hi: int | None = None) -> bytes:
+    """`record` with one random bit of one random byte in [lo, hi) flipped."""
+    out = bytearray(record)
+    i = rng.randrange(lo, min(len(out) if hi is None else hi, len(out)))
+    out[i] ^= 1 << rng.randrange(8)
+    return bytes(out)
+
+
+def damaged(
+    key: bytes, record: bytes, rng: random.Random, lo: int = 0, hi: int | None = None
+) -> bytes:
+    """`record` with one random bit in [lo, hi) flipped such that it is damaged."""
+    for _ in range(1000):
+        bad = flip_bit(record, rng, lo, hi)
+        if chunk_damaged(key, bad):
+            return bad
+    raise AssertionError(f"no bit of chunk {key.hex()[:12]} in [{lo}, {hi}) damages it")
+
+
+def damage_chunk(
+    where: Store | Path | str,
+    digest: bytes,
+    rng: random.Random,
+    lo: int = 0,
+    hi: int | None = None,
+) -> bytes:
+    """Flip one random bit (in bytes [lo, hi) if given) of chunk `digest`'s record,
+    in an open `Store` (its chunk cache is dropped) or in the store directory at a
+    path (unmounted); the record as it was. The flip is drawn again until
+    `chunk_damaged` says the record is damaged: a few bits (zstd's optional
+    checksum flag, say) change nothing a decoder checks."""
+    if isinstance(where, Store):
+        with where.backend.write() as txn:
+            old = bytes(txn.get("chunks", digest) or b"")
+            txn.put("chunks", digest, damaged(digest, old, rng, lo, hi))
+        where.cache = cas.ChunkCache()
+        return old
+    import lmdb
+
+    env = lmdb.open(str(Path(where) / "db"), max_dbs=32)
+    try:
+        chunks = env.open_db(b"chunks", create=False)
+        with env.begin(write=True) as t:
+            rec = t.get(digest, db=chunks)
+            assert rec is not None, f"no chunk {digest.hex()[:12]} in {where}"
+            old = bytes(rec)
+            t.put(digest, damaged(digest, old, rng, lo, hi), db=chunks)
+        env.sync(True)
+    finally:
+        env.close()
+    return old
+
+
+def stored_chunk(store: Store, digest: bytes) -> bytes:
+    """The record of chunk `digest` as it is now in an open store."""
+    with store.backend.read() as txn:
+        return bytes(txn.get("chunks", digest) or b"")
