@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import mountutil
 import pytest
 from ferryfs.tools import cli
 from ferryfs.tools.sampletree import Summary, generate
+from helpers import mount as mountutil
 
 # Pinned so that sample trees, mtimes included, are the same on every run.
 NOW_NS = 1_750_000_000 * 10**9

@@ -28,7 +28,7 @@ from ferryfs.store.errors import NoSpace
 from ferryfs.store.records import HOLE, ROOT_INO
 from ferryfs.store.store import Store
 from helpers.damage import chunk_damaged, damage_chunk, stored_chunk
-from storehelpers import check_invariants, raw
+from helpers.store import check_invariants, raw
 
 T_NS = 1_600_000_000_123_456_789  # a time no clock gives: set by the test, not by a commit
 

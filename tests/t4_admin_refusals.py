@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from asuser import run_as_nobody
-from mountutil import ferry, is_mounted, mounted, require_fuse, wait_for
+from helpers.asuser import run_as_nobody
+from helpers.mount import ferry, is_mounted, mounted, require_fuse, wait_for
 
 
 def tiny(tmp_path: Path) -> Path:

@@ -11,7 +11,7 @@ from ferryfs.store import lmdbfile
 from ferryfs.store.kv import DBS, Backend, LmdbBackend, MapFull, MemoryBackend
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
-from storehelpers import check_invariants, free_last_pages
+from helpers.store import check_invariants, free_last_pages
 
 KEYS = [b"a", b"ab", b"b", b"ba", b"c", b"\x00", b"\xff\xff", b"m" * 300]
 

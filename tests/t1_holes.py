@@ -28,8 +28,8 @@ from ferryfs.store.errors import CorruptChunk
 from ferryfs.store.kv import Txn
 from ferryfs.store.records import CHANGED, HOLE, ROOT_INO, U64, Inode, extent_key
 from ferryfs.store.store import Store
-from mountutil import mounted, wait_for
-from storehelpers import SparseFile, check_invariants, deadline, raw
+from helpers.mount import mounted, wait_for
+from helpers.store import SparseFile, check_invariants, deadline, raw
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -20,8 +20,8 @@ import pytest
 from ferryfs.fs.sweep import BATCH_BYTES, Sweep
 from ferryfs.fs.sweep_config import SweepConfig
 from ferryfs.store.store import Store
-from mountutil import cli, mounted, pid_alive, wait_for
-from storehelpers import check_invariants
+from helpers.mount import cli, mounted, pid_alive, wait_for
+from helpers.store import check_invariants
 
 FAST = ("--idle-ms", "50", "--max-load", "64", "--batch-delay-ms", "0")
 # Slow enough to watch: 2 files a batch, 150 ms between batches.

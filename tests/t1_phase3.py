@@ -15,8 +15,8 @@ from ferryfs.store.errors import NotFound
 from ferryfs.store.phase3 import Phase3Tree
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
-from mountutil import mounted
-from storehelpers import make_chain
+from helpers.mount import mounted
+from helpers.store import make_chain
 
 
 def test_threads_listing_the_root_at_once_each_see_every_entry(tmp_path: Path) -> None:

@@ -26,9 +26,9 @@ from ferryfs.store.errors import Exists, IsADir, NotEmpty, NotFound
 from ferryfs.store.namespace import RENAME_NOREPLACE
 from ferryfs.store.records import HOLE, ROOT_INO
 from ferryfs.store.store import Store
+from helpers.store import SparseFile, check_invariants, deadline, raw
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from storehelpers import SparseFile, check_invariants, deadline, raw
 
 SMALL = Chunker(min_size=64, avg_size=256, max_size=1024)
 GiB = 1 << 30

@@ -19,7 +19,7 @@ from collections import deque
 from pathlib import Path
 
 import pytest
-from mountutil import Mount, mounted
+from helpers.mount import Mount, mounted
 
 MAX_LEN = 1_500_000  # a few CDC chunks (64 KiB average)
 OPS = 700  # per seed: ~2000 in all with the two seeds and the two-fd run

@@ -18,6 +18,7 @@ from ferryfs.store import namespace as ns
 from ferryfs.store.kv import Txn
 from ferryfs.store.records import HOLE, ROOT_INO, STORED, U64, Inode, unpack_extent
 from ferryfs.store.store import Store
+
 from helpers.damage import chunk_damaged
 
 T = TypeVar("T")

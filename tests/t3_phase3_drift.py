@@ -17,7 +17,7 @@ import pytest
 from ferryfs.store.errors import SourceError
 from ferryfs.store.phase3 import Phase3File
 from ferryfs.store.store import Store
-from mountutil import ferry, mounted, wait_for
+from helpers.mount import ferry, mounted, wait_for
 
 OLD = b"old text, the version the mount imported\n" * 1000  # 41 kB
 NEW = b"NEW TEXT written into Phase 3 after the import\n" * 30000  # 1.4 MB

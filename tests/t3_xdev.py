@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from ferryfs.store.phase3 import Phase3Tree
-from mountutil import ferry, mounted, require_fuse, wait_for
+from helpers.mount import ferry, mounted, require_fuse, wait_for
 
 FAST = ("--idle-ms", "50", "--max-load", "64", "--batch-delay-ms", "0")
 

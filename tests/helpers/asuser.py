@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 NOBODY = 65534
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 _site: Path | None = None
 

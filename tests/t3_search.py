@@ -27,7 +27,7 @@ from ferryfs.store import index
 from ferryfs.store.fsck import Checker
 from ferryfs.store.store import Store
 from ferryfs.tools import cli
-from mountutil import mounted, wait_for
+from helpers.mount import mounted, wait_for
 
 FERRYFS = [sys.executable, "-m", "ferryfs.tools.cli"]
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mountutil import (
+from helpers.mount import (
     Mount,
     cli,
     diff_r,

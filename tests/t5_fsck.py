@@ -35,9 +35,9 @@ from ferryfs.store.records import (
 from ferryfs.store.store import Store
 from ferryfs.tools import cli
 from helpers.damage import damage_chunk, damaged
+from helpers.mount import ferry
+from helpers.store import store_entries
 from helpers.trees import files_of as files_under
-from mountutil import ferry
-from storehelpers import store_entries
 
 SEED = int(os.environ.get("FERRYFS_FSCK_SEED", random.randrange(1 << 30)))
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import SampleTree
 from ferryfs.store.store import Store
 from ferryfs.tools.cli import main
-from storehelpers import check_invariants, snapshot, walk_store
+from helpers.store import check_invariants, snapshot, walk_store
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

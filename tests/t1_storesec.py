@@ -21,15 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from asuser import run_as_nobody
 from conftest import NOW_NS
 from ferryfs.store import storedir
 from ferryfs.store.errors import StoreLocked, StoreMissing, StoreUnusable
 from ferryfs.store.store import Store
 from ferryfs.tools.mounts import fs_type
 from ferryfs.tools.sampletree import generate
-from mountutil import cli, ferry, mounted, require_fuse
-from storehelpers import free_last_pages
+from helpers.asuser import run_as_nobody
+from helpers.mount import cli, ferry, mounted, require_fuse
+from helpers.store import free_last_pages
 
 NOBODY = 65534
 

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from mountutil import cli, diff_r, mounted, snapshot, snapshot_diff
+from helpers.mount import cli, diff_r, mounted, snapshot, snapshot_diff
 
 
 def run(

@@ -27,7 +27,7 @@ import pytest
 from conftest import NOW_NS
 from ferryfs.tools.mounts import fs_type
 from ferryfs.tools.sampletree import generate
-from mountutil import cli, ferry, mounted, require_fuse, snapshot, snapshot_diff
+from helpers.mount import cli, ferry, mounted, require_fuse, snapshot, snapshot_diff
 
 FOREIGN_SCHEMA = 99
 

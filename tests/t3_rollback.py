@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from ferryfs.tools import rollbacks
 from ferryfs.tools.mounts import fs_type
-from mountutil import (
+from helpers.mount import (
     diff_r,
     ferry,
     mounted,
@@ -27,7 +27,7 @@ from mountutil import (
     undo_rollback_mount,
     wait_for,
 )
-from storehelpers import make_chain
+from helpers.store import make_chain
 
 
 @contextlib.contextmanager

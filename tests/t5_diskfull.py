@@ -23,7 +23,7 @@ import pytest
 from conftest import NOW_NS
 from ferryfs.store.store import Store
 from ferryfs.tools.sampletree import generate
-from mountutil import (
+from helpers.mount import (
     FULL_LOG,
     ferry,
     mounted,
@@ -33,7 +33,7 @@ from mountutil import (
     snapshot_diff,
     wait_for,
 )
-from storehelpers import check_invariants
+from helpers.store import check_invariants
 
 MiB = 1 << 20
 # What the daemon may log about a full disk.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from ferryfs.tools import cli
-from mountutil import is_mounted, require_fuse
+from helpers.mount import is_mounted, require_fuse
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

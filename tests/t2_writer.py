@@ -26,7 +26,7 @@ from ferryfs.fs.writer import Writer
 from ferryfs.store.errors import Invalid, NoData, NotFound, NotPermitted
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
-from mountutil import mounted, wait_for
+from helpers.mount import mounted, wait_for
 
 # Bigger than what a migration holds in memory before it wrote chunk records early
 # (ingest.STAGE_BYTES, 32 MiB of compressed bytes), from the thread preparing it.

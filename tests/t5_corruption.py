@@ -37,9 +37,9 @@ from ferryfs.store.records import HOLE
 from ferryfs.store.store import Store
 from ferryfs.tools.sampletree import generate
 from helpers.damage import damage_chunk
+from helpers.mount import cli, ferry, mounted, wait_for
+from helpers.store import store_entries
 from helpers.trees import files_of
-from mountutil import cli, ferry, mounted, wait_for
-from storehelpers import store_entries
 
 SEED = int(os.environ.get("FERRYFS_CORRUPT_SEED", str(int(time.time()) % 100_000)))
 FAST = ("--idle-ms", "20", "--max-load", "64", "--batch-delay-ms", "0")

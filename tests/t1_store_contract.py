@@ -44,7 +44,7 @@ from ferryfs.store.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CRE
 from ferryfs.store.records import ROOT_INO, U64, Inode
 from ferryfs.store.store import Store
 from helpers.damage import damage_chunk
-from storehelpers import check_invariants, deadline, raw, snapshot, walk_store
+from helpers.store import check_invariants, deadline, raw, snapshot, walk_store
 
 UID, GID = 4321, 8765
 BASE_NS = 1_700_000_000_123_456_789

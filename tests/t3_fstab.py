@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from ferryfs.tools import mount_helper
 from ferryfs.tools.sampletree import generate
-from mountutil import is_daemon, is_mounted, pid_alive, require_fuse, wait_for
+from helpers.mount import is_daemon, is_mounted, pid_alive, require_fuse, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -17,8 +17,8 @@ from ferryfs.store import points
 from ferryfs.store.kv import Txn
 from ferryfs.store.store import Store
 from ferryfs.tools import cli
-from mountutil import ferry
-from storehelpers import tree_rows
+from helpers.mount import ferry
+from helpers.store import tree_rows
 
 
 def inproc(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str]:

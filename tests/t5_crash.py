@@ -48,8 +48,7 @@ from conftest import NOW_NS
 from ferryfs.store import content
 from ferryfs.store.store import Store
 from ferryfs.tools.sampletree import generate
-from helpers.trees import files_of
-from mountutil import (
+from helpers.mount import (
     BAD_LOG_LINE,
     Mount,
     ferry,
@@ -59,7 +58,8 @@ from mountutil import (
     snapshot_diff,
     wait_for,
 )
-from storehelpers import check_invariants, store_entries
+from helpers.store import check_invariants, store_entries
+from helpers.trees import files_of
 
 CRASHES = int(os.environ.get("FERRYFS_CRASHES", "20"))
 SEED = int(os.environ.get("FERRYFS_CRASH_SEED", str(int(time.time()) % 100_000)))

@@ -29,7 +29,7 @@ from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 from ferryfs.tools import rollbacks
 from ferryfs.tools.mounts import fs_type
-from mountutil import ferry, mounted, undo_rollback_mount
+from helpers.mount import ferry, mounted, undo_rollback_mount
 
 NOBODY = 65534
 

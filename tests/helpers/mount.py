@@ -40,7 +40,8 @@ from typing import Any
 import pytest
 from ferryfs.tools import rollbacks
 from ferryfs.tools.mounts import fs_type
-from storehelpers import tree_rows
+
+from helpers.store import tree_rows
 
 MOUNT_SECONDS = 60
 UMOUNT_SECONDS = 60

@@ -23,7 +23,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mountutil import FULL_LOG, Mount, ferry, is_mounted, mounted, pid_alive, small_tmpfs, wait_for
+from helpers.mount import (
+    FULL_LOG,
+    Mount,
+    ferry,
+    is_mounted,
+    mounted,
+    pid_alive,
+    small_tmpfs,
+    wait_for,
+)
 
 MiB = 1 << 20
 
