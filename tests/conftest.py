@@ -24,7 +24,10 @@ from typing import NamedTuple
 import pytest
 from ferryfs.tools import cli
 from ferryfs.tools.sampletree import Summary, generate
-from helpers import mount as mountutil
+
+# Before the helpers are imported: pytest then rewrites their asserts too.
+pytest.register_assert_rewrite("helpers")
+from helpers import mount as mountutil  # noqa: E402
 
 # Pinned so that sample trees, mtimes included, are the same on every run.
 NOW_NS = 1_750_000_000 * 10**9
@@ -138,3 +141,14 @@ def _running(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     finally:
         mountutil.RUNNING = None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """pytest collects only tier-named modules (pyproject's python_files): a test
+    module named otherwise would be skipped silently, so it stops the run."""
+    loose = sorted(p.name for p in Path(TESTS_DIR).glob("test_*.py"))
+    if loose:
+        raise pytest.UsageError(
+            f"tests/{', tests/'.join(loose)}: name test modules by tier, t1_ to t5_ "
+            "(tests/conftest.py says which is which)"
+        )
