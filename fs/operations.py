@@ -456,7 +456,7 @@ class Operations(pyfuse3.Operations):
         # it for as long as the file takes to migrate. (Answering ENOSYS would stop
         # FLUSH altogether, a round trip per file, but then bytes an app closed
         # would sit in memory until release, and a daemon killed then loses them:
-        # tests/test_crash.py caught that.)
+        # tests/t5_crash.py caught that.)
         await self.writeback.flush_dirty(self.files.get(fh).file)
 
     @fuse_errors
