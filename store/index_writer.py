@@ -13,14 +13,15 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from typing import Any
 
 from . import index, text
 from .index import DB, IDENT, NAME, VER, dirty, disk_ident, ident, index_dir, indexed, names
-from .kv import Txn
+from .kv import Txn, delete_first
 from .phase3 import Phase3File
 from .records import U64, Inode, ino_key
 from .store import Store
@@ -316,11 +317,7 @@ def private(d: str) -> None:
 
 
 def _drop_rows(txn: Txn, prefix: bytes) -> int:
-    stop = bytes([prefix[0] + 1])
-    keys = [k for k, _ in _take(txn.range(DB, prefix, stop), 4096)]
-    for k in keys:
-        txn.delete(DB, k)
-    return len(keys)
+    return delete_first(txn, DB, prefix, bytes([prefix[0] + 1]), 4096)
 
 
 def _scan_step(
@@ -328,21 +325,12 @@ def _scan_step(
 ) -> bytes | None:
     """`fn` on up to 4096 items of `db` past `after`; the last key done, or None at the end."""
     last = None
-    for k, v in [(k, bytes(v)) for k, v in _take(txn.range(db, after), 4097)]:
+    for k, v in [(k, bytes(v)) for k, v in islice(txn.range(db, after), 4097)]:
         if k == after:
             continue
         fn(txn, k, v)
         last = k
     return last
-
-
-def _take(it: Iterator[tuple[bytes, Any]], n: int) -> list[tuple[bytes, Any]]:
-    out = []
-    for x in it:
-        out.append(x)
-        if len(out) >= n:
-            break
-    return out
 
 
 def _may_be_text(head: bytes, whole: bool) -> bool:

@@ -17,6 +17,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Protocol
 
 import lmdb
@@ -85,6 +86,15 @@ class Txn(Protocol):
         """Items with start <= key < stop (stop None: to the end), in key order,
         or in reverse order from the greatest key below `stop` down to `start`."""
         ...
+
+
+def delete_first(txn: Txn, db: str, start: bytes, stop: bytes, n: int) -> int:
+    """Delete the first `n` keys of `db` in [start, stop); how many went. Callers that
+    empty a large range call it once a transaction, until it returns less than `n`."""
+    keys = [k for k, _ in islice(txn.range(db, start, stop), n)]
+    for k in keys:
+        txn.delete(db, k)
+    return len(keys)
 
 
 # Called as a write transaction begins, on the thread that begins it: a mount

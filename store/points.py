@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from hashlib import blake2b
 
 from .errors import NotFound, PointRefused, SourceError, UsageError
-from .kv import Txn
+from .kv import Txn, delete_first
 from .phase3 import Phase3Tree, hash_fd, join, split
 from .records import U64, Legacy
 from .store import Store
@@ -332,27 +332,10 @@ def _walk_manifest(
 
 
 def _drop_rows(store: Store, pid: int) -> None:
-    while True:
-
-        def op(txn: Txn) -> int:
-            keys = [
-                k for k, _ in _take(txn.range("points", rows_prefix(pid), rows_prefix(pid + 1)))
-            ]
-            for k in keys:
-                txn.delete("points", k)
-            return len(keys)
-
-        if store.transact(op) < ROWS_PER_TXN:
-            return
-
-
-def _take(it: Iterator[tuple[bytes, object]]) -> list[tuple[bytes, object]]:
-    out = []
-    for item in it:
-        out.append(item)
-        if len(out) >= ROWS_PER_TXN:
-            break
-    return out
+    lo, hi = rows_prefix(pid), rows_prefix(pid + 1)
+    dropped = ROWS_PER_TXN
+    while dropped == ROWS_PER_TXN:
+        dropped = store.transact(lambda txn: delete_first(txn, "points", lo, hi, ROWS_PER_TXN))
 
 
 def delete_point(store: Store, pid: int) -> None:
