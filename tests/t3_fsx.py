@@ -164,19 +164,21 @@ class Fsx:
         lo = min(size, new)
         return max(0, lo - 100), abs(new - size) + 200
 
-    def _map(self) -> mmap.mmap | None:
+    def _map_span(self) -> tuple[mmap.mmap, int, int] | None:
+        """The file mapped whole, and a random span of it: (map, offset, length);
+        None when the file is empty (a zero-length map is refused)."""
         size = len(self.model)
         if size == 0:
             return None
-        return mmap.mmap(self.fd(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(self.fd(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        off = self.rng.randrange(size)
+        return mm, off, min(self.length(), size - off)
 
     def op_mapread(self) -> tuple[int, int]:
-        mm = self._map()
-        if mm is None:
+        span = self._map_span()
+        if span is None:
             return self.op_write()
-        size = len(self.model)
-        off = self.rng.randrange(size)
-        n = min(self.length(), size - off)
+        mm, off, n = span
         self.history.append(f"mapread {off} +{n}")
         with mm:
             got = mm[off : off + n]
@@ -185,12 +187,10 @@ class Fsx:
         return off, n
 
     def op_mapwrite(self) -> tuple[int, int]:
-        mm = self._map()
-        if mm is None:
+        span = self._map_span()
+        if span is None:
             return self.op_write()
-        size = len(self.model)
-        off = self.rng.randrange(size)
-        n = min(self.length(), size - off)
+        mm, off, n = span
         buf = self.data(n)
         self.history.append(f"mapwrite {off} +{n}")
         with mm:
