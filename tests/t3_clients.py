@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers.mount import cli, diff_r, mounted, snapshot, snapshot_diff
+from helpers.mount import cli, diff_r, mounted, one_file_phase3, snapshot, snapshot_diff
 
 
 def run(
@@ -37,11 +37,7 @@ def run(
 
 
 def empty_phase3(tmp_path: Path) -> tuple[Path, Path]:
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
-    src.mkdir()
-    (src / "already-here.txt").write_bytes(b"a Phase 3 file\n")
-    mnt.mkdir()
-    return src, mnt
+    return one_file_phase3(tmp_path, "already-here.txt", b"a Phase 3 file\n")
 
 
 # -- git ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from helpers.mount import (
     diff_r,
     is_mounted,
     mounted,
+    one_file_phase3,
     pid_alive,
     snapshot,
     snapshot_diff,
@@ -446,11 +447,7 @@ def test_readdir_of_5000_entries_lists_each_once(tmp_path: Path, where: str) -> 
 
 
 def _tiny(tmp_path: Path) -> tuple[Path, Path]:
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
-    src.mkdir()
-    (src / "f").write_bytes(b"f\n")
-    mnt.mkdir()
-    return src, mnt
+    return one_file_phase3(tmp_path, "f", b"f\n")
 
 
 def test_mountutil_unmounts_after_a_failing_body(tmp_path: Path) -> None:

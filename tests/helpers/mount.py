@@ -371,6 +371,16 @@ def mounted(
         pytest.fail("\n".join(problems), pytrace=False)
 
 
+def one_file_phase3(tmp_path: Path, name: str, body: bytes) -> tuple[Path, Path]:
+    """A Phase 3 tree `tmp_path/src` holding one file, and an empty mountpoint
+    `tmp_path/mnt`: (src, mnt)."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    (src / name).write_bytes(body)
+    mnt.mkdir()
+    return src, mnt
+
+
 @contextlib.contextmanager
 def small_tmpfs(where: Path, size_mb: int) -> Iterator[Path]:
     """A tmpfs of `size_mb` MiB mounted on `where` for the body; always unmounted."""
