@@ -18,6 +18,7 @@ import errno
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import NOW_NS
@@ -52,12 +53,20 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def test_writes_get_enospc_then_work_again_after_deleting(tmp_path: Path) -> None:
+def sample_phase3(
+    tmp_path: Path, sessions: int, seed: int, attachment_mb: float
+) -> tuple[Path, dict[bytes, tuple[Any, ...]], Path]:
+    """A sample Phase 3 tree, its snapshot to compare with at the end, and an empty
+    mountpoint: (src, pristine, mnt)."""
     src = tmp_path / "phase3"
-    generate(src, 6, seed=3, attachment_mb=1, now_ns=NOW_NS)
-    pristine = snapshot(src)
+    generate(src, sessions, seed=seed, attachment_mb=attachment_mb, now_ns=NOW_NS)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    return src, snapshot(src), mnt
+
+
+def test_writes_get_enospc_then_work_again_after_deleting(tmp_path: Path) -> None:
+    src, pristine, mnt = sample_phase3(tmp_path, 6, seed=3, attachment_mb=1)
     rng = random.Random(1)
     with small_tmpfs(tmp_path / "small", 24) as small:
         store = small / "store"
@@ -119,12 +128,8 @@ def test_writes_get_enospc_then_work_again_after_deleting(tmp_path: Path) -> Non
 
 
 def test_sweep_on_a_full_store_waits_for_space_and_the_daemon_lives(tmp_path: Path) -> None:
-    src = tmp_path / "phase3"
     # Attachments are random bytes: about 40 MB that cannot compress into 16 MiB.
-    generate(src, 12, seed=4, attachment_mb=40, now_ns=NOW_NS)
-    pristine = snapshot(src)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    src, pristine, mnt = sample_phase3(tmp_path, 12, seed=4, attachment_mb=40)
     sweep = ("--idle-ms", "20", "--max-load", "64", "--batch", "2", "--batch-delay-ms", "0")
     with small_tmpfs(tmp_path / "small", 16) as small:
         store = small / "store"
