@@ -44,7 +44,7 @@ from ferryfs.store.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CRE
 from ferryfs.store.records import ROOT_INO, U64, Inode
 from ferryfs.store.store import Store
 from helpers.damage import damage_chunk
-from helpers.store import check_invariants, deadline, raw, snapshot, walk_store
+from helpers.store import check_invariants, deadline, raw, snapshot, walk_store, write_files
 
 UID, GID = 4321, 8765
 BASE_NS = 1_700_000_000_123_456_789
@@ -78,12 +78,7 @@ def build_tree(tmp: Path) -> Path:
     os.mkdir(top)
     for d in DIRS:
         os.makedirs(os.path.join(top, d), exist_ok=True)
-    for rel, data in FILES.items():
-        p = os.path.join(top, rel)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(p, "wb") as f:
-            f.write(data)
-    os.link(os.path.join(top, HARD[1]), os.path.join(top, HARD[0]))
+    write_files(top, FILES, HARD)
     os.symlink(b"hello.txt", os.path.join(top, b"link"))
     os.symlink(os.fsencode(outside / "secret"), os.path.join(top, b"escape"))
     os.symlink(os.fsencode(outside), os.path.join(top, b"escdir"))

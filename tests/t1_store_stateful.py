@@ -26,7 +26,7 @@ from ferryfs.store.errors import Exists, IsADir, NotEmpty, NotFound
 from ferryfs.store.namespace import RENAME_NOREPLACE
 from ferryfs.store.records import HOLE, ROOT_INO
 from ferryfs.store.store import Store
-from helpers.store import SparseFile, check_invariants, deadline, raw
+from helpers.store import SparseFile, check_invariants, deadline, raw, write_files
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -71,13 +71,7 @@ class StoreMachine(RuleBasedStateMachine):
         ingest.STAGE_BYTES = 8192
         self.tmp = tempfile.mkdtemp(prefix="ferryfs-stateful-")
         self.src = os.path.join(self.tmp, "phase3")
-        top = os.fsencode(self.src)
-        for rel, data in PHASE3.items():
-            p = os.path.join(top, rel)
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            with open(p, "wb") as f:
-                f.write(data)
-        os.link(os.path.join(top, PHASE3_LINK[1]), os.path.join(top, PHASE3_LINK[0]))
+        write_files(os.fsencode(self.src), PHASE3, PHASE3_LINK)
         self.path = os.path.join(self.tmp, "store")
         self.store = Store.open(self.path, source=self.src, create=True)
         self.store.chunker = SMALL

@@ -1,4 +1,4 @@
-"""Helpers shared by the store tests: Phase 3 snapshots, a walk of a store's
+"""Helpers shared by the store tests: writing and snapshotting Phase 3 trees, a walk of a store's
 namespace, and a checker of the store's invariants read straight from the
 backend (independent of the code that maintains them)."""
 
@@ -23,6 +23,17 @@ from helpers.damage import chunk_damaged
 
 T = TypeVar("T")
 StatRow = tuple[int, int, int, int, int, int, int, int, int]
+
+
+def write_files(top: bytes, files: dict[bytes, bytes], hard: tuple[bytes, bytes]) -> None:
+    """Write `files` (path relative to `top` -> content) under `top`, making the
+    directories they need, then hard-link `hard[0]` to the file `hard[1]`."""
+    for rel, data in files.items():
+        p = os.path.join(top, rel)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+    os.link(os.path.join(top, hard[1]), os.path.join(top, hard[0]))
 
 
 def stat_row(st: os.stat_result) -> StatRow:
