@@ -879,13 +879,26 @@ def test_forget_in_failsafe_leaves_the_orphan_for_the_next_open(env: Env) -> Non
             store.getattr(f.ino)
 
 
+@pytest.fixture
+def big(store: Store, monkeypatch: pytest.MonkeyPatch) -> Inode:
+    """big.bin, with STAGE_BYTES lowered so that migrating it stages chunks first
+    (it has more than 100_000 bytes of new chunks). A test's `monkeypatch.undo()`
+    restores STAGE_BYTES too."""
+    monkeypatch.setattr(ingest, "STAGE_BYTES", 100_000)
+    return store.lookup(ROOT_INO, b"big.bin")
+
+
+def assert_big_migrated(store: Store, big: Inode) -> None:
+    assert raw(store).pending == set()
+    assert store.read(big.ino, 0, 10**7) == FILES[b"big.bin"]
+    check_invariants(store, deep=True)
+
+
 def test_preparing_a_migration_opens_no_write_transaction(
-    env: Env, store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, big: Inode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Preparing runs on low-priority threads: a write there would hold the writer
     # behind a starved thread. Its new chunks are written by the commit.
-    monkeypatch.setattr(ingest, "STAGE_BYTES", 100_000)  # more than this of new chunks
-    big = store.lookup(ROOT_INO, b"big.bin")
 
     def no_write() -> None:
         raise AssertionError("a write transaction while preparing a migration")
@@ -896,16 +909,12 @@ def test_preparing_a_migration_opens_no_write_transaction(
     assert m is not None and len(m.records) > 1
     assert raw(store).chunks == {}
     assert [n.ino for n in store.commit_migrations([m])] == [big.ino]
-    assert raw(store).pending == set()
-    assert store.read(big.ino, 0, 10**7) == FILES[b"big.bin"]
-    check_invariants(store, deep=True)
+    assert_big_migrated(store, big)
 
 
 def test_a_big_migration_hands_its_chunks_to_the_callers_spill_in_bounded_groups(
-    env: Env, store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, big: Inode
 ) -> None:
-    monkeypatch.setattr(ingest, "STAGE_BYTES", 100_000)
-    big = store.lookup(ROOT_INO, b"big.bin")
     groups: list[int] = []
 
     def spill(records: dict[bytes, bytes]) -> None:
@@ -918,16 +927,13 @@ def test_a_big_migration_hands_its_chunks_to_the_callers_spill_in_bounded_groups
     assert max(groups) <= 100_000 + store.chunker.max_size, groups
     assert raw(store).pending == set(m.staged) and set(raw(store).chunks) == set(m.staged)
     store.commit_migrations([m])
-    assert raw(store).pending == set()
-    assert store.read(big.ino, 0, 10**7) == FILES[b"big.bin"]
-    check_invariants(store, deep=True)
+    assert_big_migrated(store, big)
 
 
 def test_a_failed_migration_commit_leaves_the_file_legacy(
-    env: Env, store: Store, monkeypatch: pytest.MonkeyPatch
+    env: Env, store: Store, big: Inode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ingest, "STAGE_BYTES", 100_000)  # big.bin stages chunks first
-    big, log = store.lookup(ROOT_INO, b"big.bin"), resolve(store, b"sessions/s1/log.jsonl")
+    log = resolve(store, b"sessions/s1/log.jsonl")
     real = ingest.commit_extents
     calls = []
 
