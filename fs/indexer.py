@@ -16,6 +16,7 @@ task awaits each step before the next); the trio thread only sets flags.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -31,6 +32,8 @@ from .writer import Writer
 log = logging.getLogger("ferryfs.indexer")
 
 POLL = 0.25  # seconds between looks at the marks when there is nothing to do
+RETRY = 5  # seconds before indexing again after a failure (a full disk, failsafe)
+LOW_SPACE = 64 << 20  # free bytes under which a failure is taken for a full disk
 
 
 class IndexTask:
@@ -63,6 +66,10 @@ class IndexTask:
             return
         while not self._stopped:
             await self._wait_quiet()
+            if self.indexer.writer is None and not await self._restart():
+                self.state = "waiting"
+                await trio.sleep(RETRY)
+                continue
             self.state = "running"
             try:
                 batch = await self.background.run(self.indexer.prepare, self._preempt.is_set)
@@ -74,9 +81,31 @@ class IndexTask:
                 await self.writer.run(self.indexer.commit_rows, batch)
             except (FerryError, OSError, ValueError) as e:
                 # The disk is full, or failsafe: the marks stay for the next try.
-                log.warning("indexing: %s", e)
+                # tantivy kills its writer on an I/O error, so a new one is started
+                # before that try (the batch's documents were never committed).
+                log.warning("indexing: %s%s", e, self._space_note())
                 self.state = "waiting"
-                await trio.sleep(5)
+                await trio.to_thread.run_sync(self.indexer.close)
+                await trio.sleep(RETRY)
+
+    async def _restart(self) -> bool:
+        """A new tantivy writer after one was killed; False if it cannot start yet."""
+        try:
+            await trio.to_thread.run_sync(self._open)
+            return True
+        except (FerryError, OSError, ValueError) as e:
+            log.info("search index writer not started again yet: %s", e)
+            return False
+
+    def _space_note(self) -> str:
+        # tantivy says "io::Error most likely", not which: name a full disk.
+        try:
+            st = os.statvfs(self.indexer.path)
+        except OSError:
+            return ""
+        if st.f_bavail * st.f_frsize < LOW_SPACE:
+            return " (no space left for the store: indexing waits for space)"
+        return ""
 
     def _open(self) -> None:
         # Starting an index over marks every file, a transaction per few thousand
