@@ -75,6 +75,11 @@ class Indexer:
             idx = index.open_index(self.path)
         self.index = idx
         self.writer = idx.writer(heap_size=WRITER_HEAP, num_threads=1)
+        # A writer killed mid-batch leaves files no commit names (a segment's
+        # `.del` at the next opstamp): the next writer would try to create the same
+        # name and fail its batch (FileAlreadyExists). tantivy lists every file it
+        # makes before making it, so its collector finds them all.
+        self.writer.garbage_collect_files()
         private(index_dir(self.path))
 
     def close(self) -> None:
