@@ -19,6 +19,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -295,3 +296,25 @@ def test_store_locked_and_mountpoint_busy(made, tmp_path: Path) -> None:  # type
         out = ferry("stats", store, "--json")
         assert out.returncode == 0, out.stderr
     print("\n".join(seen))
+
+
+def test_a_hostile_name_in_fsck_output_is_escaped(made, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A name fsck quotes (here the Phase 3 path the store records, as a damaged
+    record could make it) with a newline, an escape sequence and bytes that are not
+    UTF-8: the output stays valid UTF-8, one line per problem, no control character."""
+    store = copy_store(made, tmp_path / "store")
+    hostile = b"/nowhere/x\ny\x1b[2J\xff\xfe"
+    env = lmdb.open(str(store / "db"), max_dbs=64)
+    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        txn.put(b"source", hostile)
+    env.close()
+    r = subprocess.run(
+        [sys.executable, "-m", "ferryfs.tools.cli", "fsck", str(store)],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
+    out = r.stdout.decode("utf-8")  # raises if fsck printed bytes that are not UTF-8
+    lines = [x for x in out.splitlines() if x.startswith("phase3-missing")]
+    assert len(lines) == 1, out
+    assert "\x1b" not in out and r"\x1b[2J" in lines[0] and r"\xff\xfe" in lines[0], lines
+    assert r.returncode == 4, (r.returncode, r.stderr)

@@ -19,10 +19,15 @@ def mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def shown(path: str) -> str:
-    """A path for a terminal: bytes that are not UTF-8 (kept by os.fsdecode as
-    surrogates) printed as \\xNN escapes, so the output is always valid UTF-8."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+def shown(text: str) -> str:
+    """Text for a terminal, on one line: bytes that are not UTF-8 (kept by
+    os.fsdecode as surrogates) and characters that are not printable (a newline,
+    an escape sequence in a damaged or hostile name) become backslash escapes, so
+    the output is valid UTF-8, one line per item, and cannot drive the terminal."""
+    s = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in s)
 
 
 def saved_text(on_disk: float, chunks: float, migrated: float) -> str:

@@ -104,7 +104,9 @@ def run(argv: list[str]) -> int:
         code: int = args._module.run(args)
         return code
     except FerryError as e:
-        print(f"ferryfs: {e}", file=sys.stderr)
+        from ._common import shown  # a message may quote a damaged or hostile name
+
+        print(f"ferryfs: {shown(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("ferryfs: interrupted", file=sys.stderr)
@@ -112,6 +114,9 @@ def run(argv: list[str]) -> int:
     except OSError as e:
         if os.environ.get("FERRYFS_DEBUG"):
             raise
-        where = f": {e.filename}" if e.filename else ""
-        print(f"ferryfs: {e.strerror or e}{where}", file=sys.stderr)
+        from ._common import shown
+
+        name = e.filename
+        where = f": {os.fsdecode(name) if isinstance(name, bytes) else name}" if name else ""
+        print(f"ferryfs: {shown(str(e.strerror or e) + where)}", file=sys.stderr)
         return 1

@@ -185,11 +185,11 @@ def _print(
         return code
     for p in r.problems[:SHOWN]:
         fix = "" if p.repairable else "  (cannot be repaired)"
-        print(f"{p.kind:26} {shown(p.path) or '-'}  {p.detail}{fix}")
+        print(f"{p.kind:26} {shown(p.path) or '-'}  {shown(p.detail)}{fix}")
     if len(r.problems) > SHOWN:
         print(f"... and {len(r.problems) - SHOWN} more (--json lists all)")
     for note in r.notes:
-        print(f"note: {note}")
+        print(f"note: {shown(note)}")
     deep = ""
     if args.deep:
         deep = (
@@ -206,7 +206,7 @@ def _print(
     if after is not None:
         print(f"repaired {repaired}; {len(after.problems)} left")
         for p in after.problems[:SHOWN]:
-            print(f"left: {p.kind:26} {shown(p.path) or '-'}  {p.detail}")
+            print(f"left: {p.kind:26} {shown(p.path) or '-'}  {shown(p.detail)}")
         for path in lost or []:
             print(f"could not save {shown(path)}")
     return code
