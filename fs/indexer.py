@@ -54,7 +54,12 @@ class IndexTask:
 
     def status(self) -> dict[str, Any]:
         p = self.indexer.progress
-        return {"index_state": self.state, "index_files": p.files, "index_errors": p.errors}
+        return {
+            "index_state": self.state,
+            "index_files": p.files,
+            "index_errors": p.errors,
+            "index_parked": p.parked,  # left marked for now: read at query time
+        }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
