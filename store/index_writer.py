@@ -78,14 +78,16 @@ class Indexer:
         self.index: Any = None
         self.writer: Any = None
         self.progress = Progress()
-        # Files left marked on purpose, and the (version, ctime) they were left at
-        # and when: one whose bytes could not be read (its text is unknown, so every
-        # query reads it), or one whose names call for two kinds of text (a hard
-        # link `a.json` beside `a.txt`: one document cannot be both, so the other
-        # name is read at query time). Skipped until the file changes (its ctime
-        # moves with any write, rename or link) or RETRY_PARKED has passed, so that
-        # `catch_up` ends. Held in memory only: the next process tries them again.
-        self.parked: dict[int, tuple[int, int, float]] = {}
+        # Inodes left marked on purpose, with the (version, ctime, flags) they were
+        # left at and when: a file whose bytes could not be read (its text is
+        # unknown, so every query reads it), a file whose names call for two kinds
+        # of text (a hard link `a.json` beside `a.txt`: one document cannot be
+        # both, so the other name is read at query time), an UNLISTED directory.
+        # Skipped until the inode changes (its ctime moves with any write, rename
+        # or link; its flags when it is migrated or listed) or RETRY_PARKED has
+        # passed, so that `catch_up` ends. In memory only: the next process tries
+        # them again.
+        self.parked: dict[int, tuple[tuple[int, int, int], float]] = {}
 
     def open(self) -> None:
         """Open the tantivy index, or start a new one (marking every file) if the
@@ -203,8 +205,12 @@ class Indexer:
             self.parked.pop(ino, None)
             if node is None:
                 batch.gone.append(ino)
+            elif node.is_unlisted:
+                # Its mark goes once it is listed (the sweep lists), which writes
+                # its record: parked until then, so that it neither holds up the
+                # files marked after it nor keeps `catch_up` going.
+                self._park(node)
             elif not node.is_reg:
-                # A directory: its mark goes once it is listed (the sweep lists).
                 batch.docs.append((ino, -1, 0, None))
             else:
                 kind = text.kind(ns[0][1]) if ns else text.PLAIN
@@ -233,17 +239,16 @@ class Indexer:
         return batch
 
     def _park(self, node: Inode) -> None:
-        self.parked[node.ino] = (node.version, node.ctime_ns, time.monotonic())
+        self.parked[node.ino] = (_stamp(node), time.monotonic())
         self.progress.parked = len(self.parked)
 
     def _still_parked(self, txn: Txn, ino: int, now: float) -> bool:
-        """Whether a parked file stays parked: unchanged, and parked recently."""
-        ver, ctime, when = self.parked[ino]
+        """Whether a parked inode stays parked: unchanged, and parked recently."""
+        stamp, when = self.parked[ino]
         v = txn.get("inodes", ino_key(ino))
         if v is None or now - when >= RETRY_PARKED:
             return False
-        node = Inode.unpack(ino, v)
-        return (node.version, node.ctime_ns) == (ver, ctime)
+        return _stamp(Inode.unpack(ino, v)) == stamp
 
     def _content(self, node: Inode) -> bytes | None:
         """A file's bytes, or None if they are not text (a cheap look at the start
@@ -390,6 +395,10 @@ def _scan_step(
         fn(txn, k, v)
         last = k
     return last
+
+
+def _stamp(node: Inode) -> tuple[int, int, int]:
+    return node.version, node.ctime_ns, node.flags
 
 
 def _may_be_text(head: bytes, whole: bool) -> bool:

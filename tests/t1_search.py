@@ -143,3 +143,34 @@ def test_a_file_named_as_two_kinds_of_text_ends_the_catching_up(tmp_path: Path) 
         assert not Checker(s).run().problems
     finally:
         s.close()
+
+
+def test_unlisted_directories_neither_hold_up_nor_keep_the_indexer_going(tmp_path: Path) -> None:
+    """Directories the sweep has not listed yet stay marked (their files are
+    walked at query time) without the indexer coming back to them in a loop;
+    once listed, their files are indexed."""
+    src = _tree(tmp_path / "src")
+    for i in range(30):
+        (src / f"d{i:02}").mkdir()
+        (src / f"d{i:02}" / "note.txt").write_bytes(b"quokka %d\n" % i)
+    s = Store.open(str(tmp_path / "store"), source=str(src), create=True)
+    try:
+        s.ensure_listed(1)  # the root only: d00..d29 stay UNLISTED
+        index_writer.BATCH_FILES, saved = 8, index_writer.BATCH_FILES
+        try:
+            ix = index_writer.Indexer(s)
+            ix.open()
+            _catch_up(ix)
+            res = _ask(s, "quokka")
+            assert len(res.hits) == 31 and res.read_now == 30  # walked, not indexed
+            assert [h.path for h in _ask(s, "zebrafish").hits] == [b"hit.txt"]
+            s.import_all()
+            _catch_up(ix)
+            ix.close()
+        finally:
+            index_writer.BATCH_FILES = saved
+        res = _ask(s, "quokka")
+        assert len(res.hits) == 31 and res.read_now == 0
+        assert not Checker(s).run().problems
+    finally:
+        s.close()
