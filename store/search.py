@@ -24,14 +24,17 @@ import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import index, text
-from .errors import FerryError, UsageError
-from .kv import Txn
-from .phase3 import Phase3File, Phase3Tree, join
-from .records import ROOT_INO, U64, Inode, ino_key
-from .store import Store
+from .errors import FerryError, SchemaMismatch, StoreMissing, UsageError
+from .kv import Backend, LmdbBackend, Txn
+from .records import ROOT_INO, SCHEMA_VERSION, U64, Inode, ino_key
+from .storedir import StoreDir
+
+if TYPE_CHECKING:  # reading files needs the whole store, imported only then
+    from .phase3 import Phase3File, Phase3Tree
+    from .store import Store
 
 BM25_K1 = 1.2  # tantivy's
 _QUOTED = re.compile(r'"([^"]*)"|([^"]+)|"')
@@ -109,6 +112,9 @@ class Filters:
             return False
         if self.until_ns is not None and mtime_ns >= self.until_ns:
             return False
+        return self.keep_path(path)
+
+    def keep_path(self, path: bytes) -> bool:
         return self.glob is None or fnmatch.fnmatchcase(os.fsdecode(path), self.glob)
 
 
@@ -117,7 +123,7 @@ class Hit:
     path: bytes
     ino: int
     score: float
-    size: int
+    size: int  # size and mtime: -1 when search() was not asked for them (stat_hits)
     mtime_ns: int
     kind: int
     opener: Callable[[], bytes] | None = None  # files of UNLISTED directories (ino 0)
@@ -132,6 +138,94 @@ class Result:
     errors: list[str] = field(default_factory=list)
 
 
+class Source(Protocol):
+    """What a search reads its snapshot from: a Store, or a SearchStore."""
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def path(self) -> str | None: ...
+
+
+class SearchStore:
+    """A store opened read-only for a search: its directory and its LMDB
+    environment, and no more. Most queries read no file, and the whole Store
+    (its chunk cache, codecs, migration and Phase 3 code) costs a search's start
+    some tens of milliseconds to import; `store()` makes it, on the same
+    environment, for the queries that read files."""
+
+    def __init__(self, path: str) -> None:
+        self.path: str | None = path
+        self.dir = StoreDir.open(path)
+        try:
+            self.backend: Backend = LmdbBackend(
+                self.dir.db_path,
+                readonly=True,
+                shown=os.path.join(self.dir.path, "db"),
+                readahead=False,  # a query touches a few pages here and there
+            )
+        except BaseException:
+            self.dir.close()
+            raise
+        self._store: Store | None = None
+        try:
+            self._check()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self) -> None:
+        # As Store.open checks a store before reading it.
+        assert isinstance(self.backend, LmdbBackend)
+        if not self.backend.has_db("meta"):
+            raise StoreMissing("the store is empty (never initialised)")
+        with self.backend.read() as txn:
+            v = txn.get("meta", b"schema")
+        if v is None:
+            raise StoreMissing("the store is empty (never initialised)")
+        if U64.unpack(v)[0] != SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"store has schema version {U64.unpack(v)[0]}; this ferryfs reads version "
+                f"{SCHEMA_VERSION} only"
+            )
+
+    def source_path(self) -> str | None:
+        with self.backend.read() as txn:
+            v = txn.get("meta", b"source")
+            return os.fsdecode(bytes(v)) if v is not None else None
+
+    def store(self) -> Store:
+        """The whole Store on this environment (made once), with its Phase 3 tree
+        attached if that is there: an unmounted store reads its LEGACY files from it."""
+        if self._store is None:
+            from .phase3 import Phase3Tree
+            from .store import Store
+
+            s = Store(self.backend, path=self.path, readonly=True)
+            src = self.source_path()
+            if src is not None and os.path.isdir(src):
+                try:
+                    s.tree = Phase3Tree.open(src)
+                except FerryError:
+                    s.tree = None
+            self._store = s
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()  # the backend with it
+        else:
+            self.backend.close()
+        self.dir.close()
+
+    def __enter__(self) -> SearchStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Reader(Protocol):
     def read(self, ino: int, path: bytes, node: Inode) -> bytes | None: ...
 
@@ -141,10 +235,17 @@ class Reader(Protocol):
 
 
 class StoreReader:
-    """Reads from the store itself, and LEGACY files from its Phase 3 tree."""
+    """Reads from the store itself, and LEGACY files from its Phase 3 tree (a
+    SearchStore's whole Store is made on the first read)."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, store: Store | SearchStore) -> None:
+        self._source = store
+
+    @property
+    def store(self) -> Store:
+        if isinstance(self._source, SearchStore):
+            return self._source.store()
+        return self._source
 
     def read(self, ino: int, path: bytes, node: Inode) -> bytes | None:
         if node.stored:
@@ -203,6 +304,11 @@ class MountReader:
                 if stat.S_ISREG(st.st_mode):
                     shown = join(rel, f)
                     yield shown, st.st_size, st.st_mtime_ns, _path_opener(p)
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    """A path below `parent` (b"" for the root), as phase3.join."""
+    return parent + b"/" + name if parent else name
 
 
 def _opener(tree: Phase3Tree, rel: bytes) -> Callable[[], bytes]:
@@ -314,9 +420,16 @@ class FullPaths(Paths):
         return self.files.get(ino, [])
 
 
-def search(store: Store, q: Query, reader: Reader, filters: Filters | None = None) -> Result:
-    """Every file holding the query now, scored; see the module docstring."""
+def search(
+    store: Source, q: Query, reader: Reader, filters: Filters | None = None, stat_hits: bool = True
+) -> Result:
+    """Every file holding the query now, scored; see the module docstring.
+
+    `stat_hits`: give each hit its size and mtime. Without it (and with no date
+    filter), a hit the index vouches for costs no look at its inode: a query's
+    cost on a cold cache is the pages it touches, so the fewer the better."""
     f = filters or Filters()
+    stat_hits = stat_hits or f.since_ns is not None or f.until_ns is not None
     res = Result()
     got: dict[bytes, Hit] = {}
     to_read: dict[bytes, tuple[int, int, Inode, bool]] = {}  # path: ino, kind, node, checking
@@ -337,9 +450,20 @@ def search(store: Store, q: Query, reader: Reader, filters: Filters | None = Non
         else:
             res.indexed = True
             paths = Paths(txn)
+            marked = set()
             for ino in index.dirty(txn):
+                marked.add(ino)
                 _look(txn, ino, paths, f, True, to_read, walks)
-            for score, ino, ver, kind in _candidates(ix, q):
+            # In inode order: the rows each looks at lie in key order, so a cold
+            # cache reads neighbouring pages rather than a page a hit.
+            for score, ino, ver, kind in sorted(_candidates(ix, q), key=lambda c: c[1]):
+                if ino not in marked and index.indexed(txn, ino) == (ver, kind):
+                    # Not marked: the `V` row vouches for the file's current
+                    # version and for every name's kind (a change of either marks
+                    # it in its own transaction; fsck's invariant 7), so neither
+                    # its inode nor its content is looked at.
+                    _vouched(txn, ino, score, kind, paths, f, q, stat_hits, got, to_read)
+                    continue
                 rec = txn.get("inodes", ino_key(ino))
                 if rec is None:
                     continue
@@ -390,6 +514,42 @@ def search(store: Store, q: Query, reader: Reader, filters: Filters | None = Non
             res.errors.append(f"{os.fsdecode(p)}: {e}")
     res.hits = list(got.values())
     return res
+
+
+def _vouched(
+    txn: Txn,
+    ino: int,
+    score: float,
+    kind: int,
+    paths: Paths,
+    f: Filters,
+    q: Query,
+    stat_hits: bool,
+    got: dict[bytes, Hit],
+    to_read: dict[bytes, tuple[int, int, Inode, bool]],
+) -> None:
+    """A candidate whose document is its text: a hit at each of its names, its
+    inode looked at only for a size and mtime that are asked for, or a phrase
+    to check on its words."""
+    node: Inode | None = None
+    for p, name in paths.of_file(ino):
+        if p in to_read or not f.keep_path(p):
+            continue
+        other = text.kind(name) != kind  # never, by the invariant; cheap to make sure
+        if node is None and (stat_hits or q.needs_check or other):
+            rec = txn.get("inodes", ino_key(ino))
+            if rec is None:
+                return
+            node = Inode.unpack(ino, rec)
+        if node is not None and not f.keep(p, node.mtime_ns):
+            continue
+        if other or q.needs_check:
+            assert node is not None
+            to_read[p] = (ino, text.kind(name), node, not other)
+        elif node is not None:
+            got[p] = Hit(p, ino, score, node.size, node.mtime_ns, kind)
+        else:
+            got[p] = Hit(p, ino, score, -1, -1, kind)
 
 
 def _look(
