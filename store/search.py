@@ -10,8 +10,14 @@ words of each candidate file. The tantivy searcher is opened after the store's
 snapshot: the index is then at or ahead of what the snapshot says it holds,
 never behind it.
 
-Reading goes through a `Reader`: the store itself (an unmounted store, with
-its Phase 3 tree for LEGACY files), or the live mount's files at their paths.
+Reading goes through a `Reader` (search_io.py): the store itself (an
+unmounted store, with its Phase 3 tree for LEGACY files), or the live mount's
+files at their paths.
+
+Speed: a query's cost on a cold page cache is the pages it touches, each a
+read from disk. So a hit the index vouches for costs its `V` row and its
+names (no inode, no content, unless asked for), the rows are looked up in key
+order, and neither LMDB nor tantivy's maps read ahead (see _random_access).
 """
 
 from __future__ import annotations
@@ -22,19 +28,28 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from . import index, text
-from .errors import FerryError, SchemaMismatch, StoreMissing, UsageError
-from .kv import Backend, LmdbBackend, Txn
-from .records import ROOT_INO, SCHEMA_VERSION, U64, Inode, ino_key
-from .storedir import StoreDir
+from .errors import FerryError, UsageError
+from .kv import Txn
+from .records import ROOT_INO, U64, Inode, ino_key
+from .search_io import MountReader, Reader, SearchStore, Source, StoreReader, join
 
-if TYPE_CHECKING:  # reading files needs the whole store, imported only then
-    from .phase3 import Phase3File, Phase3Tree
-    from .store import Store
+__all__ = [
+    "Filters",
+    "Hit",
+    "MountReader",
+    "Query",
+    "Reader",
+    "Result",
+    "SearchStore",
+    "StoreReader",
+    "parse_query",
+    "search",
+]
 
 BM25_K1 = 1.2  # tantivy's
 _QUOTED = re.compile(r'"([^"]*)"|([^"]+)|"')
@@ -136,222 +151,6 @@ class Result:
     checked: int = 0  # candidates read to check a phrase or a long word
     indexed: bool = False  # whether the index was used at all
     errors: list[str] = field(default_factory=list)
-
-
-class Source(Protocol):
-    """What a search reads its snapshot from: a Store, or a SearchStore."""
-
-    @property
-    def backend(self) -> Backend: ...
-
-    @property
-    def path(self) -> str | None: ...
-
-
-class SearchStore:
-    """A store opened read-only for a search: its directory and its LMDB
-    environment, and no more. Most queries read no file, and the whole Store
-    (its chunk cache, codecs, migration and Phase 3 code) costs a search's start
-    some tens of milliseconds to import; `store()` makes it, on the same
-    environment, for the queries that read files."""
-
-    def __init__(self, path: str) -> None:
-        self.path: str | None = path
-        self.dir = StoreDir.open(path)
-        try:
-            self.backend: Backend = LmdbBackend(
-                self.dir.db_path,
-                readonly=True,
-                shown=os.path.join(self.dir.path, "db"),
-                readahead=False,  # a query touches a few pages here and there
-            )
-        except BaseException:
-            self.dir.close()
-            raise
-        self._store: Store | None = None
-        try:
-            self._check()
-        except BaseException:
-            self.close()
-            raise
-
-    def _check(self) -> None:
-        # As Store.open checks a store before reading it.
-        assert isinstance(self.backend, LmdbBackend)
-        if not self.backend.has_db("meta"):
-            raise StoreMissing("the store is empty (never initialised)")
-        with self.backend.read() as txn:
-            v = txn.get("meta", b"schema")
-        if v is None:
-            raise StoreMissing("the store is empty (never initialised)")
-        if U64.unpack(v)[0] != SCHEMA_VERSION:
-            raise SchemaMismatch(
-                f"store has schema version {U64.unpack(v)[0]}; this ferryfs reads version "
-                f"{SCHEMA_VERSION} only"
-            )
-
-    def source_path(self) -> str | None:
-        with self.backend.read() as txn:
-            v = txn.get("meta", b"source")
-            return os.fsdecode(bytes(v)) if v is not None else None
-
-    def store(self) -> Store:
-        """The whole Store on this environment (made once), with its Phase 3 tree
-        attached if that is there: an unmounted store reads its LEGACY files from it."""
-        if self._store is None:
-            from .phase3 import Phase3Tree
-            from .store import Store
-
-            s = Store(self.backend, path=self.path, readonly=True)
-            src = self.source_path()
-            if src is not None and os.path.isdir(src):
-                try:
-                    s.tree = Phase3Tree.open(src)
-                except FerryError:
-                    s.tree = None
-            self._store = s
-        return self._store
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()  # the backend with it
-        else:
-            self.backend.close()
-        self.dir.close()
-
-    def __enter__(self) -> SearchStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Reader(Protocol):
-    def read(self, ino: int, path: bytes, node: Inode) -> bytes | None: ...
-
-    def walk(self, ino: int, path: bytes) -> Iterator[tuple[bytes, int, int, Callable[[], bytes]]]:
-        """(path, size, mtime ns, read) of each regular file under an UNLISTED directory."""
-        ...
-
-
-class StoreReader:
-    """Reads from the store itself, and LEGACY files from its Phase 3 tree (a
-    SearchStore's whole Store is made on the first read)."""
-
-    def __init__(self, store: Store | SearchStore) -> None:
-        self._source = store
-
-    @property
-    def store(self) -> Store:
-        if isinstance(self._source, SearchStore):
-            return self._source.store()
-        return self._source
-
-    def read(self, ino: int, path: bytes, node: Inode) -> bytes | None:
-        if node.stored:
-            data = self.store.read_stored(ino, 0, node.size)
-            return None if data is None else bytes(data)
-        f = self.store.open_legacy(ino)
-        try:
-            return _read_legacy(f)
-        finally:
-            f.close()
-
-    def walk(self, ino: int, path: bytes) -> Iterator[tuple[bytes, int, int, Callable[[], bytes]]]:
-        tree = self.store.tree
-        with self.store.backend.read() as txn:
-            leg = txn.get("legacy", ino_key(ino))
-        if tree is None or leg is None:
-            return
-        from .records import Legacy
-
-        stack = [(Legacy.unpack(leg).path, path)]
-        while stack:
-            rel, shown = stack.pop()
-            for e in tree.listdir(rel):
-                if len(e.name) > 255:
-                    continue  # never imported (namespace.NAME_MAX)
-                r, s = join(rel, e.name), join(shown, e.name)
-                if stat.S_ISDIR(e.st.st_mode):
-                    stack.append((r, s))
-                elif stat.S_ISREG(e.st.st_mode):
-                    yield s, e.st.st_size, e.st.st_mtime_ns, _opener(tree, r)
-
-
-class MountReader:
-    """Reads a live mount's files at their paths: what the app sees, including
-    LEGACY files (a read through the mount may migrate them) and directories
-    the mount has not listed yet."""
-
-    def __init__(self, root: str) -> None:
-        self.root = os.fsencode(os.path.abspath(root))
-
-    def read(self, ino: int, path: bytes, node: Inode) -> bytes | None:
-        fd = os.open(os.path.join(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            return _read_all(fd)
-        finally:
-            os.close(fd)
-
-    def walk(self, ino: int, path: bytes) -> Iterator[tuple[bytes, int, int, Callable[[], bytes]]]:
-        base = os.path.join(self.root, path) if path else self.root
-        for d, _, files in os.walk(base):
-            rel = os.path.relpath(d, self.root)
-            rel = b"" if rel == b"." else rel
-            for f in files:
-                p = os.path.join(d, f)
-                st = os.lstat(p)
-                if stat.S_ISREG(st.st_mode):
-                    shown = join(rel, f)
-                    yield shown, st.st_size, st.st_mtime_ns, _path_opener(p)
-
-
-def join(parent: bytes, name: bytes) -> bytes:
-    """A path below `parent` (b"" for the root), as phase3.join."""
-    return parent + b"/" + name if parent else name
-
-
-def _opener(tree: Phase3Tree, rel: bytes) -> Callable[[], bytes]:
-    def read() -> bytes:
-        fd = tree.open_file(rel)
-        try:
-            return _read_all(fd)
-        finally:
-            os.close(fd)
-
-    return read
-
-
-def _path_opener(p: bytes) -> Callable[[], bytes]:
-    def read() -> bytes:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            return _read_all(fd)
-        finally:
-            os.close(fd)
-
-    return read
-
-
-def _read_legacy(f: Phase3File) -> bytes:
-    """A LEGACY file's Phase 3 copy, whole (SourceError if it changed there)."""
-    parts: list[bytes] = []
-    got = 0
-    while True:
-        b = f.pread(1 << 20, got)
-        if not b:
-            return b"".join(parts)
-        parts.append(b)
-        got += len(b)
-
-
-def _read_all(fd: int) -> bytes:
-    parts: list[bytes] = []
-    while True:
-        b = os.read(fd, 1 << 20)
-        if not b:
-            return b"".join(parts)
-        parts.append(b)
 
 
 class Paths:
@@ -456,7 +255,8 @@ def search(
                 _look(txn, ino, paths, f, True, to_read, walks)
             # In inode order: the rows each looks at lie in key order, so a cold
             # cache reads neighbouring pages rather than a page a hit.
-            for score, ino, ver, kind in sorted(_candidates(ix, q), key=lambda c: c[1]):
+            found = _candidates(ix, q, index.index_dir(store.path))
+            for score, ino, ver, kind in sorted(found, key=lambda c: c[1]):
                 if ino not in marked and index.indexed(txn, ino) == (ver, kind):
                     # Not marked: the `V` row vouches for the file's current
                     # version and for every name's kind (a change of either marks
@@ -588,13 +388,71 @@ def _trusted_index(txn: Txn, store_path: str) -> Any:
     if want is None or want != index.disk_ident(store_path):
         return None
     try:
+        _read_tails(index.index_dir(store_path))
         return index.open_index(store_path)
     except (OSError, ValueError):
         return None
 
 
-def _candidates(ix: Any, q: Query) -> list[tuple[float, int, int, int]]:
-    """(score, ino, version, kind) of each document the index gives for `q`."""
+# A query reads a few pages of tantivy's files, through its memory maps. On a
+# cold cache each page it touches first is read from disk with the kernel's
+# read-around, as much as the disk's read_ahead_kb (8 MB on the benchmark's
+# virtual disk): measured, one query on the 10x tree read all 18 MB of its
+# biggest segment's postings and terms to use 72 KB of them. Hence these two.
+TAIL = 16 << 10
+_MADV_RANDOM = 1
+
+
+def _read_tails(d: str) -> None:
+    """Read the end of each index file (its footer, which opening the index
+    reads) with read-ahead off: those pages are then cached, and opening reads
+    no megabytes around them."""
+    with os.scandir(d) as it:
+        for e in it:
+            try:
+                fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                    os.pread(fd, TAIL, max(0, st.st_size - TAIL))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+
+def _random_access(d: str) -> None:
+    """MADV_RANDOM on this process's maps of the files in `d` (tantivy's open
+    segments): a page the query touches is then read alone. Best effort: a map
+    that went meanwhile is skipped."""
+    import ctypes
+
+    prefix = os.path.realpath(d) + "/"
+    try:
+        with open("/proc/self/maps") as f:
+            spans = []
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith(prefix):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    spans.append((lo, hi - lo))
+    except OSError:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for lo, n in spans:
+        madvise(lo, n, _MADV_RANDOM)
+
+
+def _candidates(
+    ix: Any, q: Query, index_dir: str | None = None
+) -> list[tuple[float, int, int, int]]:
+    """(score, ino, version, kind) of each document the index gives for `q`
+    (`index_dir`: where its files are, to read them page by page)."""
     import tantivy
 
     schema = ix.schema
@@ -615,6 +473,8 @@ def _candidates(ix: Any, q: Query) -> list[tuple[float, int, int, int]]:
         try:
             ix.reload()
             s = ix.searcher()
+            if index_dir is not None:
+                _random_access(index_dir)
             total = s.num_docs
             for w in q.wanted():
                 df = s.doc_freq("text", w)

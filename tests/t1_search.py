@@ -174,3 +174,11 @@ def test_unlisted_directories_neither_hold_up_nor_keep_the_indexer_going(tmp_pat
         assert not Checker(s).run().problems
     finally:
         s.close()
+
+
+def test_records_digest_size_is_the_chunkers() -> None:
+    """records.py states blake3's size rather than importing the chunker (which
+    would load pyfastcdc and blake3 into every `ferryfs search`)."""
+    from ferryfs.store import chunker, records
+
+    assert records.DIGEST_SIZE == chunker.DIGEST_SIZE
