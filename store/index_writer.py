@@ -236,6 +236,7 @@ class Indexer:
                 nbytes += node.size
                 if nbytes >= BATCH_BYTES:
                     break
+        self.progress.parked = len(self.parked)
         return batch
 
     def _park(self, node: Inode) -> None:

@@ -133,7 +133,10 @@ class StoreReader:
     def read(self, ino: int, path: bytes, node: Inode) -> bytes | None:
         if node.stored:
             data = self.store.read_stored(ino, 0, node.size)
-            return None if data is None else bytes(data)
+            if data is not None:
+                return bytes(data)
+            # LEGACY in the read's own snapshot: read from Phase 3 below, never
+            # taken for a file with no text.
         f = self.store.open_legacy(ino)
         try:
             return _read_legacy(f)
