@@ -11,8 +11,10 @@ leaves the rows behind the index, never ahead of it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,6 +27,8 @@ from .kv import Txn, delete_first
 from .phase3 import Phase3File
 from .records import U64, Inode, ino_key
 from .store import Store
+
+log = logging.getLogger("ferryfs.index")
 
 # A batch of the indexer: one tantivy commit and one store transaction.
 BATCH_FILES = 512
@@ -40,12 +44,24 @@ class Batch:
     gone: list[int] = field(default_factory=list)  # purged inodes
 
 
+# Seconds before a parked file (see Indexer.parked) is tried again though it did
+# not change: a read that failed for want of file descriptors or memory, or an
+# I/O error that went away, gets another chance in a long-lived daemon.
+RETRY_PARKED = 60.0
+
+
 @dataclass
 class Progress:
     files: int = 0
     bytes: int = 0
     cleared: int = 0  # marks dropped with no re-indexing (the document still matched)
-    errors: int = 0
+    errors: int = 0  # reads that failed (each leaves its file marked: read at query time)
+    parked: int = 0  # files left marked for now (see Indexer.parked)
+
+
+class Unreadable(Exception):
+    """The indexer could not read a file's bytes (EMFILE, EIO, a chunk failing its
+    hash, a Phase 3 copy that changed): its text is unknown, not empty."""
 
 
 class Indexer:
@@ -62,6 +78,16 @@ class Indexer:
         self.index: Any = None
         self.writer: Any = None
         self.progress = Progress()
+        # Inodes left marked on purpose, with the (version, ctime, flags) they were
+        # left at and when: a file whose bytes could not be read (its text is
+        # unknown, so every query reads it), a file whose names call for two kinds
+        # of text (a hard link `a.json` beside `a.txt`: one document cannot be
+        # both, so the other name is read at query time), an UNLISTED directory.
+        # Skipped until the inode changes (its ctime moves with any write, rename
+        # or link; its flags when it is migrated or listed) or RETRY_PARKED has
+        # passed, so that `catch_up` ends. In memory only: the next process tries
+        # them again.
+        self.parked: dict[int, tuple[tuple[int, int, int], float]] = {}
 
     def open(self) -> None:
         """Open the tantivy index, or start a new one (marking every file) if the
@@ -159,10 +185,13 @@ class Indexer:
 
     def prepare(self, stop: Callable[[], bool] | None = None) -> Batch | None:
         """Read and cut into words a batch of marked files (no lock held; `stop`
-        is polled between files). None if nothing is marked."""
+        is polled between files). None if nothing is marked but parked files."""
         todo: list[int] = []
+        now = time.monotonic()
         with self.store.backend.read() as txn:
             for ino in dirty(txn):
+                if ino in self.parked and self._still_parked(txn, ino, now):
+                    continue
                 todo.append(ino)
                 if len(todo) >= BATCH_FILES:
                     break
@@ -178,17 +207,33 @@ class Indexer:
                 node = None if v is None else Inode.unpack(ino, v)
                 ns = names(txn, ino) if node is not None else []
                 have = indexed(txn, ino)
+            self.parked.pop(ino, None)
             if node is None:
                 batch.gone.append(ino)
+            elif node.is_unlisted:
+                # Its mark goes once it is listed (the sweep lists), which writes
+                # its record: parked until then, so that it neither holds up the
+                # files marked after it nor keeps `catch_up` going.
+                self._park(node)
             elif not node.is_reg:
-                # A directory: its mark goes once it is listed (the sweep lists).
                 batch.docs.append((ino, -1, 0, None))
             else:
                 kind = text.kind(ns[0][1]) if ns else text.PLAIN
                 if have == (node.version, kind):
-                    batch.docs.append((ino, node.version, kind, None))  # only the mark to drop
+                    if any(text.kind(n) != kind for _, n in ns):
+                        self._park(node)  # the document serves one kind of name only
+                    else:
+                        batch.docs.append((ino, node.version, kind, None))  # drop the mark
                     continue
-                data = self._content(node)
+                try:
+                    data = self._content(node)
+                except Unreadable as e:
+                    # Its text is unknown: no document, no `V` row, the mark stays,
+                    # and every query reads the file until it is indexed.
+                    self.progress.errors += 1
+                    log.info("search index: cannot read inode %d now: %s", ino, e)
+                    self._park(node)
+                    continue
                 ps = None if data is None else text.pieces(data, kind)
                 batch.docs.append(
                     (ino, node.version, kind, "" if ps is None else text.index_text(ps))
@@ -196,18 +241,35 @@ class Indexer:
                 nbytes += node.size
                 if nbytes >= BATCH_BYTES:
                     break
+        self.progress.parked = len(self.parked)
         return batch
+
+    def _park(self, node: Inode) -> None:
+        self.parked[node.ino] = (_stamp(node), time.monotonic())
+        self.progress.parked = len(self.parked)
+
+    def _still_parked(self, txn: Txn, ino: int, now: float) -> bool:
+        """Whether a parked inode stays parked: unchanged, and parked recently."""
+        stamp, when = self.parked[ino]
+        v = txn.get("inodes", ino_key(ino))
+        if v is None or now - when >= RETRY_PARKED:
+            return False
+        return _stamp(Inode.unpack(ino, v)) == stamp
 
     def _content(self, node: Inode) -> bytes | None:
         """A file's bytes, or None if they are not text (a cheap look at the start
-        settles most binary files)."""
+        settles most binary files). Unreadable if they cannot be read."""
         try:
             if node.stored:
                 head = self.store.read_stored(node.ino, 0, min(node.size, SNIFF))
-                if head is None or not _may_be_text(bytes(head), node.size <= SNIFF):
+                if head is None:
+                    raise Unreadable("the file is not in the store any more")
+                if not _may_be_text(bytes(head), node.size <= SNIFF):
                     return None
                 data = self.store.read_stored(node.ino, 0, node.size)
-                return None if data is None else bytes(data)
+                if data is None:
+                    raise Unreadable("the file is not in the store any more")
+                return bytes(data)
             f = self.store.open_legacy(node.ino, record=False)  # a reader: writes nothing
             try:
                 head = f.pread(SNIFF, 0)
@@ -216,9 +278,10 @@ class Indexer:
                 return _read_whole(f, node.size)
             finally:
                 f.close()
-        except Exception:
-            self.progress.errors += 1
-            return None
+        except Unreadable:
+            raise
+        except Exception as e:  # whatever it was, the text is unknown, never empty
+            raise Unreadable(str(e) or type(e).__name__) from e
 
     def commit(self, batch: Batch) -> None:
         """Commit a prepared batch: tantivy first (durably), then the rows that
@@ -264,6 +327,8 @@ class Indexer:
     def commit_rows(self, batch: Batch) -> None:
         """The store half of `commit`, after `commit_index`: one transaction."""
         docs, gone = batch.docs, batch.gone
+        if not docs and not gone:
+            return  # every file of the batch was parked
 
         def rows(txn: Txn) -> None:
             for ino in gone:
@@ -336,6 +401,10 @@ def _scan_step(
         fn(txn, k, v)
         last = k
     return last
+
+
+def _stamp(node: Inode) -> tuple[int, int, int]:
+    return node.version, node.ctime_ns, node.flags
 
 
 def _may_be_text(head: bytes, whole: bool) -> bool:

@@ -180,10 +180,14 @@ class LmdbBackend:
         map_size: int | None = None,
         shown: str | None = None,
         verify: bool = False,
+        readahead: bool = True,
     ) -> None:
         """`shown`: the directory's name in messages, when `path` is a /proc/self/fd one.
         `verify`: walk every page in use first (fsck), so that damage is StoreDamaged
-        before LMDB reads a page it would abort on."""
+        before LMDB reads a page it would abort on. `readahead=False`: pages are read
+        from disk one at a time (MADV_RANDOM), for a process that looks at a few
+        records of a cold store (a search): the kernel's read-around would otherwise
+        read megabytes for each."""
         self.path = path
         self.readonly = readonly
         # The map is address space, not disk (the file grows as pages are written), so
@@ -206,7 +210,7 @@ class LmdbBackend:
                 readonly=readonly,
                 metasync=False,
                 sync=not readonly,
-                readahead=True,
+                readahead=readahead,
                 max_readers=256,
                 lock=True,
                 mode=0o600,

@@ -10,7 +10,10 @@ import struct
 from dataclasses import dataclass, field
 from hashlib import blake2b
 
-from .chunker import DIGEST_SIZE
+# blake3-256's size, as chunker.DIGEST_SIZE (a test holds them equal): not
+# imported from there, as the chunker's libraries (pyfastcdc, blake3) would
+# then load with every reader of records, `ferryfs search` among them.
+DIGEST_SIZE = 32
 
 ROOT_INO = 1
 SCHEMA_VERSION = 1

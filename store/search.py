@@ -10,8 +10,14 @@ words of each candidate file. The tantivy searcher is opened after the store's
 snapshot: the index is then at or ahead of what the snapshot says it holds,
 never behind it.
 
-Reading goes through a `Reader`: the store itself (an unmounted store, with
-its Phase 3 tree for LEGACY files), or the live mount's files at their paths.
+Reading goes through a `Reader` (search_io.py): the store itself (an
+unmounted store, with its Phase 3 tree for LEGACY files), or the live mount's
+files at their paths.
+
+Speed: a query's cost on a cold page cache is the pages it touches, each a
+read from disk. So a hit the index vouches for costs its `V` row and its
+names (no inode, no content, unless asked for), the rows are looked up in key
+order, and neither LMDB nor tantivy's maps read ahead (see _random_access).
 """
 
 from __future__ import annotations
@@ -22,16 +28,28 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from . import index, text
 from .errors import FerryError, UsageError
 from .kv import Txn
-from .phase3 import Phase3File, Phase3Tree, join
 from .records import ROOT_INO, U64, Inode, ino_key
-from .store import Store
+from .search_io import MountReader, Reader, SearchStore, Source, StoreReader, join
+
+__all__ = [
+    "Filters",
+    "Hit",
+    "MountReader",
+    "Query",
+    "Reader",
+    "Result",
+    "SearchStore",
+    "StoreReader",
+    "parse_query",
+    "search",
+]
 
 BM25_K1 = 1.2  # tantivy's
 _QUOTED = re.compile(r'"([^"]*)"|([^"]+)|"')
@@ -109,6 +127,9 @@ class Filters:
             return False
         if self.until_ns is not None and mtime_ns >= self.until_ns:
             return False
+        return self.keep_path(path)
+
+    def keep_path(self, path: bytes) -> bool:
         return self.glob is None or fnmatch.fnmatchcase(os.fsdecode(path), self.glob)
 
 
@@ -117,7 +138,7 @@ class Hit:
     path: bytes
     ino: int
     score: float
-    size: int
+    size: int  # size and mtime: -1 when search() was not asked for them (stat_hits)
     mtime_ns: int
     kind: int
     opener: Callable[[], bytes] | None = None  # files of UNLISTED directories (ino 0)
@@ -130,122 +151,6 @@ class Result:
     checked: int = 0  # candidates read to check a phrase or a long word
     indexed: bool = False  # whether the index was used at all
     errors: list[str] = field(default_factory=list)
-
-
-class Reader(Protocol):
-    def read(self, ino: int, path: bytes, node: Inode) -> bytes | None: ...
-
-    def walk(self, ino: int, path: bytes) -> Iterator[tuple[bytes, int, int, Callable[[], bytes]]]:
-        """(path, size, mtime ns, read) of each regular file under an UNLISTED directory."""
-        ...
-
-
-class StoreReader:
-    """Reads from the store itself, and LEGACY files from its Phase 3 tree."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def read(self, ino: int, path: bytes, node: Inode) -> bytes | None:
-        if node.stored:
-            data = self.store.read_stored(ino, 0, node.size)
-            return None if data is None else bytes(data)
-        f = self.store.open_legacy(ino)
-        try:
-            return _read_legacy(f)
-        finally:
-            f.close()
-
-    def walk(self, ino: int, path: bytes) -> Iterator[tuple[bytes, int, int, Callable[[], bytes]]]:
-        tree = self.store.tree
-        with self.store.backend.read() as txn:
-            leg = txn.get("legacy", ino_key(ino))
-        if tree is None or leg is None:
-            return
-        from .records import Legacy
-
-        stack = [(Legacy.unpack(leg).path, path)]
-        while stack:
-            rel, shown = stack.pop()
-            for e in tree.listdir(rel):
-                if len(e.name) > 255:
-                    continue  # never imported (namespace.NAME_MAX)
-                r, s = join(rel, e.name), join(shown, e.name)
-                if stat.S_ISDIR(e.st.st_mode):
-                    stack.append((r, s))
-                elif stat.S_ISREG(e.st.st_mode):
-                    yield s, e.st.st_size, e.st.st_mtime_ns, _opener(tree, r)
-
-
-class MountReader:
-    """Reads a live mount's files at their paths: what the app sees, including
-    LEGACY files (a read through the mount may migrate them) and directories
-    the mount has not listed yet."""
-
-    def __init__(self, root: str) -> None:
-        self.root = os.fsencode(os.path.abspath(root))
-
-    def read(self, ino: int, path: bytes, node: Inode) -> bytes | None:
-        fd = os.open(os.path.join(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            return _read_all(fd)
-        finally:
-            os.close(fd)
-
-    def walk(self, ino: int, path: bytes) -> Iterator[tuple[bytes, int, int, Callable[[], bytes]]]:
-        base = os.path.join(self.root, path) if path else self.root
-        for d, _, files in os.walk(base):
-            rel = os.path.relpath(d, self.root)
-            rel = b"" if rel == b"." else rel
-            for f in files:
-                p = os.path.join(d, f)
-                st = os.lstat(p)
-                if stat.S_ISREG(st.st_mode):
-                    shown = join(rel, f)
-                    yield shown, st.st_size, st.st_mtime_ns, _path_opener(p)
-
-
-def _opener(tree: Phase3Tree, rel: bytes) -> Callable[[], bytes]:
-    def read() -> bytes:
-        fd = tree.open_file(rel)
-        try:
-            return _read_all(fd)
-        finally:
-            os.close(fd)
-
-    return read
-
-
-def _path_opener(p: bytes) -> Callable[[], bytes]:
-    def read() -> bytes:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            return _read_all(fd)
-        finally:
-            os.close(fd)
-
-    return read
-
-
-def _read_legacy(f: Phase3File) -> bytes:
-    """A LEGACY file's Phase 3 copy, whole (SourceError if it changed there)."""
-    parts: list[bytes] = []
-    got = 0
-    while True:
-        b = f.pread(1 << 20, got)
-        if not b:
-            return b"".join(parts)
-        parts.append(b)
-        got += len(b)
-
-
-def _read_all(fd: int) -> bytes:
-    parts: list[bytes] = []
-    while True:
-        b = os.read(fd, 1 << 20)
-        if not b:
-            return b"".join(parts)
-        parts.append(b)
 
 
 class Paths:
@@ -314,9 +219,16 @@ class FullPaths(Paths):
         return self.files.get(ino, [])
 
 
-def search(store: Store, q: Query, reader: Reader, filters: Filters | None = None) -> Result:
-    """Every file holding the query now, scored; see the module docstring."""
+def search(
+    store: Source, q: Query, reader: Reader, filters: Filters | None = None, stat_hits: bool = True
+) -> Result:
+    """Every file holding the query now, scored; see the module docstring.
+
+    `stat_hits`: give each hit its size and mtime. Without it (and with no date
+    filter), a hit the index vouches for costs no look at its inode: a query's
+    cost on a cold cache is the pages it touches, so the fewer the better."""
     f = filters or Filters()
+    stat_hits = stat_hits or f.since_ns is not None or f.until_ns is not None
     res = Result()
     got: dict[bytes, Hit] = {}
     to_read: dict[bytes, tuple[int, int, Inode, bool]] = {}  # path: ino, kind, node, checking
@@ -337,9 +249,21 @@ def search(store: Store, q: Query, reader: Reader, filters: Filters | None = Non
         else:
             res.indexed = True
             paths = Paths(txn)
+            marked = set()
             for ino in index.dirty(txn):
+                marked.add(ino)
                 _look(txn, ino, paths, f, True, to_read, walks)
-            for score, ino, ver, kind in _candidates(ix, q):
+            # In inode order: the rows each looks at lie in key order, so a cold
+            # cache reads neighbouring pages rather than a page a hit.
+            found = _candidates(ix, q, index.index_dir(store.path))
+            for score, ino, ver, kind in sorted(found, key=lambda c: c[1]):
+                if ino not in marked and index.indexed(txn, ino) == (ver, kind):
+                    # Not marked: the `V` row vouches for the file's current
+                    # version and for every name's kind (a change of either marks
+                    # it in its own transaction; fsck's invariant 7), so neither
+                    # its inode nor its content is looked at.
+                    _vouched(txn, ino, score, kind, paths, f, q, stat_hits, got, to_read)
+                    continue
                 rec = txn.get("inodes", ino_key(ino))
                 if rec is None:
                     continue
@@ -392,6 +316,42 @@ def search(store: Store, q: Query, reader: Reader, filters: Filters | None = Non
     return res
 
 
+def _vouched(
+    txn: Txn,
+    ino: int,
+    score: float,
+    kind: int,
+    paths: Paths,
+    f: Filters,
+    q: Query,
+    stat_hits: bool,
+    got: dict[bytes, Hit],
+    to_read: dict[bytes, tuple[int, int, Inode, bool]],
+) -> None:
+    """A candidate whose document is its text: a hit at each of its names, its
+    inode looked at only for a size and mtime that are asked for, or a phrase
+    to check on its words."""
+    node: Inode | None = None
+    for p, name in paths.of_file(ino):
+        if p in to_read or not f.keep_path(p):
+            continue
+        other = text.kind(name) != kind  # never, by the invariant; cheap to make sure
+        if node is None and (stat_hits or q.needs_check or other):
+            rec = txn.get("inodes", ino_key(ino))
+            if rec is None:
+                return
+            node = Inode.unpack(ino, rec)
+        if node is not None and not f.keep(p, node.mtime_ns):
+            continue
+        if other or q.needs_check:
+            assert node is not None
+            to_read[p] = (ino, text.kind(name), node, not other)
+        elif node is not None:
+            got[p] = Hit(p, ino, score, node.size, node.mtime_ns, kind)
+        else:
+            got[p] = Hit(p, ino, score, -1, -1, kind)
+
+
 def _look(
     txn: Txn,
     ino: int,
@@ -428,13 +388,71 @@ def _trusted_index(txn: Txn, store_path: str) -> Any:
     if want is None or want != index.disk_ident(store_path):
         return None
     try:
+        _read_tails(index.index_dir(store_path))
         return index.open_index(store_path)
     except (OSError, ValueError):
         return None
 
 
-def _candidates(ix: Any, q: Query) -> list[tuple[float, int, int, int]]:
-    """(score, ino, version, kind) of each document the index gives for `q`."""
+# A query reads a few pages of tantivy's files, through its memory maps. On a
+# cold cache each page it touches first is read from disk with the kernel's
+# read-around, as much as the disk's read_ahead_kb (8 MB on the benchmark's
+# virtual disk): measured, one query on the 10x tree read all 18 MB of its
+# biggest segment's postings and terms to use 72 KB of them. Hence these two.
+TAIL = 16 << 10
+_MADV_RANDOM = 1
+
+
+def _read_tails(d: str) -> None:
+    """Read the end of each index file (its footer, which opening the index
+    reads) with read-ahead off: those pages are then cached, and opening reads
+    no megabytes around them."""
+    with os.scandir(d) as it:
+        for e in it:
+            try:
+                fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                    os.pread(fd, TAIL, max(0, st.st_size - TAIL))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+
+def _random_access(d: str) -> None:
+    """MADV_RANDOM on this process's maps of the files in `d` (tantivy's open
+    segments): a page the query touches is then read alone. Best effort: a map
+    that went meanwhile is skipped."""
+    import ctypes
+
+    prefix = os.path.realpath(d) + "/"
+    try:
+        with open("/proc/self/maps") as f:
+            spans = []
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith(prefix):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    spans.append((lo, hi - lo))
+    except OSError:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for lo, n in spans:
+        madvise(lo, n, _MADV_RANDOM)
+
+
+def _candidates(
+    ix: Any, q: Query, index_dir: str | None = None
+) -> list[tuple[float, int, int, int]]:
+    """(score, ino, version, kind) of each document the index gives for `q`
+    (`index_dir`: where its files are, to read them page by page)."""
     import tantivy
 
     schema = ix.schema
@@ -455,6 +473,8 @@ def _candidates(ix: Any, q: Query) -> list[tuple[float, int, int, int]]:
         try:
             ix.reload()
             s = ix.searcher()
+            if index_dir is not None:
+                _random_access(index_dir)
             total = s.num_docs
             for w in q.wanted():
                 df = s.doc_freq("text", w)

@@ -17,7 +17,6 @@ index records the kind it used alongside the content version.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -103,6 +102,8 @@ def _strings(doc: Any, out: list[str]) -> None:
 
 
 def _json_strings(s: str) -> list[str] | None:
+    import json  # here: a search that reads no file does not pay for importing it
+
     try:
         doc = json.loads(s, object_pairs_hook=_values)
     except (ValueError, RecursionError):

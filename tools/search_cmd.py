@@ -10,8 +10,6 @@ answer time.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -19,7 +17,7 @@ from typing import TYPE_CHECKING
 from ferryfs.store.errors import FerryError, UsageError
 
 if TYPE_CHECKING:
-    from ferryfs.store.search import Hit, Result
+    from ferryfs.store.search import Hit, Query, Reader, Result, SearchStore
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _date_ns(s: str, end: bool) -> int:
     """DATE (local time unless it says its zone) in ns; with `end`, a bare date
     means the end of that day."""
+    import datetime as dt
+
     try:
         if len(s) == 10:
             d = dt.datetime.combine(dt.date.fromisoformat(s), dt.time())
@@ -63,22 +63,20 @@ def run(args: argparse.Namespace) -> int:
         args.path,
     )
     store_dir, mount = _resolve(args.target)
-    from ferryfs.store.store import Store
-
     try:
-        store = Store.open(store_dir, readonly=True)
+        store = search.SearchStore(store_dir)
     except FerryError as e:
         raise FerryError(f"cannot search {args.target}: {e}") from None
     with store:
-        reader: search.Reader
         if mount is None:
             mount = _mounted_in_place(store_dir, store.source_path())
-        if mount is not None:
-            reader = search.MountReader(mount)
-        else:
-            _attach_tree(store)
-            reader = search.StoreReader(store)
-        res = search.search(store, q, reader, filters)
+        # An unmounted store reads its own files (the whole Store is made on the
+        # first read only); a mounted one, through the mount, as the app sees them.
+        reader: search.Reader = (
+            search.MountReader(mount) if mount is not None else search.StoreReader(store)
+        )
+        stat_hits = args.json or args.sort == "recent"
+        res = search.search(store, q, reader, filters, stat_hits)
         hits = _order(res.hits, args.sort)
         if args.limit is not None:
             hits = hits[: args.limit]
@@ -86,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
             _print_json(res, hits, q, store, reader)
         else:
             out = sys.stdout.buffer
-            for h in hits:
-                out.write(h.path + b"\n")
+            out.write(b"".join(h.path + b"\n" for h in hits))  # one write, however many
             out.flush()
     for err in res.errors[:5]:
         print(f"ferryfs: search: cannot read {err}", file=sys.stderr)
@@ -101,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _resolve(target: str) -> tuple[str, str | None]:
     """(store directory, mount root or None) of TARGET."""
-    from .mounts import control_get, is_ferryfs
+    # Only a mount point can be a mount: a store directory is told apart by a
+    # stat of it and its parent, without reading the mount table.
+    if os.path.isdir(target) and os.path.ismount(target):
+        from .mounts import control_get, is_ferryfs
 
-    if os.path.isdir(target) and is_ferryfs(target):
-        return os.fsdecode(control_get(target, "store")), target
+        if is_ferryfs(target):
+            return os.fsdecode(control_get(target, "store")), target
     if os.path.isdir(os.path.join(target, "db")):
         return target, None
     raise UsageError(f"{target} is neither a ferryfs mount nor a ferryfs store")
@@ -113,29 +113,17 @@ def _resolve(target: str) -> tuple[str, str | None]:
 def _mounted_in_place(store_dir: str, src: str | None) -> str | None:
     """The live mount serving this store over its own Phase 3 tree, if any: that
     tree is then shadowed, and the files are read through the mount instead."""
+    if src is None or not os.path.ismount(src):
+        return None
     from .mounts import is_ferryfs
 
-    if src is None or not is_ferryfs(src):
+    if not is_ferryfs(src):
         return None
     try:
         served = os.fsdecode(os.getxattr(src, "user.ferryfs.store"))
     except OSError:
         return None
     return src if os.path.realpath(served) == os.path.realpath(store_dir) else None
-
-
-def _attach_tree(store: object) -> None:
-    """An unmounted store reads its LEGACY files from Phase 3 (nothing shadows it)."""
-    from ferryfs.store.phase3 import Phase3Tree
-    from ferryfs.store.store import Store
-
-    assert isinstance(store, Store)
-    src = store.source_path()
-    if src is not None and os.path.isdir(src):
-        try:
-            store.tree = Phase3Tree.open(src)
-        except FerryError:
-            store.tree = None
 
 
 def _order(hits: list[Hit], how: str) -> list[Hit]:
@@ -146,10 +134,12 @@ def _order(hits: list[Hit], how: str) -> list[Hit]:
     return sorted(hits, key=lambda h: (-h.score, h.path))
 
 
-def _print_json(res: Result, hits: list[Hit], q: object, store: object, reader: object) -> None:
-    from ferryfs.store import search, text
+def _print_json(res: Result, hits: list[Hit], q: Query, store: SearchStore, reader: Reader) -> None:
+    import datetime as dt
+    import json
 
-    assert isinstance(q, search.Query)
+    from ferryfs.store import text
+
     wanted = q.wanted()
     rows = []
     for h in hits:
@@ -183,14 +173,12 @@ def _print_json(res: Result, hits: list[Hit], q: object, store: object, reader: 
     )
 
 
-def _read_hit(h: Hit, store: object, reader: object) -> bytes | None:
+def _read_hit(h: Hit, store: SearchStore, reader: Reader) -> bytes | None:
     from ferryfs.store import search
-    from ferryfs.store.store import Store
 
     if h.opener is not None:
         return h.opener()
     if isinstance(reader, search.MountReader):
         return reader.read(h.ino, h.path, None)  # type: ignore[arg-type]
-    assert isinstance(store, Store)
-    node = store.getattr(h.ino)
-    return reader.read(h.ino, h.path, node)  # type: ignore[attr-defined, no-any-return]
+    full = store.store()
+    return reader.read(h.ino, h.path, full.getattr(h.ino))

@@ -4,7 +4,8 @@ grep, on the sample tree and on one of ten times as many sessions.
 For each tree: `ferryfs migrate` with and without the index (their time
 ratio), the index's size against the session files' bytes, indexing
 throughput alone, then two-word queries picked to have about 10, 100 and 1,000
-hits (the same counts on both trees), each run as a whole command (process
+hits (the same counts on both trees, and one of about 1,000 hits on the big
+tree, where the sample tree has too few files for it), each run as a whole command (process
 start to exit) by ferryfs (`ferryfs search STORE A B`), ripgrep (`rg -l -i -w
 A TREE | xargs rg -l -i -w B`) and grep (`grep -rliw`, the same way), the
 page cache of the tree and the store evicted before each run
@@ -32,6 +33,7 @@ from bench_common import ferryfs_command, fresh, markdown_table, sample_tree
 from bench_mounts import ferryfs_mount
 
 TARGET_HITS = (10, 100, 1000)
+THOUSAND = 1000
 SPEEDUP_1X = 5.0
 SPEEDUP_10X = 20.0
 FLAT = 2.0
@@ -221,10 +223,15 @@ def search_section(out: Path, work: Path, tree: Path, mb: float, repeat: int) ->
             picked_1x = picked
         else:
             picked = pick_queries(s1, t, tuple(n for _, _, n in picked_1x))
+            # The 1x tree has too few session files for 1,000 hits: the issue's
+            # "under 100 ms for up to 1,000 hits" is measured here.
+            if max((n for _, _, n in picked), default=0) < 0.8 * THOUSAND:
+                picked += pick_queries(s1, t, (THOUSAND,))
         per_tree[label] = {}
-        for a, b, n in picked:
+        for i, (a, b, n) in enumerate(picked):
             r = run_query(s1, t, a, b, repeat)
-            per_tree[label][n] = r
+            if label == "1x" or i < len(picked_1x):
+                per_tree[label][n] = r  # compared across trees (flat in tree size)
             rows.append(
                 [
                     label,
@@ -241,7 +248,7 @@ def search_section(out: Path, work: Path, tree: Path, mb: float, repeat: int) ->
                 f"- {_verdict(r['rg'] / r['ferryfs'] >= want)}: {want:g}x faster than ripgrep,"
                 f" {label}, {n} hits ({r['rg'] / r['ferryfs']:.1f}x)"
             )
-            if n <= 1000:
+            if n <= 1.1 * THOUSAND:
                 targets_met.append(
                     f"- {_verdict(r['ferryfs'] * 1000 < FAST_MS)}: whole command under 100 ms,"
                     f" {label}, {n} hits ({r['ferryfs'] * 1000:.0f} ms)"
