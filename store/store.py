@@ -32,7 +32,8 @@ from . import namespace as ns
 from . import stats as figures
 from .chunker import Chunker
 from .errors import NoSpace, ReadOnly, SchemaMismatch, StoreMissing
-from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
+from .kv import Backend, LmdbBackend, MapFull, Txn
+from .kvmem import MemoryBackend
 from .migration import LIST_AHEAD, Migration, Spill
 from .phase3 import Phase3File, Phase3Tree
 from .readahead import ReadAhead

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from ferryfs.store import lmdbfile
-from ferryfs.store.kv import DBS, Backend, LmdbBackend, MapFull, MemoryBackend
+from ferryfs.store.kv import DBS, Backend, LmdbBackend, MapFull
+from ferryfs.store.kvmem import MemoryBackend
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 from helpers.store import check_invariants, free_last_pages

@@ -270,8 +270,12 @@ async def test_close_commits_what_was_handed_over_then_refuses_more() -> None:
 async def _queued_behind_a_gate(w: Writer, calls: list[tuple[object, ...]]) -> list[object]:
     """Hand `calls` to `w` while its thread is held on a first job, so that they
     all wait in its queue and reach it together; their outcomes, in order."""
-    gate = threading.Event()
+    gate, held = threading.Event(), threading.Event()
     results: list[object] = [None] * len(calls)
+
+    def hold() -> None:
+        held.set()
+        gate.wait(30)
 
     async def one(i: int, fn: object, *args: object) -> None:
         try:
@@ -280,8 +284,8 @@ async def _queued_behind_a_gate(w: Writer, calls: list[tuple[object, ...]]) -> l
             results[i] = e
 
     async with trio.open_nursery() as n:
-        n.start_soon(w.run, gate.wait)
-        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(w.run, hold)
+        await until(held.is_set, 10)  # the writer is in it: the calls below queue
         for i, (fn, *args) in enumerate(calls):
             n.start_soon(one, i, fn, *args)
             await trio.testing.wait_all_tasks_blocked()

@@ -6,10 +6,12 @@ in the store, and no append is there in part."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from helpers.mount import mounted, pid_alive, wait_for
@@ -61,6 +63,14 @@ class Appender:
         return out
 
 
+def busy(writers: list[Appender], n: int) -> Callable[[], bool]:
+    return lambda: all(w.closed >= n or w.error is not None for w in writers)
+
+
+def dead(pid: int) -> bool:
+    return not pid_alive(pid)
+
+
 def test_every_close_that_returned_survives_a_kill_9(tmp_path: Path) -> None:
     src, mnt, store = tmp_path / "src", tmp_path / "mnt", tmp_path / "store"
     (src / "sessions").mkdir(parents=True)
@@ -83,15 +93,11 @@ def test_every_close_that_returned_survives_a_kill_9(tmp_path: Path) -> None:
                 t.start()
             try:
                 # Killed while every writer is busy closing: some closes in a group.
-                wait_for(
-                    lambda: all(w.closed >= 10 * (rnd + 1) for w in writers) or stop.is_set(),
-                    120,
-                    "every writer to close ten appends",
-                )
+                wait_for(busy(writers, 10 * (rnd + 1)), 120, "every writer to close ten appends")
                 pid = m.pid
                 assert pid is not None
                 os.kill(pid, signal.SIGKILL)
-                wait_for(lambda: not pid_alive(pid), 30, f"daemon {pid} to die")
+                wait_for(functools.partial(dead, pid), 30, f"daemon {pid} to die")
             finally:
                 stop.set()
                 for t in threads:
