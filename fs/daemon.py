@@ -189,6 +189,7 @@ def run(
     rotation = _rotate_log(store)
     writer = Writer()
     writer.watch(store)  # from here on, every write transaction runs on the writer
+    writer.share(store)  # and those that reach it together share one commit
     counters = Counters()
     writeback = WriteBack(store, OpenFiles(), writer)
     sweep = Sweep(store, sweep_config, writer) if sweep_config is not None else None

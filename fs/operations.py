@@ -138,7 +138,11 @@ class Operations(pyfuse3.Operations):
         for ino in inos:  # on the writer: one hop for the kernel's whole batch
             try:
                 self.store.forget(ino)
+            except OpError:
+                log.exception("forget of inode %d failed", ino)
             except Exception:
+                if self.store.backend.grouped():
+                    raise  # a shared transaction broke (full map): the writer reruns this alone
                 log.exception("forget of inode %d failed", ino)
 
     # -- namespace -----------------------------------------------------------------

@@ -7,6 +7,14 @@ threads never do (a foreground write would wait behind a starved thread). They
 hand store calls to this thread, at normal priority, and await the result:
 `await writer.run(store.create, parent, name, ...)`.
 
+Group commit (`share(store)`): the jobs waiting when the thread wakes run
+together in one shared write transaction, each in a transaction nested in it, and
+commit with one sync; their callers hear back once it is committed. A job that
+fails has its nested transaction undone and its own error; the others are not
+touched. If the shared transaction cannot commit (a full map, a full disk), none
+of it is applied and every job of the group runs again alone, so that one job's
+trouble is never another's outcome.
+
 `watch(store)` makes the store's backend check, at the start of every write
 transaction, that it runs here (or on a thread `permit`ted for it); a write
 from anywhere else is logged once per thread and counted in `strays`, which
@@ -16,12 +24,14 @@ tests assert is empty. Offline tools (migrate, fsck) install no check.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import TypeVar, TypeVarTuple
+from dataclasses import dataclass
+from typing import Any, TypeVar, TypeVarTuple
 
 import outcome
 import trio
@@ -32,7 +42,16 @@ log = logging.getLogger("ferryfs.writer")
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-_Job = Callable[[], None]
+# Jobs run together at most: the group's callers wait for all of them.
+GROUP_MAX = 64
+
+
+@dataclass(slots=True)
+class _Job:
+    """A store call handed over, and how its outcome goes back to its caller."""
+
+    call: Callable[[], Any]
+    deliver: Callable[[outcome.Outcome[Any]], None]
 
 
 class Writer:
@@ -42,6 +61,8 @@ class Writer:
     def __init__(self, name: str = "ferryfs-writer") -> None:
         self._name = name
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._share: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+        self.groups = 0  # shared transactions committed (figures for tests)
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
         self._closed = False
@@ -58,11 +79,11 @@ class Writer:
         done = trio.Event()
         box: list[outcome.Outcome[T]] = []
 
-        def job() -> None:
-            box.append(outcome.capture(fn, *args))
+        def deliver(o: outcome.Outcome[T]) -> None:
+            box.append(o)
             token.run_sync_soon(done.set)
 
-        self._submit(job)
+        self._submit(_Job(functools.partial(fn, *args), deliver))
         with trio.CancelScope(shield=True):
             await done.wait()
         return box[0].unwrap()
@@ -77,11 +98,11 @@ class Writer:
         done = threading.Event()
         box: list[outcome.Outcome[T]] = []
 
-        def job() -> None:
-            box.append(outcome.capture(fn, *args))
+        def deliver(o: outcome.Outcome[T]) -> None:
+            box.append(o)
             done.set()
 
-        self._submit(job)
+        self._submit(_Job(functools.partial(fn, *args), deliver))
         done.wait()
         return box[0].unwrap()
 
@@ -96,15 +117,54 @@ class Writer:
                 self._thread.start()
         self._jobs.put(job)
 
+    def share(self, store: Store) -> None:
+        """Run the jobs that wait together in one of `store`'s shared transactions."""
+        self._share = store.group
+
     def _loop(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            jobs = [self._jobs.get()]
+            # Everything already waiting joins: what arrived during the last commit.
+            while jobs[-1] is not None and len(jobs) < GROUP_MAX:
+                try:
+                    jobs.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            last = jobs[-1] is None
+            todo = [j for j in jobs if j is not None]
+            if todo:
+                self._run(todo)
+            if last:
                 return
-            try:
-                job()  # outcome.capture keeps the call's exceptions in the box
-            except Exception:  # the hand-back failed (trio gone): keep serving the others
-                log.exception("writer: could not hand a result back")
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """Run `jobs` (in one shared transaction when there are several), then hand
+        each its outcome: only once what it wrote is committed."""
+        if self._share is None or len(jobs) == 1:
+            for j in jobs:
+                self._deliver(j, outcome.capture(j.call))
+            return
+        try:
+            with self._share():
+                outs = [outcome.capture(j.call) for j in jobs]
+        except Exception as e:
+            # Nothing of the group was applied: each job again, in its own transaction.
+            log.info(
+                "writer: a group of %d jobs did not commit (%s); running each alone", len(jobs), e
+            )
+            for j in jobs:
+                self._deliver(j, outcome.capture(j.call))
+            return
+        self.groups += 1
+        for j, o in zip(jobs, outs, strict=True):
+            self._deliver(j, o)
+
+    @staticmethod
+    def _deliver(job: _Job, out: outcome.Outcome[Any]) -> None:
+        try:
+            job.deliver(out)
+        except Exception:  # the hand-back failed (trio gone): keep serving the others
+            log.exception("writer: could not hand a result back")
 
     def close(self) -> None:
         """Finish the jobs handed over, then end the thread."""

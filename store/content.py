@@ -21,8 +21,10 @@ held) and applied in one write transaction that first checks the inode's
 file at its old content or its new one.
 
 Writes re-chunk only the regions they touch: from the start of the first
-extent a write overlaps to the end of the last, so appending 4 KiB to a large
-file reads and re-chunks only its last chunk.
+extent a write overlaps to the end of the last. An append re-chunks the file's
+last chunk with it only while that chunk is shorter than the chunker's minimum:
+appending 4 KiB to a file costs at most that minimum plus its own bytes, and a
+file grown by appends ends in chunks of about the minimum size.
 """
 
 from __future__ import annotations
@@ -199,7 +201,11 @@ def plan_write(
         if a < size or (a == size and size > 0):
             probe = a if a < size else size - 1
             ext = next(overlapping(txn, ino, probe, probe + 1), None)
-            if ext is not None and ext[1] != HOLE:
+            # An append leaves a last chunk of at least the minimum size as it is:
+            # re-chunking it with every appended line made each close cost the whole
+            # chunk (decode, hash, compress up to 512 KiB). A shorter one is joined.
+            appended = a == size and ext is not None and ext[2] >= chunker.min_size
+            if ext is not None and ext[1] != HOLE and not appended:
                 s = ext[0]
         if b < size:
             ext = next(overlapping(txn, ino, b - 1, b), None)

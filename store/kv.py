@@ -1,7 +1,7 @@
 """The key-value layer under the store: named, ordered databases in transactions.
 
 Two backends honour one contract (the store's contract tests run on both):
-`LmdbBackend` (the real one) and `MemoryBackend` (for tests). Everything above
+`LmdbBackend` (the real one) and `MemoryBackend` (kvmem.py, for tests). Everything above
 this module speaks only `Txn`, so no LMDB handle leaks into the rest of the store.
 
 A transaction is used inside one function call and never across an `await`:
@@ -11,7 +11,6 @@ a mount may begin one (its writer: `write_guard` checks): docs/concurrency.md.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import os
@@ -46,6 +45,13 @@ Buf = bytes | memoryview
 
 class MapFull(Exception):
     """The LMDB map is full; the backend grows it and the caller retries."""
+
+
+class GroupBroken(Exception):
+    """A shared write transaction (`Backend.group`) cannot commit: one of its
+    nested transactions met what only a transaction of its own can handle (a full
+    map, a transaction too big). Nothing of the group is committed; its jobs are
+    to be run again, each in its own transaction."""
 
 
 # What LMDB raises when a page is not what it should be: the database is damaged.
@@ -107,6 +113,19 @@ class Backend(Protocol):
 
     def read(self) -> contextlib.AbstractContextManager[Txn]: ...
     def write(self) -> contextlib.AbstractContextManager[Txn]: ...
+    def group(self) -> contextlib.AbstractContextManager[None]:
+        """Group commit: every `write()` this thread begins inside the block is a
+        nested transaction of one shared transaction (a failing one is undone alone;
+        the others stay), and `read()` on this thread sees the group's changes. The
+        block's end commits the group, with one sync; GroupBroken (nothing
+        committed) if a nested transaction hit MapFull or the like, or the commit
+        itself failed as `write()`'s would."""
+        ...
+
+    def grouped(self) -> bool:
+        """Whether this thread is inside `group()` (MapFull must not grow the map there)."""
+        ...
+
     def grow(self) -> None: ...
     def sync(self) -> None: ...
     def close(self) -> None: ...
@@ -161,6 +180,31 @@ class _LmdbTxn:
                         return
                     yield kb, cur.value()
                     ok = cur.prev()
+
+
+class _GroupView:
+    """Reads through the innermost transaction of a group, whichever it is at the
+    time of each call (a nested write may begin while the view is held)."""
+
+    __slots__ = ("_dbs", "_stack")
+
+    def __init__(self, stack: list[lmdb.Transaction], dbs: dict[str, lmdb._Database]) -> None:
+        self._stack = stack
+        self._dbs = dbs
+
+    def get(self, db: str, key: bytes) -> Buf | None:
+        return _LmdbTxn(self._stack[-1], self._dbs).get(db, key)
+
+    def put(self, db: str, key: bytes, value: Buf) -> None:
+        raise AssertionError("put in a read transaction")
+
+    def delete(self, db: str, key: bytes) -> bool:
+        raise AssertionError("delete in a read transaction")
+
+    def range(
+        self, db: str, start: bytes, stop: bytes | None = None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, Buf]]:
+        return _LmdbTxn(self._stack[-1], self._dbs).range(db, start, stop, reverse)
 
 
 class LmdbBackend:
@@ -296,6 +340,12 @@ class LmdbBackend:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Txn]:
+        stack = getattr(self._local, "group", None)
+        if stack:
+            # The writer inside a group reads what the group wrote so far (a snapshot
+            # would not have it: a job after a create must find the new file).
+            yield _GroupView(stack, self._dbs)
+            return
         self._enter_read()
         try:
             try:
@@ -334,6 +384,11 @@ class LmdbBackend:
     def write(self) -> Iterator[Txn]:
         if self.write_guard is not None:
             self.write_guard()
+        stack = getattr(self._local, "group", None)
+        if stack:
+            with self._nested(stack) as nested:
+                yield nested
+            return
         with self._lock:
             # Copies, not views: a view into a page goes stale when the same transaction
             # writes (a class of bug, not a case to remember at each call site).
@@ -346,16 +401,70 @@ class LmdbBackend:
             except BaseException:
                 txn.abort()
                 raise
-            try:
-                txn.commit()
-            except lmdb.MapFullError as e:
-                raise MapFull() from e
-            except lmdb.Error as e:
-                # A full disk shows as ENOSPC or, from some filesystems (tmpfs), as EIO
-                # from the page flush: tell them apart by the space left.
-                full = "No space" in str(e) or self._nearly_full()
-                raise OSError(errno.ENOSPC if full else errno.EIO, str(e)) from e
+            self._commit(txn)
             self._cover()
+
+    def _commit(self, txn: lmdb.Transaction) -> None:
+        try:
+            txn.commit()
+        except lmdb.MapFullError as e:
+            raise MapFull() from e
+        except lmdb.Error as e:
+            # A full disk shows as ENOSPC or, from some filesystems (tmpfs), as EIO
+            # from the page flush: tell them apart by the space left.
+            full = "No space" in str(e) or self._nearly_full()
+            raise OSError(errno.ENOSPC if full else errno.EIO, str(e)) from e
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        if self.write_guard is not None:
+            self.write_guard()
+        with self._lock:
+            txn = self._env.begin(write=True, buffers=False)
+            self._local.group, self._local.broken = [txn], None
+            try:
+                yield
+                if self._local.broken is not None:
+                    raise GroupBroken(self._local.broken)
+            except BaseException:
+                txn.abort()
+                raise
+            finally:
+                self._local.group = None
+            try:
+                self._commit(txn)  # the one sync of every job in the group
+            except (MapFull, OSError) as e:
+                raise GroupBroken(f"the shared commit failed: {e!r}") from e
+            self._cover()
+
+    def grouped(self) -> bool:
+        return bool(getattr(self._local, "group", None))
+
+    @contextlib.contextmanager
+    def _nested(self, stack: list[lmdb.Transaction]) -> Iterator[Txn]:
+        """A transaction nested in the group's: committed into it (no I/O), or
+        aborted alone, leaving what the group's other jobs wrote."""
+        if self._local.broken is not None:  # the group will be undone: do nothing more
+            raise GroupBroken(self._local.broken)
+        txn = self._env.begin(write=True, parent=stack[-1], buffers=False)
+        stack.append(txn)
+        try:
+            try:
+                yield _LmdbTxn(txn, self._dbs)
+                txn.commit()
+            except BaseException as e:
+                if stack[-1] is txn:
+                    with contextlib.suppress(lmdb.Error):
+                        txn.abort()
+                if isinstance(e, MapFull | lmdb.Error):  # a full map, a full transaction
+                    self._local.broken = repr(e)
+                if isinstance(e, _DAMAGE):
+                    raise _damaged(e) from e
+                if isinstance(e, lmdb.MapFullError):
+                    raise MapFull() from e
+                raise
+        finally:
+            stack.pop()
 
     def _nearly_full(self) -> bool:
         st = os.statvfs(self.path)
@@ -404,104 +513,3 @@ def _capacity(path: str) -> int:
         return 0
     gib = 1 << 30
     return min(-(-st.f_blocks * st.f_frsize // gib) * gib, 16 << 40)
-
-
-class _MemTxn:
-    """A transaction on MemoryBackend; writes keep an undo log for abort."""
-
-    def __init__(self, be: MemoryBackend, write: bool) -> None:
-        self._be = be
-        self._write = write
-        self.undo: list[tuple[str, bytes, bytes | None]] = []
-
-    def get(self, db: str, key: bytes) -> Buf | None:
-        return self._be.data[db].get(key)
-
-    def put(self, db: str, key: bytes, value: Buf) -> None:
-        assert self._write, "put in a read transaction"
-        d = self._be.data[db]
-        old = d.get(key)
-        if old is None:
-            bisect.insort(self._be.keys[db], key)
-        self.undo.append((db, key, old))
-        d[key] = bytes(value)
-
-    def delete(self, db: str, key: bytes) -> bool:
-        assert self._write, "delete in a read transaction"
-        d = self._be.data[db]
-        old = d.pop(key, None)
-        if old is None:
-            return False
-        ks = self._be.keys[db]
-        del ks[bisect.bisect_left(ks, key)]
-        self.undo.append((db, key, old))
-        return True
-
-    def range(
-        self, db: str, start: bytes, stop: bytes | None = None, reverse: bool = False
-    ) -> Iterator[tuple[bytes, Buf]]:
-        ks = self._be.keys[db]
-        lo = bisect.bisect_left(ks, start)
-        hi = len(ks) if stop is None else bisect.bisect_left(ks, stop)
-        snapshot = ks[lo:hi]
-        if reverse:
-            snapshot.reverse()
-        d = self._be.data[db]
-        for k in snapshot:
-            v = d.get(k)
-            if v is not None:
-                yield k, v
-
-    def rollback(self) -> None:
-        for db, key, old in reversed(self.undo):
-            d = self._be.data[db]
-            ks = self._be.keys[db]
-            if old is None:
-                if d.pop(key, None) is not None:
-                    del ks[bisect.bisect_left(ks, key)]
-            else:
-                if key not in d:
-                    bisect.insort(ks, key)
-                d[key] = old
-
-
-class MemoryBackend:
-    """Sorted dicts in memory: the same contract as LMDB, for tests.
-
-    Readers see committed and in-flight writes alike (no snapshot isolation);
-    tests drive it from one thread.
-    """
-
-    def __init__(self) -> None:
-        self.data: dict[str, dict[bytes, bytes]] = {n: {} for n in DBS}
-        self.keys: dict[str, list[bytes]] = {n: [] for n in DBS}
-        self.write_guard: WriteGuard | None = None
-        self._lock = threading.RLock()
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[Txn]:
-        yield _MemTxn(self, write=False)
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[Txn]:
-        if self.write_guard is not None:
-            self.write_guard()
-        with self._lock:
-            txn = _MemTxn(self, write=True)
-            try:
-                yield txn
-            except BaseException:
-                txn.rollback()
-                raise
-
-    def grow(self) -> None:
-        pass
-
-    def sync(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def disk_bytes(self) -> int:
-        return sum(len(k) + len(v) for d in self.data.values() for k, v in d.items())

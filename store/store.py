@@ -18,6 +18,7 @@ open_legacy/read_legacy (record an error), and the rest (docs/concurrency.md).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -31,7 +32,8 @@ from . import namespace as ns
 from . import stats as figures
 from .chunker import Chunker
 from .errors import NoSpace, ReadOnly, SchemaMismatch, StoreMissing
-from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
+from .kv import Backend, LmdbBackend, MapFull, Txn
+from .kvmem import MemoryBackend
 from .migration import LIST_AHEAD, Migration, Spill
 from .phase3 import Phase3File, Phase3Tree
 from .readahead import ReadAhead
@@ -187,12 +189,20 @@ class Store:
                 self.commits += 1
                 return out
             except MapFull:
+                if self.backend.grouped():
+                    raise  # growing waits for every transaction: the group's owner retries alone
                 self.backend.grow()
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise NoSpace("no space left for the store") from e
                 raise
         raise NoSpace("the store's map cannot grow further")
+
+    def group(self) -> contextlib.AbstractContextManager[None]:
+        """Group commit: the transactions this thread runs inside the block share one
+        write transaction and one sync (see `Backend.group`). The mount's writer runs
+        the jobs that reach it together this way (fs/writer.py)."""
+        return self.backend.group()
 
     def sync(self) -> None:
         """Make every committed transaction durable (fsync)."""

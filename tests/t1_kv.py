@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from ferryfs.store import lmdbfile
-from ferryfs.store.kv import DBS, Backend, LmdbBackend, MapFull, MemoryBackend
+from ferryfs.store.kv import DBS, Backend, LmdbBackend, MapFull
+from ferryfs.store.kvmem import MemoryBackend
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 from helpers.store import check_invariants, free_last_pages
@@ -276,3 +277,37 @@ def test_a_cut_short_or_zeroed_file_is_damage_not_a_crash(tmp_path: Path) -> Non
     assert damage is not None and damage.page in leaves, damage
     with pytest.raises(StoreDamaged, match=rf"page {damage.page}\b"):
         LmdbBackend(str(tmp_path), readonly=True, verify=True)
+
+
+def test_a_group_commits_its_writes_together_and_undoes_a_failing_one_alone(
+    backend: Backend,
+) -> None:
+    fill(backend)
+    with backend.group():
+        assert backend.grouped()
+        with backend.write() as txn:
+            txn.put("meta", b"one", b"1")
+        with pytest.raises(ValueError), backend.write() as txn:
+            txn.put("meta", b"two", b"2")
+            txn.delete("meta", b"a")
+            raise ValueError("this one fails")
+        with backend.read() as txn:  # the group's reader sees what it wrote so far
+            assert bytes(txn.get("meta", b"one") or b"") == b"1"
+            assert txn.get("meta", b"two") is None and txn.get("meta", b"a") is not None
+        with backend.write() as txn:
+            txn.put("meta", b"three", b"3")
+    assert not backend.grouped()
+    got = items(backend)
+    assert got[b"one"] == b"1" and got[b"three"] == b"3" and got[b"a"] == b"va"
+    assert b"two" not in got
+
+
+def test_a_group_that_fails_leaves_nothing(backend: Backend) -> None:
+    fill(backend)
+    with pytest.raises(RuntimeError), backend.group():
+        with backend.write() as txn:
+            txn.put("meta", b"one", b"1")
+            txn.delete("meta", b"a")
+        raise RuntimeError("the group's owner gives up")
+    got = items(backend)
+    assert b"one" not in got and got[b"a"] == b"va"

@@ -23,7 +23,8 @@ from ferryfs.fs.operations import Operations
 from ferryfs.fs.sweep import Sweep
 from ferryfs.fs.sweep_config import SweepConfig
 from ferryfs.fs.writer import Writer
-from ferryfs.store.errors import Invalid, NoData, NotFound, NotPermitted
+from ferryfs.store.errors import Exists, Invalid, NoData, NotFound, NotPermitted
+from ferryfs.store.kv import MapFull
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 from helpers.mount import mounted, wait_for
@@ -261,3 +262,141 @@ async def test_close_commits_what_was_handed_over_then_refuses_more() -> None:
     assert not w.strays  # the jobs drained at close ran on the writer too
     with pytest.raises(RuntimeError):
         await w.run(st.getattr, ROOT_INO)
+
+
+# -- group commit -------------------------------------------------------------------
+
+
+async def _queued_behind_a_gate(w: Writer, calls: list[tuple[object, ...]]) -> list[object]:
+    """Hand `calls` to `w` while its thread is held on a first job, so that they
+    all wait in its queue and reach it together; their outcomes, in order."""
+    gate, held = threading.Event(), threading.Event()
+    results: list[object] = [None] * len(calls)
+
+    def hold() -> None:
+        held.set()
+        gate.wait(30)
+
+    async def one(i: int, fn: object, *args: object) -> None:
+        try:
+            results[i] = await w.run(fn, *args)  # type: ignore[arg-type]
+        except Exception as e:
+            results[i] = e
+
+    async with trio.open_nursery() as n:
+        n.start_soon(w.run, hold)
+        await until(held.is_set, 10)  # the writer is in it: the calls below queue
+        for i, (fn, *args) in enumerate(calls):
+            n.start_soon(one, i, fn, *args)
+            await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    return results
+
+
+async def test_jobs_that_wait_together_commit_together(tmp_path: Path) -> None:
+    st = Store.open(str(tmp_path / "store"), source=str(tmp_path), create=True)
+    w = Writer()
+    w.watch(st)
+    w.share(st)
+    try:
+        commits = st.commits
+        calls = [(st.mkdir, ROOT_INO, f"d{i}".encode(), 0o755, 0, 0) for i in range(10)]
+        out = await _queued_behind_a_gate(w, calls)
+        assert [n.ino for n in out] == sorted(n.ino for n in out)  # type: ignore[attr-defined]
+        assert w.groups == 1, "the ten jobs waiting together did not share one commit"
+        assert st.commits - commits == 10
+        # A job after the group reads what the group wrote (inside it, too: d5 below
+        # is looked up by the job that creates d5/x, in the same group).
+        out = await _queued_behind_a_gate(
+            w, [(st.mkdir, ROOT_INO, b"e", 0o755, 0, 0), (st.lookup, ROOT_INO, b"e")]
+        )
+        assert out[1].ino == out[0].ino  # type: ignore[attr-defined]
+        assert not w.strays
+    finally:
+        w.close()
+        st.close()
+    with Store.open(str(tmp_path / "store")) as st:  # committed, on disk
+        assert all(st.lookup(ROOT_INO, f"d{i}".encode()).is_dir for i in range(10))
+
+
+async def test_a_failing_job_in_a_group_fails_alone_and_leaves_nothing_half_done(
+    tmp_path: Path,
+) -> None:
+    st = Store.open(str(tmp_path / "store"), source=str(tmp_path), create=True)
+    w = Writer()
+    w.watch(st)
+    w.share(st)
+
+    def half_then_fail() -> None:
+        def op(txn: object) -> None:
+            st_mkdir = txn.put  # type: ignore[attr-defined]
+            st_mkdir("meta", b"half-done", b"1")
+            raise Invalid("this job fails after writing")
+
+        st.transact(op)  # type: ignore[arg-type]
+
+    try:
+        out = await _queued_behind_a_gate(
+            w,
+            [
+                (st.mkdir, ROOT_INO, b"before", 0o755, 0, 0),
+                (half_then_fail,),
+                (st.mkdir, ROOT_INO, b"before", 0o755, 0, 0),  # exists: its own error
+                (st.mkdir, ROOT_INO, b"after", 0o755, 0, 0),
+            ],
+        )
+        assert w.groups == 1
+        assert isinstance(out[1], Invalid)
+        assert isinstance(out[2], Exists)
+        assert out[0].is_dir and out[3].is_dir  # type: ignore[attr-defined]
+    finally:
+        w.close()
+        st.close()
+    with Store.open(str(tmp_path / "store")) as st:
+        assert st.lookup(ROOT_INO, b"before").is_dir and st.lookup(ROOT_INO, b"after").is_dir
+        with st.backend.read() as txn:
+            assert txn.get("meta", b"half-done") is None
+
+
+async def test_a_group_that_cannot_commit_runs_each_job_alone(tmp_path: Path) -> None:
+    # A full map in one job: growing it needs every transaction closed, so the
+    # group is abandoned whole and each job runs again in a transaction of its own
+    # (where the map grows): every job gets its own outcome, all of them succeed.
+    st = Store.open(str(tmp_path / "store"), source=str(tmp_path), create=True)
+    w = Writer()
+    w.watch(st)
+    w.share(st)
+    grown: list[int] = []
+    real_grow = st.backend.grow
+
+    def grow() -> None:
+        grown.append(1)
+        real_grow()
+
+    st.backend.grow = grow  # type: ignore[method-assign]
+    def fills_the_map() -> str:
+        def op(txn: object) -> str:
+            if not grown:  # full until grown
+                raise MapFull()
+            txn.put("meta", b"big", b"x")  # type: ignore[attr-defined]
+            return "done"
+
+        return st.transact(op)  # type: ignore[arg-type]
+
+    try:
+        out = await _queued_behind_a_gate(
+            w,
+            [
+                (st.mkdir, ROOT_INO, b"a", 0o755, 0, 0),
+                (fills_the_map,),
+                (st.mkdir, ROOT_INO, b"b", 0o755, 0, 0),
+            ],
+        )
+        assert out[1] == "done" and grown == [1]
+        assert out[0].is_dir and out[2].is_dir  # type: ignore[attr-defined]
+        assert w.groups == 0, "the group committed though one of its jobs hit a full map"
+    finally:
+        w.close()
+        st.close()
+    with Store.open(str(tmp_path / "store")) as st:
+        assert st.lookup(ROOT_INO, b"a").is_dir and st.lookup(ROOT_INO, b"b").is_dir

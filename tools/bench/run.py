@@ -2,14 +2,17 @@
 sample tree, printed as markdown tables to paste into docs/benchmarks.md.
 
     .venv/bin/python tools/bench/run.py [--out DIR] [--mb 200] [--quick] [--repeat 3]
-                                        [--only migrate,read,sweep,cli,search]
+                                        [--only migrate,read,sweep,cli,search,live]
+                                        [--live-seconds 150]
 
 (`make bench BENCH_ARGS="..."` runs it.) Five sections, each printed as soon as
 it is done: `migrate` (bench_migrate.py: migrate against borg create and restic
 backup, memory against file count), `read` (bench_read.py: the read table of
 issue 3), `sweep` (bench_sweep.py: sweep time and read latency, issue 4) and
 `cli` (bench_cli.py: the command's start-up time), `search` (bench_search.py:
-ferryfs search against ripgrep and grep, issue 13). What they share is in
+ferryfs search against ripgrep and grep, issue 13), `live` (bench_live.py: an
+app's appends, renames and reads through the mount under load, and scattered
+1-byte writes, against fuse-overlayfs, issue 15). What they share is in
 bench_common.py, their mounts in bench_mounts.py. This module owns only the
 command line, the header lines and running the chosen sections in order.
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from bench_cli import cli_section
 from bench_common import drop_caches, sample_tree
+from bench_live import live_section
 from bench_migrate import migrate_section
 from bench_read import read_section
 from bench_search import search_section
@@ -38,6 +42,8 @@ def command_line(args: argparse.Namespace) -> str:
     flags += f" --repeat {args.repeat}"
     if list(args.only) != list(SECTIONS):
         flags += f" --only {','.join(args.only)}"
+    if "live" in args.only:
+        flags += f" --live-seconds {args.live_seconds:g}"
     return f".venv/bin/python tools/bench/run.py --out {args.out}{flags}"
 
 
@@ -68,7 +74,7 @@ def machine_line() -> str:
     )
 
 
-SECTIONS = ("migrate", "read", "sweep", "cli", "search")
+SECTIONS = ("migrate", "read", "sweep", "cli", "search", "live")
 
 
 def parse_only(text: str) -> list[str]:
@@ -109,7 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         default=list(SECTIONS),
         help=f"sections to run, comma-separated (default: {','.join(SECTIONS)})",
     )
+    ap.add_argument(
+        "--live-seconds",
+        type=float,
+        default=150.0,
+        help="how long the live-app load runs on each target (default: %(default)g)",
+    )
     args = ap.parse_args(argv)
+    if args.live_seconds <= 0:
+        ap.error("--live-seconds must be positive")
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
     signal.signal(signal.SIGTERM, _stop)
@@ -136,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             lines = sweep_section(work, tree, args.quick, args.repeat)
         elif section == "search":
             lines = search_section(out, work, tree, mb, args.repeat)
+        elif section == "live":
+            lines = live_section(work, tree, args.live_seconds)
         else:
             lines = cli_section(work, tree, args.quick)
         print()
