@@ -318,3 +318,28 @@ def test_a_hostile_name_in_fsck_output_is_escaped(made, tmp_path: Path) -> None:
     assert len(lines) == 1, out
     assert "\x1b" not in out and r"\x1b[2J" in lines[0] and r"\xff\xfe" in lines[0], lines
     assert r.returncode == 4, (r.returncode, r.stderr)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`ferryfs search ... | head`: the reader closes the pipe after a few bytes.
+    The command stops as grep does (the shell's 141, SIGPIPE), with nothing on
+    stderr: no "Broken pipe" line, no traceback."""
+    src = tmp_path / "phase3"
+    src.mkdir()
+    for i in range(3000):  # ~300 KB of hits: more than a pipe holds
+        (src / f"session-{i:05d}-{'x' * 80}.txt").write_text(f"hello number {i}\n")
+    cli("migrate", src, "--store", tmp_path / "store")
+    argv = [sys.executable, "-m", "ferryfs.tools.cli", "search", str(tmp_path / "store"), "hello"]
+    for json in ([], ["--json"]):  # one write of every path; a line per hit
+        p = subprocess.Popen(
+            [*argv, *json],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
+        assert p.stdout is not None and p.stderr is not None
+        assert p.stdout.read(10)
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        assert p.wait(60) == 141, (json, err)
+        assert err == "", err

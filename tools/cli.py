@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .commands import COMMANDS, build_parser, run
+from .commands import COMMANDS, build_parser, reader_gone, run
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+        except BrokenPipeError:
+            code = reader_gone()
         except OSError:
             code = code or 1
         os._exit(code)

@@ -119,7 +119,10 @@ def run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args._module.run(args)
+        sys.stdout.flush()  # here, where a reader gone away is caught below
         return code
+    except BrokenPipeError:
+        return reader_gone()
     except FerryError as e:
         from ._common import shown  # a message may quote a damaged or hostile name
 
@@ -137,3 +140,18 @@ def run(argv: list[str]) -> int:
         where = f": {os.fsdecode(name) if isinstance(name, bytes) else name}" if name else ""
         print(f"ferryfs: {shown(str(e.strerror or e) + where)}", file=sys.stderr)
         return 1
+
+
+# What a process killed by SIGPIPE returns to the shell: `ferryfs ... | head` ends
+# as `grep ... | head` does. (The signal itself is left ignored, as Python sets it:
+# a daemon started from this process must not die of a closed socket.)
+SIGPIPE_EXIT = 141
+
+
+def reader_gone() -> int:
+    """The reader of our output went away (`| head`): stop quietly. stdout goes to
+    /dev/null, so the interpreter's last flush does not fail and print again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_EXIT

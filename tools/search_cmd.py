@@ -84,7 +84,12 @@ def run(args: argparse.Namespace) -> int:
             _print_json(res, hits, q, store, reader)
         else:
             out = sys.stdout.buffer
-            out.write(b"".join(h.path + b"\n" for h in hits))  # one write, however many
+            # One write, however many hits; but a write to a pipe may take only
+            # part (its reader went away, a full disk): go on until all of it is
+            # written or the error shows, never end with the output cut short.
+            rest = memoryview(b"".join(h.path + b"\n" for h in hits))
+            while rest:
+                rest = rest[out.write(rest) :]
             out.flush()
     for err in res.errors[:5]:
         print(f"ferryfs: search: cannot read {err}", file=sys.stderr)
