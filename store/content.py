@@ -456,6 +456,6 @@ def hash_chunks(items: Iterable[tuple[bytes, Buf | None, int]]) -> Hashed:
 def stored_hash(txn: Txn, ino: int) -> bytes | None:
     """blake3 of a stored file's content, or None if a chunk is missing or bad."""
     items = (
-        (d, None if d == HOLE else txn.get("chunks", d), n) for _o, d, n in all_extents(txn, ino)
+        (d, None if d == HOLE else cas.record(txn, d), n) for _o, d, n in all_extents(txn, ino)
     )
     return hash_chunks(items).digest

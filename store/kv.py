@@ -39,6 +39,9 @@ DBS = (
     "index",
     "points",
     "errors",
+    "packs",
+    "packinfo",
+    "dicts",
 )
 
 Buf = bytes | memoryview
@@ -77,6 +80,14 @@ def _damaged(e: lmdb.Error) -> StoreDamaged:
 
 
 class Txn(Protocol):
+    # Per-transaction state of the layers above (packs.py's pack being filled),
+    # dropped with the transaction whether it commits or not.
+    local: dict[str, object]
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in this write transaction just before it commits (not on abort)."""
+        ...
+
     def get(self, db: str, key: bytes) -> Buf | None: ...
     def put(self, db: str, key: bytes, value: Buf) -> None: ...
     def delete(self, db: str, key: bytes) -> bool: ...
@@ -114,14 +125,22 @@ class Backend(Protocol):
 
 
 class _LmdbTxn:
-    __slots__ = ("_dbs", "_txn")
+    __slots__ = ("_dbs", "_txn", "hooks", "local")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
         self._txn = txn
         self._dbs = dbs
+        self.hooks: list[Callable[[], None]] = []
+        self.local: dict[str, object] = {}
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        self.hooks.append(fn)
 
     def get(self, db: str, key: bytes) -> Buf | None:
-        v: Buf | None = self._txn.get(key, db=self._dbs[db])
+        h = self._dbs.get(db)
+        if h is None:  # read-only, a store from before this database existed
+            return None
+        v: Buf | None = self._txn.get(key, db=h)
         return v
 
     def put(self, db: str, key: bytes, value: Buf) -> None:
@@ -140,6 +159,8 @@ class _LmdbTxn:
     def range(
         self, db: str, start: bytes, stop: bytes | None = None, reverse: bool = False
     ) -> Iterator[tuple[bytes, Buf]]:
+        if db not in self._dbs:  # read-only, a store from before this database existed
+            return
         with self._txn.cursor(db=self._dbs[db]) as cur:
             if not reverse:
                 if not cur.set_range(start):
@@ -335,7 +356,10 @@ class LmdbBackend:
             # writes (a class of bug, not a case to remember at each call site).
             txn = self._env.begin(write=True, buffers=False)
             try:
-                yield _LmdbTxn(txn, self._dbs)
+                t = _LmdbTxn(txn, self._dbs)
+                yield t
+                for fn in t.hooks:
+                    fn()
             except _DAMAGE as e:
                 txn.abort()
                 raise _damaged(e) from e
@@ -409,6 +433,11 @@ class _MemTxn:
         self._be = be
         self._write = write
         self.undo: list[tuple[str, bytes, bytes | None]] = []
+        self.hooks: list[Callable[[], None]] = []
+        self.local: dict[str, object] = {}
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        self.hooks.append(fn)
 
     def get(self, db: str, key: bytes) -> Buf | None:
         return self._be.data[db].get(key)
@@ -486,6 +515,8 @@ class MemoryBackend:
             txn = _MemTxn(self, write=True)
             try:
                 yield txn
+                for fn in txn.hooks:
+                    fn()
             except BaseException:
                 txn.rollback()
                 raise

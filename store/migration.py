@@ -185,7 +185,7 @@ def stage_chunks(s: Host, records: dict[bytes, bytes]) -> None:
 def stage_records(txn: Txn, records: dict[bytes, bytes]) -> None:
     for d, rec in records.items():
         if txn.get("chunks", d) is None:
-            txn.put("chunks", d, rec)
+            cas.put(txn, d, rec)
         txn.put("pending", d, b"")
 
 
@@ -194,7 +194,7 @@ def free_pending(txn: Txn) -> int:
     freed = 0
     for d, _ in list(txn.range("pending", b"")):
         txn.delete("pending", d)
-        if txn.get("refs", d) is None and txn.delete("chunks", d):
+        if txn.get("refs", d) is None and cas.free(txn, d):
             freed += 1
     return freed
 
@@ -205,7 +205,7 @@ def unstage(txn: Txn, m: Migration) -> None:
     for d in m.staged:
         txn.delete("pending", d)
         if txn.get("refs", d) is None:
-            txn.delete("chunks", d)
+            cas.free(txn, d)
 
 
 def commit_extents(txn: Txn, m: Migration) -> None:
@@ -359,7 +359,7 @@ def heal(s: Host, ino: int, bad: bytes) -> bool:
 
 
 def _put_chunk(txn: Txn, digest: bytes, record: bytes) -> None:
-    txn.put("chunks", digest, record)
+    cas.put(txn, digest, record)
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
 from .migration import LIST_AHEAD, Migration, Spill
 from .phase3 import Phase3File, Phase3Tree
 from .readahead import ReadAhead
-from .records import SCHEMA_VERSION, U64, Inode
+from .records import READABLE_SCHEMAS, SCHEMA_VERSION, U64, Inode
 from .stats import Stats
 from .storedir import StoreDir
 
@@ -134,11 +134,14 @@ class Store:
                 lambda txn: ns.init_root(txn, st, self.tree is not None, t, sizes, source)
             )
             return
-        if existing != SCHEMA_VERSION:
+        if existing not in READABLE_SCHEMAS:
             raise SchemaMismatch(
-                f"store has schema version {existing}; this ferryfs reads version "
-                f"{SCHEMA_VERSION} only"
+                f"store has schema version {existing}; this ferryfs reads versions "
+                f"{', '.join(map(str, READABLE_SCHEMAS))} only"
             )
+        if existing != SCHEMA_VERSION and not self.readonly:
+            # Old records stay readable as they are: only the version moves on.
+            self.transact(lambda txn: txn.put("meta", b"schema", U64.pack(SCHEMA_VERSION)))
         with self.backend.read() as txn:
             params = txn.get("meta", b"chunker")
             if params is not None:
