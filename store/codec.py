@@ -18,6 +18,7 @@ are the same bytes.
 
 from __future__ import annotations
 
+import codecs
 import struct
 import threading
 
@@ -60,9 +61,28 @@ def register(dict_id: int, data: bytes | memoryview) -> zstandard.ZstdCompressio
         return d
 
 
-def known(dict_id: int) -> bool:
+def registered(dict_id: int) -> bytes | None:
+    """The bytes of a registered dictionary stored under `dict_id`, if any."""
     with _lock:
-        return bool(_registry.get(dict_id))
+        for d in _registry.get(dict_id, ()):
+            data: bytes = d.as_bytes()
+            if dictionary_id(data) == dict_id:
+                return data
+    return None
+
+
+def is_text(plain: bytes | memoryview) -> bool:
+    """Whether a chunk looks like text (what a dictionary trained on sessions helps):
+    its first 4 KiB hold no NUL and decode as UTF-8 (a character cut at the end
+    allowed)."""
+    head = bytes(plain[:4096])
+    if b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _compressor(
@@ -96,9 +116,13 @@ def encode(
     cold: bool = False,
 ) -> bytes:
     """The record for `plain`: zstd at `level` (with `dictionary`, (id, dict), if
-    given), or raw if that is not smaller. `cold` marks it recompressed cold."""
+    given and `plain` is text), or raw if that is not smaller. `cold` marks it
+    recompressed cold."""
     flag = COLD if cold else 0
-    kind, dict_id, zdict = (ZSTD, 0, None) if dictionary is None else (ZSTD_DICT, *dictionary)
+    if dictionary is not None and is_text(plain):
+        kind, dict_id, zdict = ZSTD_DICT, dictionary[0], dictionary[1]
+    else:
+        kind, dict_id, zdict = ZSTD, 0, None
     packed = _compressor(level, zdict).compress(plain)
     if len(packed) + 8 < len(plain):
         return _HEADER.pack(kind | flag, dict_id) + packed

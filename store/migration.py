@@ -35,6 +35,7 @@ import blake3
 from . import cas, codec, content, phase3
 from . import namespace as ns
 from .chunker import Chunker, digest
+from .dictionaries import Dictionary
 from .errors import FerryError, NotFound, SourceError
 from .kv import Backend, Txn
 from .phase3 import Phase3File, Phase3Tree
@@ -70,6 +71,7 @@ class Host(Protocol):
     tree: Phase3Tree | None
     chunker: Chunker
     cache: cas.ChunkCache
+    dictionary: Dictionary | None  # for new text chunks (dictionaries.py)
     readonly: bool
     failsafe: str | None
 
@@ -115,7 +117,9 @@ def prepare_migration(
         with s.backend.read() as t:
             return cas.has(t, d)
 
-    return _read_and_chunk(s.tree, ino, node.version, leg, s.chunker, has_chunk, spill, stop)
+    return _read_and_chunk(
+        s.tree, ino, node.version, leg, s.chunker, has_chunk, spill, stop, dictionary=s.dictionary
+    )
 
 
 def _read_and_chunk(
@@ -128,6 +132,7 @@ def _read_and_chunk(
     spill: Spill | None,
     stop: Callable[[], bool] | None,
     level: int = 3,
+    dictionary: Dictionary | None = None,
 ) -> Migration:
     """Read and chunk the Phase 3 file behind `legacy`; SourceError if it cannot be
     read safely or changes while being read."""
@@ -150,7 +155,7 @@ def _read_and_chunk(
                 whole.update(piece)
                 n = len(piece)
                 if d not in m.records and not has_chunk(d):  # (spilled ones: in the store)
-                    rec = codec.encode(piece, level)
+                    rec = codec.encode(piece, level, dictionary)
                     m.records[d] = rec
                     held += len(rec)
                 m.extents.append((m.size, d, n))

@@ -34,6 +34,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from . import codec
 from .kv import Buf, Txn
 from .records import U64
 
@@ -195,13 +196,26 @@ def place(txn: Txn, digest: bytes, rec: Buf) -> None:
     """Store `rec` as chunk `digest`'s record, replacing (and freeing) any it had."""
     if txn.get("chunks", digest) is not None:
         free(txn, digest)
+    if len(rec) >= _HEAD.size and rec[0] & codec.KIND == codec.ZSTD_DICT:
+        _ensure_dictionary(txn, _HEAD.unpack_from(rec, 0)[1])
     if len(rec) > PACK_MAX or len(rec) < 5:
         txn.put("chunks", digest, rec)
         return
-    codec, dict_id = rec[0], int.from_bytes(rec[1:5], "big")
+    kind, dict_id = _HEAD.unpack_from(rec, 0)
     f = _fill(txn)
     off = f.append(rec)
-    txn.put("chunks", digest, pointer(Location(f.pack, off, len(rec), codec, dict_id)))
+    txn.put("chunks", digest, pointer(Location(f.pack, off, len(rec), kind, dict_id)))
+
+
+def _ensure_dictionary(txn: Txn, dict_id: int) -> None:
+    """Store dictionary `dict_id` (from this process's registry) if the store lacks
+    it: a chunk never names a dictionary its store does not hold."""
+    k = U64.pack(dict_id)
+    if txn.get("dicts", k) is None:
+        data = codec.registered(dict_id)
+        if data is None:
+            raise ValueError(f"a record names dictionary {dict_id:08x}, which nobody has")
+        txn.put("dicts", k, data)
 
 
 def free(txn: Txn, digest: bytes) -> int:

@@ -26,10 +26,11 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from . import cas, content, files, migration
+from . import cas, content, dictionaries, files, migration
 from . import namespace as ns
 from . import stats as figures
 from .chunker import Chunker
+from .dictionaries import Dictionary
 from .errors import NoSpace, ReadOnly, SchemaMismatch, StoreMissing
 from .kv import Backend, LmdbBackend, MapFull, MemoryBackend, Txn
 from .migration import LIST_AHEAD, Migration, Spill
@@ -67,6 +68,8 @@ class Store:
         self.commits = 0
         self.dir: StoreDir | None = None  # the store directory, when on disk
         self.chunker = Chunker()
+        # The zstd dictionary new text chunks are compressed with (dictionaries.py).
+        self.dictionary: Dictionary | None = None
 
     # -- opening -------------------------------------------------------------
 
@@ -143,6 +146,7 @@ class Store:
             # Old records stay readable as they are: only the version moves on.
             self.transact(lambda txn: txn.put("meta", b"schema", U64.pack(SCHEMA_VERSION)))
         with self.backend.read() as txn:
+            self.dictionary = dictionaries.load_all(txn)
             params = txn.get("meta", b"chunker")
             if params is not None:
                 # The sizes a store was made with stay its sizes: other cut points

@@ -1,5 +1,6 @@
 """Idle-time work on chunk records: moving small records stored alone (schema 1)
-into packs, compacting mostly dead packs, and (recompress.py) cold recompression.
+into packs, compacting mostly dead packs, training the store's zstd dictionary
+(dictionaries.py), and (recompress.py) cold recompression.
 
 Each piece is one short write transaction (a few milliseconds: at most one pack,
 about 512 KiB, copied), so the writer is never held long; `stop` is polled
@@ -15,14 +16,22 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol, TypeVar
 
-from . import packs
+from . import dictionaries, packs
+from .dictionaries import Dictionary
 from .kv import Backend, Txn
+from .records import U64
 
 T = TypeVar("T")
+
+# A store without enough text to train a dictionary is looked at again once this
+# many packs (512 KiB each) were made since.
+RETRY_PACKS = 8
+TRIED = b"dict.tried"  # packs.next when training was last tried and found too little
 
 
 class Host(Protocol):
     backend: Backend
+    dictionary: Dictionary | None
 
     def transact(self, fn: Callable[[Txn], T]) -> T: ...
 
@@ -57,13 +66,32 @@ def compact(s: Host, stop: Callable[[], bool] | None = None) -> int:
             done += 1
 
 
+def train(s: Host) -> bool:
+    """Train the store's dictionary if it has none and enough text (dictionaries.py);
+    tried again only once the store has grown by `RETRY_PACKS` packs since."""
+    if s.dictionary is not None:
+        return False
+    with s.backend.read() as txn:
+        nv = txn.get("meta", packs.NEXT_KEY)
+        made = U64.unpack(nv)[0] if nv is not None else 0
+        tv = txn.get("meta", TRIED)
+        if tv is not None and made < U64.unpack(tv)[0] + RETRY_PACKS:
+            return False
+    d = dictionaries.train(s)
+    if d is None:
+        s.transact(lambda txn: txn.put("meta", TRIED, U64.pack(made)))
+        return False
+    s.dictionary = d
+    return True
+
+
 def step(s: Host, stop: Callable[[], bool] | None = None) -> bool:
-    """Do what chunk upkeep there is (upgrade, then compaction), as long as `stop`
-    allows; True if there was anything to do."""
+    """Do what chunk upkeep there is (upgrade, compaction, training a dictionary),
+    as long as `stop` allows; True if there was anything to do."""
     with s.backend.read() as txn:
         todo = not packs.upgraded(txn) or bool(packs.victims(txn, limit=1))
-    if not todo:
-        return False
-    if upgrade(s, stop):
+    if todo and upgrade(s, stop):
         compact(s, stop)
-    return True
+    if stop is not None and stop():
+        return todo
+    return train(s) or todo
