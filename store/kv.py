@@ -410,6 +410,10 @@ class LmdbBackend:
         st = os.stat(os.path.join(self.path, "data.mdb"))
         return st.st_blocks * 512
 
+    def copy_compact(self, dest: str) -> None:
+        """Write this database, without its free pages, as `dest`/data.mdb."""
+        self._env.copy(dest, compact=True)
+
 
 def create_environment(path: str) -> None:
     """An empty LMDB environment in the directory `path` (a new store's database)."""
