@@ -2,15 +2,16 @@
 sample tree, printed as markdown tables to paste into docs/benchmarks.md.
 
     .venv/bin/python tools/bench/run.py [--out DIR] [--mb 200] [--quick] [--repeat 3]
-                                        [--only migrate,read,sweep,cli,search]
+                                        [--only migrate,read,sweep,cli,search,stored]
 
-(`make bench BENCH_ARGS="..."` runs it.) Five sections, each printed as soon as
+(`make bench BENCH_ARGS="..."` runs it.) Six sections, each printed as soon as
 it is done: `migrate` (bench_migrate.py: migrate against borg create and restic
 backup, memory against file count), `read` (bench_read.py: the read table of
 issue 3), `sweep` (bench_sweep.py: sweep time and read latency, issue 4) and
 `cli` (bench_cli.py: the command's start-up time), `search` (bench_search.py:
-ferryfs search against ripgrep and grep, issue 13). What they share is in
-bench_common.py, their mounts in bench_mounts.py. This module owns only the
+ferryfs search against ripgrep and grep, issue 13), `stored` (bench_stored.py:
+stored bytes against borg after ingest and after cold recompression, issue 14).
+What they share is in bench_common.py, their mounts in bench_mounts.py. This module owns only the
 command line, the header lines and running the chosen sections in order.
 """
 
@@ -30,6 +31,7 @@ from bench_common import drop_caches, sample_tree
 from bench_migrate import migrate_section
 from bench_read import read_section
 from bench_search import search_section
+from bench_stored import stored_section
 from bench_sweep import sweep_section
 
 
@@ -68,7 +70,7 @@ def machine_line() -> str:
     )
 
 
-SECTIONS = ("migrate", "read", "sweep", "cli", "search")
+SECTIONS = ("migrate", "read", "sweep", "cli", "search", "stored")
 
 
 def parse_only(text: str) -> list[str]:
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             lines = sweep_section(work, tree, args.quick, args.repeat)
         elif section == "search":
             lines = search_section(out, work, tree, mb, args.repeat)
+        elif section == "stored":
+            lines = stored_section(out, work, tree, args.quick)
         else:
             lines = cli_section(work, tree, args.quick)
         print()
