@@ -1,9 +1,10 @@
 """The benchmark's `stored` section (issue 14): bytes on disk of a ferryfs store
 against borg's repository (`--compression zstd,3`) of the same tree, in the same
-run, on three trees: the sample tree, a tree of many small files (a copy of
-/usr/share/doc beside small JSON sessions), and the sample tree's session logs
-alone; after `ferryfs migrate` (packs, zstd 3) and after `ferryfs recompress
---cold-days 0` (zstd 19 with the store's trained dictionary).
+run, on three trees: the sample tree, a tree of many small files
+(bench_smalltree.py: 20,000 sessions of 2-60 KB and a copy of /usr/share/doc),
+and the sample tree's session logs alone; after `ferryfs migrate` (packs,
+zstd 3) and after `ferryfs recompress --cold-days 0` (zstd 19 with the store's
+trained dictionary).
 
 Stored bytes are `du -B1 -s` of the store directory (the database and the
 search index) and of borg's repository; the database alone is shown beside.
@@ -11,16 +12,12 @@ search index) and of borg's repository; the database alone is shown beside.
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench_common import (
-    SEED,
     borg_env,
     check,
     disk_usage,
@@ -30,83 +27,9 @@ from bench_common import (
     tree_size,
     verdict,
 )
+from bench_smalltree import small_tree
 
-DOC = Path("/usr/share/doc")
-SMALL_SESSIONS = 20_000
-QUICK_SMALL_SESSIONS = 2_000
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "a",
-    "in",
-    "is",
-    "it",
-    "you",
-    "that",
-    "session",
-    "agent",
-    "token",
-    "request",
-    "response",
-    "error",
-    "retry",
-    "cache",
-    "index",
-    "chunk",
-    "store",
-    "migrate",
-    "mount",
-    "commit",
-    "branch",
-    "merge",
-    "test",
-    "build",
-    "deploy",
-    "config",
-    "schema",
-    "user",
-    "assistant",
-    "tool",
-    "file",
-    "path",
-    "read",
-    "write",
-]
-
-
-def small_tree(out: Path, sessions: int, quick: bool) -> Path:
-    """A copy of /usr/share/doc (its first 200 packages when `quick`) and `sessions`
-    JSON sessions of 1-6 turns of prose (a few KB each), in directories of 100."""
-    params = {"sessions": sessions, "seed": SEED, "quick": quick, "doc": DOC.is_dir()}
-    root, marker = out / f"smalltree-{sessions}", out / f"smalltree-{sessions}.json"
-    if root.is_dir() and marker.exists() and json.loads(marker.read_text()) == params:
-        return root
-    marker.unlink(missing_ok=True)
-    fresh(root)
-    root.mkdir(parents=True)
-    if DOC.is_dir():
-        packages = sorted(os.listdir(DOC))[: 200 if quick else None]
-        for name in packages:
-            src = DOC / name
-            if src.is_dir() and not src.is_symlink():
-                shutil.copytree(src, root / "doc" / name, symlinks=True)
-    rng = random.Random(SEED)
-    for i in range(sessions):
-        d = root / "sessions" / f"{i // 100:04d}"
-        if i % 100 == 0:
-            d.mkdir(parents=True)
-        turns = [
-            {
-                "role": rng.choice(["user", "assistant"]),
-                "text": " ".join(rng.choice(WORDS) for _ in range(rng.randrange(20, 300))),
-            }
-            for _ in range(rng.randrange(1, 7))
-        ]
-        (d / f"s{i:06d}.json").write_text(json.dumps({"id": i, "turns": turns}))
-    marker.write_text(json.dumps(params))
-    return root
+QUICK_SCALE = 0.1  # of the small-file tree (bench_smalltree.py) with --quick
 
 
 def sessions_tree(out: Path, tree: Path) -> Path:
@@ -180,7 +103,7 @@ def stored_section(out: Path, work: Path, tree: Path, quick: bool) -> list[str]:
     load = os.getloadavg()[0]
     trees = [
         ("sample tree", tree),
-        ("small files", small_tree(out, QUICK_SMALL_SESSIONS if quick else SMALL_SESSIONS, quick)),
+        ("small files", small_tree(out, QUICK_SCALE if quick else 1.0)[0]),
         ("session logs", sessions_tree(out, tree)),
     ]
     rows = [measure_tree(name, t, work) for name, t in trees]
