@@ -236,6 +236,7 @@ class Sweep:
     async def _upkeep(self) -> bool:
         """Nothing left to migrate: idle work on chunk records (store/upkeep.py: packs,
         the dictionary, cold recompression), pre-empted as a batch is. True if any."""
+        self.state = "upkeep"  # what status shows meanwhile
         host = upkeep.OnWriter(self.store, self.writer.call)
         return await self.background.run(upkeep.idle, host, self._preempt.is_set)
 
