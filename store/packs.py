@@ -247,12 +247,15 @@ def free(txn: Txn, digest: bytes) -> int:
 # -- compaction and upgrade (idle time) -----------------------------------------------------
 
 
-def victims(txn: Txn, limit: int = 64) -> list[int]:
-    """Packs mostly dead enough to compact (not the one being filled), at most `limit`."""
+def victims(txn: Txn, limit: int = 64, skip: set[int] | None = None) -> list[int]:
+    """Packs mostly dead enough to compact (not the one being filled, nor those of
+    `skip`), at most `limit`."""
     current = open_pack(txn)
     out = []
     for pack, i in all_info(txn):
-        if pack != current and i is not None and i.size and i.dead_bytes >= DEAD_RATIO * i.size:
+        if pack == current or (skip and pack in skip):
+            continue
+        if i is not None and i.size and i.dead_bytes >= DEAD_RATIO * i.size:
             out.append(pack)
             if len(out) >= limit:
                 break

@@ -60,9 +60,10 @@ def compact(s: Host, stop: Callable[[], bool] | None = None) -> int:
     """Compact the mostly dead packs, one per transaction; the packs compacted.
     Stops early when `stop` says so (what is left is found again next time)."""
     done = 0
+    stuck: set[int] = set()  # kept by chunks that cannot be moved (damage: fsck's)
     while True:
         with s.backend.read() as txn:
-            victims = packs.victims(txn)
+            victims = packs.victims(txn, skip=stuck)
             if not victims:
                 return done
             members = packs.members(txn, set(victims))
@@ -71,7 +72,11 @@ def compact(s: Host, stop: Callable[[], bool] | None = None) -> int:
                 return done
             chunks = members[pack]
             s.transact(partial(packs.move_out, pack=pack, chunks=chunks))
-            done += 1
+            with s.backend.read() as txn:
+                if packs.info(txn, pack) is None:
+                    done += 1
+                else:
+                    stuck.add(pack)
 
 
 def train(s: Host) -> bool:
@@ -97,9 +102,9 @@ def step(s: Host, stop: Callable[[], bool] | None = None) -> bool:
     """Do what chunk upkeep there is (upgrade, compaction, training a dictionary),
     as long as `stop` allows; True if there was anything to do."""
     with s.backend.read() as txn:
-        todo = not packs.upgraded(txn) or bool(packs.victims(txn, limit=1))
-    if todo and upgrade(s, stop):
-        compact(s, stop)
+        todo = not packs.upgraded(txn)  # (each upgrade batch moves its cursor on)
+    if upgrade(s, stop) and compact(s, stop):
+        todo = True
     if stop is not None and stop():
         return todo
     return train(s) or todo

@@ -409,3 +409,30 @@ def test_a_store_written_before_packs_reads_exactly_and_upgrades(tmp_path: Path)
         check_invariants(s, deep=True)
         # (The Phase 3 tree was unpacked anew: other inodes, so it drifted from the point.)
         assert [p for p in problems(s, deep=True) if not p.startswith("phase3-")] == []
+
+
+def test_compaction_leaves_a_pack_it_cannot_empty_and_does_not_spin(tmp_path: Path) -> None:
+    rng = random.Random(13)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(600):
+        (src / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(500, 4000)))
+    with Store.open(str(tmp_path / "s"), source=str(src), create=True) as s:
+        _migrate_all(s)
+        for i in range(0, 600, 2):
+            s.unlink(ROOT_INO, f"f{i:03d}".encode())
+        with s.backend.write() as txn:  # a live chunk of a victim points past its pack
+            victim = packs.victims(txn)[0]
+            d, v = next(
+                (k, v)
+                for k, v in txn.range("chunks", b"")
+                if packs.is_pointer(v) and packs.locate(v).pack == victim
+            )
+            loc = packs.locate(v)
+            bad = packs.Location(loc.pack, 1 << 30, loc.length, loc.codec, loc.dict_id)
+            txn.put("chunks", d, packs.pointer(bad))
+        assert upkeep.compact(s) >= 1  # the others went
+        with s.backend.read() as txn:
+            assert packs.victims(txn) == [victim]  # this one stays, for fsck to report
+        calls = [upkeep.step(s) for _ in range(3)]
+        assert calls[-1] is False  # idle work says there is nothing left: no spinning
