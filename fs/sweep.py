@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from ferryfs.store import upkeep
 from ferryfs.store.errors import NoSpace, NotFound, OpError, SourceError
 from ferryfs.store.migration import Migration, Preempted
 from ferryfs.store.records import ROOT_INO, Inode
@@ -216,6 +217,8 @@ class Sweep:
                     if self._no_space or self._listing_waits:
                         await self._wait_space()
                         continue
+                    if await self._upkeep():
+                        continue
                     self.state = "done"
                     log.info(
                         "sweep done: %d files, %.1f MB migrated in the background, %d errors",
@@ -229,6 +232,13 @@ class Sweep:
                     continue
                 await self._run_batch(batch)
             await trio.sleep(self.cfg.batch_delay_ms / 1000)
+
+    async def _upkeep(self) -> bool:
+        """Nothing left to migrate: idle work on chunk records (store/upkeep.py: packs,
+        the dictionary, cold recompression), pre-empted as a batch is. True if any."""
+        self.state = "upkeep"  # what status shows meanwhile
+        host = upkeep.OnWriter(self.store, self.writer.call)
+        return await self.background.run(upkeep.idle, host, self._preempt.is_set)
 
     async def _wait_wake(self) -> None:
         self._wake = trio.Event()

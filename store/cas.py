@@ -1,5 +1,8 @@
 """The content-addressed chunk store: records keyed by blake3, reference counts,
 freeing at zero in the same transaction, and a small cache of plain chunks.
+
+Where a record lies (alone, or in a pack) is packs.py's business: everything here
+and above reads a chunk's record with `record` and stores one with `put`.
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from collections import OrderedDict
 
 import zstandard
 
-from . import codec
+from . import codec, packs
 from .errors import CorruptChunk
-from .kv import Txn
+from .kv import Buf, Txn
 from .records import HOLE, U64
 
 
@@ -31,8 +34,8 @@ def add_ref(txn: Txn, digest: bytes, record: bytes | None) -> bool:
         if record is None:
             if txn.get("chunks", digest) is None:
                 raise MissingChunk(digest.hex())
-        else:
-            txn.put("chunks", digest, record)
+        elif txn.get("chunks", digest) is None:  # (a staged record is there already)
+            packs.place(txn, digest, record)
         txn.put("refs", digest, U64.pack(1))
         return True
     txn.put("refs", digest, U64.pack(U64.unpack(cur)[0] + 1))
@@ -45,14 +48,34 @@ def drop_ref(txn: Txn, digest: bytes) -> int:
     n = U64.unpack(cur)[0] if cur is not None else 0
     if n <= 1:
         txn.delete("refs", digest)
-        rec = txn.get("chunks", digest)
-        if rec is not None and txn.get("pending", digest) is None:
-            freed = len(rec)
-            txn.delete("chunks", digest)
-            return freed
+        if txn.get("pending", digest) is None:
+            return packs.free(txn, digest)
         return 0
     txn.put("refs", digest, U64.pack(n - 1))
     return 0
+
+
+def record(txn: Txn, digest: bytes) -> Buf | None:
+    """The record of chunk `digest` (codec.py), or None: a view, never a copy, of a
+    pack's slice when packed (see packs.record)."""
+    return packs.record(txn, digest)
+
+
+def put(txn: Txn, digest: bytes, record: Buf) -> None:
+    """Store (or replace) the record of `digest`, references untouched."""
+    packs.place(txn, digest, record)
+
+
+def put_new(txn: Txn, records: dict[bytes, bytes]) -> None:
+    """Store those of `records` not stored yet (packed together where small)."""
+    for d, rec in records.items():
+        if txn.get("chunks", d) is None:
+            packs.place(txn, d, rec)
+
+
+def free(txn: Txn, digest: bytes) -> int:
+    """Delete the record of `digest`, references untouched; the record bytes freed."""
+    return packs.free(txn, digest)
 
 
 def has(txn: Txn, digest: bytes) -> bool:
@@ -129,7 +152,7 @@ def load(txn: Txn, digest: bytes, length: int, cache: ChunkCache | None) -> byte
     (a hole may be terabytes long), so asking for one here is a CorruptChunk."""
     plain = cache.get(digest) if cache is not None else None
     if plain is None:
-        rec = txn.get("chunks", digest)
+        rec = packs.record(txn, digest)
         if rec is None:
             raise CorruptChunk(digest)
         plain = codec.decode(rec, digest, length)
@@ -146,9 +169,10 @@ def plain_length(record: bytes | memoryview) -> int | None:
     try:
         kind, _ = struct.unpack_from(">BI", record, 0)
         body = memoryview(record)[codec.HEADER_SIZE :]
+        kind &= codec.KIND
         if kind == codec.RAW:
             return len(body)
-        if kind == codec.ZSTD:
+        if kind in (codec.ZSTD, codec.ZSTD_DICT):
             n = zstandard.frame_content_size(body)
             return n if n >= 0 else None
     except (struct.error, zstandard.ZstdError, ValueError):

@@ -36,6 +36,7 @@ import blake3
 
 from . import cas, codec
 from .chunker import Chunker, digest
+from .dictionaries import Dictionary
 from .errors import CorruptChunk
 from .kv import Buf, Txn
 from .records import HOLE, extent_key, extent_value, unpack_extent
@@ -162,15 +163,17 @@ def chunk_into(
     chunker: Chunker,
     rw: Rewrite,
     level: int = 3,
+    dictionary: Dictionary | None = None,
 ) -> list[Extent]:
-    """Cut `data` (at file offset `base`) into chunks, encoding those not stored yet."""
+    """Cut `data` (at file offset `base`) into chunks, encoding those not stored yet
+    (text ones with `dictionary`, if given)."""
     out: list[Extent] = []
     mv = memoryview(data)
     for off, n in chunker.cuts(mv):
         piece = mv[off : off + n]
         d = digest(piece)
         if d not in rw.records and not cas.has(txn, d):
-            rw.records[d] = codec.encode(piece, level)
+            rw.records[d] = codec.encode(piece, level, dictionary)
         out.append((base + off, d, n))
     return out
 
@@ -183,6 +186,7 @@ def plan_write(
     spans: list[tuple[int, bytes]],
     chunker: Chunker,
     cache: cas.ChunkCache | None,
+    dictionary: Dictionary | None = None,
 ) -> Rewrite:
     """Plan writing `spans` (sorted, disjoint (offset, bytes)) into a file of `size` bytes.
 
@@ -222,7 +226,7 @@ def plan_write(
         if s > gap:  # zeros between the old end and this region: a hole
             rw.edits.append(_grow_hole(txn, ino, size, covered, s))
         buf, lo, hi = _region_bytes(txn, ino, size, s, e, spans[i:j], cache)
-        new = chunk_into(txn, buf, s, chunker, rw)
+        new = chunk_into(txn, buf, s, chunker, rw, dictionary=dictionary)
         del buf
         out: list[Extent] = []
         start = lo
@@ -462,6 +466,6 @@ def hash_chunks(items: Iterable[tuple[bytes, Buf | None, int]]) -> Hashed:
 def stored_hash(txn: Txn, ino: int) -> bytes | None:
     """blake3 of a stored file's content, or None if a chunk is missing or bad."""
     items = (
-        (d, None if d == HOLE else txn.get("chunks", d), n) for _o, d, n in all_extents(txn, ino)
+        (d, None if d == HOLE else cas.record(txn, d), n) for _o, d, n in all_extents(txn, ino)
     )
     return hash_chunks(items).digest

@@ -79,7 +79,9 @@ def plan_write(s: Host, ino: int, spans: list[tuple[int, bytes]]) -> content.Rew
             raise IsADir("is a directory")
         if not node.stored:
             raise Invalid("migrate the file before writing")
-        return content.plan_write(txn, ino, node.version, node.size, spans, s.chunker, s.cache)
+        return content.plan_write(
+            txn, ino, node.version, node.size, spans, s.chunker, s.cache, s.dictionary
+        )
 
 
 def commit(s: Host, rw: content.Rewrite, mtime: bool = True) -> Inode | None:

@@ -58,7 +58,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import codec, content, fsck_cursor, points
+from . import cas, codec, content, fsck_cursor, points
 from . import namespace as ns
 from .errors import CorruptChunk
 from .fsck_checks import Checks
@@ -90,6 +90,7 @@ class Checker(Checks):
             self.check_orphan_marks(txn)
             self.check_extents(txn)
             self.check_refs_and_chunks(txn)
+            self.check_packs(txn)
             self.check_index(txn)
             if not structure_only:
                 self.check_point(txn)
@@ -161,7 +162,7 @@ class Checker(Checks):
     # -- invariant 4: chunk hashes (--deep) --------------------------------------------------
 
     def check_chunk(self, txn: Txn, d: bytes) -> None:
-        rec = txn.get("chunks", d)
+        rec = cas.record(txn, d)
         if rec is None:
             return
 
@@ -217,7 +218,7 @@ class Checker(Checks):
         key = U64.pack(ino)
         if node.is_migrated and not node.changed and ino not in self.damaged:
             items: list[tuple[bytes, Buf | None, int]] = [
-                (d, None if d == HOLE else txn.get("chunks", d), n)
+                (d, None if d == HOLE else cas.record(txn, d), n)
                 for _off, d, n in content.all_extents(txn, ino)
             ]
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from . import cas, index, points
+from . import cas, fsck_packs, index, packs, points
 from . import namespace as ns
 from .chunker import DIGEST_SIZE
 from .fsck_report import Problem, Report
@@ -335,6 +335,8 @@ class Checks:
         for k, v in txn.range("chunks", b""):
             chunks.add(k)
             want = self.extent_len.get(k)
+            if want is not None and packs.is_pointer(v):
+                v = cas.record(txn, k) or b""
             said = cas.plain_length(v) if want is not None else None
             if said is not None and said != want:
                 self.length_differs.setdefault(k, said)
@@ -385,6 +387,23 @@ class Checks:
                     repairable=self.healable(node),
                     digest=d,
                 )
+
+    # -- invariant 8: packs and dictionaries ---------------------------------------------------
+
+    def check_packs(self, txn: Txn) -> None:
+        """Chunks inside live packs, no overlaps, pack accounting, dictionaries
+        (fsck_packs.py). A chunk that cannot be read is named with its files."""
+        scan = fsck_packs.check(txn)
+        for f in scan.findings:
+            self.add(
+                f.kind,
+                f.detail,
+                repairable=f.kind != "missing-dictionary",
+                digest=f.digest,
+                key=f.key,
+            )
+        for d in scan.unreadable:
+            self.bad.setdefault(d, ("chunks", d))
 
     # -- invariant 7: the index -------------------------------------------------------------------
 

@@ -7,22 +7,23 @@ import os
 from collections import Counter, defaultdict
 from functools import partial
 
-from . import content, index_writer
+from . import cas, codec, content, fsck_packs, index_writer
 from . import namespace as ns
 from .errors import (
+    CorruptChunk,
     NotFound,
     OpError,
     SourceError,
     StoreMissing,
 )
 from .fsck import Checker
-from .fsck_report import REFS, REIMPORT, STRAY_EXTENTS, Problem, Report
+from .fsck_report import PACKS, REFS, REIMPORT, STRAY_EXTENTS, Problem, Report
 from .kv import LmdbBackend, Txn
 from .phase3 import hash_fd
 from .records import (
     CHANGED,
     HOLE,
-    SCHEMA_VERSION,
+    READABLE_SCHEMAS,
     STORED,
     U64,
     dirent_key,
@@ -41,7 +42,9 @@ def repair(store: Store, report: Report) -> list[str]:
        rewrite misplaced dirent keys, drop stale orphan marks, fix parent pointers,
        drop extents of missing inodes, non-files and unmodified LEGACY files;
     2. link counts, from a fresh structure check (step 1 changes them);
-    3. reference counts rebuilt from the extents; orphan chunks freed;
+    3. pack accounting rebuilt from the packs and the chunks in them (and a chunk
+       overlapping another copied apart); reference counts rebuilt from the
+       extents; orphan chunks freed;
     4. each damaged or missing chunk rewritten from the Phase 3 copy of an
        unmodified file holding it (the heal a mount does at read time), which
        saves every file holding it; if none can, its holders are lost;
@@ -77,7 +80,12 @@ def repair(store: Store, report: Report) -> list[str]:
         if p.kind == "bad-nlink" and p.ino is not None and p.key is not None:
             store.transact(partial(_set_nlink, ino=p.ino, nlink=U64.unpack(p.key)[0]))
 
-    # 3
+    # 3: pack accounting first: freeing a chunk trusts it
+    if any(by[k] for k in PACKS):
+        store.transact(fsck_packs.rebuild_accounting)
+        for p in by["chunks-overlap"]:
+            if p.digest is not None:
+                store.transact(partial(_relocate, d=p.digest))
     if stray or any(by[k] for k in REFS):
         store.transact(_rebuild_refs)
 
@@ -132,7 +140,7 @@ def defuse_orphan_marks(sd: StoreDir) -> int:
     try:
         with be.write() as txn:
             v = txn.get("meta", b"schema")
-            if v is None or U64.unpack(v)[0] != SCHEMA_VERSION:
+            if v is None or U64.unpack(v)[0] not in READABLE_SCHEMAS:
                 return 0  # not ours to touch: the open that follows refuses it
             marked = {
                 U64.unpack_from(k, 7)[0]: k for k, _ in txn.range("meta", b"orphan:", b"orphan;")
@@ -197,7 +205,20 @@ def _rebuild_refs(txn: Txn) -> None:
     pending = {k for k, _ in txn.range("pending", b"")}
     for k, _ in list(txn.range("chunks", b"")):
         if k not in counted and k not in pending:
-            txn.delete("chunks", k)
+            cas.free(txn, k)
+
+
+def _relocate(txn: Txn, d: bytes) -> None:
+    """Copy a chunk that overlaps another to a place of its own, if it decodes (if
+    not, it is a damaged chunk: healed from Phase 3 in step 4)."""
+    rec = cas.record(txn, d)
+    if rec is None:
+        return
+    try:
+        codec.decode(rec, d)
+    except CorruptChunk:
+        return
+    cas.put(txn, d, bytes(rec))
 
 
 def _holders(store: Store, digests: set[bytes]) -> dict[bytes, set[int]]:

@@ -15,6 +15,13 @@ REIMPORT = (
 )
 STRAY_EXTENTS = ("extents-of-missing-inode", "extents-of-non-file", "extents-of-legacy-file")
 REFS = ("bad-refcount", "dangling-ref", "orphan-chunk")
+PACKS = (
+    "pack-accounting",
+    "dead-pack",
+    "chunks-overlap",
+    "chunk-outside-pack",
+    "chunk-header-differs",
+)
 
 
 @dataclass

@@ -38,6 +38,9 @@ DBS = (
     "index",
     "points",
     "errors",
+    "packs",
+    "packinfo",
+    "dicts",
 )
 
 Buf = bytes | memoryview
@@ -83,6 +86,14 @@ def _damaged(e: lmdb.Error) -> StoreDamaged:
 
 
 class Txn(Protocol):
+    # Per-transaction state of the layers above (packs.py's pack being filled),
+    # dropped with the transaction whether it commits or not.
+    local: dict[str, object]
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in this write transaction just before it commits (not on abort)."""
+        ...
+
     def get(self, db: str, key: bytes) -> Buf | None: ...
     def put(self, db: str, key: bytes, value: Buf) -> None: ...
     def delete(self, db: str, key: bytes) -> bool: ...
@@ -133,14 +144,22 @@ class Backend(Protocol):
 
 
 class _LmdbTxn:
-    __slots__ = ("_dbs", "_txn")
+    __slots__ = ("_dbs", "_txn", "hooks", "local")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
         self._txn = txn
         self._dbs = dbs
+        self.hooks: list[Callable[[], None]] = []
+        self.local: dict[str, object] = {}
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        self.hooks.append(fn)
 
     def get(self, db: str, key: bytes) -> Buf | None:
-        v: Buf | None = self._txn.get(key, db=self._dbs[db])
+        h = self._dbs.get(db)
+        if h is None:  # read-only, a store from before this database existed
+            return None
+        v: Buf | None = self._txn.get(key, db=h)
         return v
 
     def put(self, db: str, key: bytes, value: Buf) -> None:
@@ -159,6 +178,8 @@ class _LmdbTxn:
     def range(
         self, db: str, start: bytes, stop: bytes | None = None, reverse: bool = False
     ) -> Iterator[tuple[bytes, Buf]]:
+        if db not in self._dbs:  # read-only, a store from before this database existed
+            return
         with self._txn.cursor(db=self._dbs[db]) as cur:
             if not reverse:
                 if not cur.set_range(start):
@@ -186,11 +207,17 @@ class _GroupView:
     """Reads through the innermost transaction of a group, whichever it is at the
     time of each call (a nested write may begin while the view is held)."""
 
-    __slots__ = ("_dbs", "_stack")
+    __slots__ = ("_dbs", "_stack", "local")
 
     def __init__(self, stack: list[lmdb.Transaction], dbs: dict[str, lmdb._Database]) -> None:
         self._stack = stack
         self._dbs = dbs
+        # A read's own: a pack a job is filling is written before its nested
+        # transaction commits, so what a group reads is never in a fill.
+        self.local: dict[str, object] = {}
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        raise AssertionError("on_commit in a read transaction")
 
     def get(self, db: str, key: bytes) -> Buf | None:
         return _LmdbTxn(self._stack[-1], self._dbs).get(db, key)
@@ -394,7 +421,10 @@ class LmdbBackend:
             # writes (a class of bug, not a case to remember at each call site).
             txn = self._env.begin(write=True, buffers=False)
             try:
-                yield _LmdbTxn(txn, self._dbs)
+                t = _LmdbTxn(txn, self._dbs)
+                yield t
+                for fn in t.hooks:
+                    fn()
             except _DAMAGE as e:
                 txn.abort()
                 raise _damaged(e) from e
@@ -450,7 +480,10 @@ class LmdbBackend:
         stack.append(txn)
         try:
             try:
-                yield _LmdbTxn(txn, self._dbs)
+                t = _LmdbTxn(txn, self._dbs)
+                yield t
+                for fn in t.hooks:  # as write()'s: what the job left to write at its end
+                    fn()
                 txn.commit()
             except BaseException as e:
                 if stack[-1] is txn:
@@ -498,6 +531,10 @@ class LmdbBackend:
     def disk_bytes(self) -> int:
         st = os.stat(os.path.join(self.path, "data.mdb"))
         return st.st_blocks * 512
+
+    def copy_compact(self, dest: str) -> None:
+        """Write this database, without its free pages, as `dest`/data.mdb."""
+        self._env.copy(dest, compact=True)
 
 
 def create_environment(path: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .kv import DBS, Buf, Txn, WriteGuard
 
@@ -18,6 +18,11 @@ class _MemTxn:
         self._be = be
         self._write = write
         self.undo: list[tuple[str, bytes, bytes | None]] = []
+        self.hooks: list[Callable[[], None]] = []
+        self.local: dict[str, object] = {}
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        self.hooks.append(fn)
 
     def get(self, db: str, key: bytes) -> Buf | None:
         return self._be.data[db].get(key)
@@ -97,6 +102,8 @@ class MemoryBackend:
             txn = _MemTxn(self, write=True)
             try:
                 yield txn
+                for fn in txn.hooks:
+                    fn()
             except BaseException:
                 txn.rollback()
                 raise

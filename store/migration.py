@@ -35,6 +35,7 @@ import blake3
 from . import cas, codec, content, phase3
 from . import namespace as ns
 from .chunker import Chunker, digest
+from .dictionaries import Dictionary
 from .errors import FerryError, NotFound, SourceError
 from .kv import Backend, Txn
 from .phase3 import Phase3File, Phase3Tree
@@ -70,6 +71,7 @@ class Host(Protocol):
     tree: Phase3Tree | None
     chunker: Chunker
     cache: cas.ChunkCache
+    dictionary: Dictionary | None  # for new text chunks (dictionaries.py)
     readonly: bool
     failsafe: str | None
 
@@ -115,7 +117,9 @@ def prepare_migration(
         with s.backend.read() as t:
             return cas.has(t, d)
 
-    return _read_and_chunk(s.tree, ino, node.version, leg, s.chunker, has_chunk, spill, stop)
+    return _read_and_chunk(
+        s.tree, ino, node.version, leg, s.chunker, has_chunk, spill, stop, dictionary=s.dictionary
+    )
 
 
 def _read_and_chunk(
@@ -128,6 +132,7 @@ def _read_and_chunk(
     spill: Spill | None,
     stop: Callable[[], bool] | None,
     level: int = 3,
+    dictionary: Dictionary | None = None,
 ) -> Migration:
     """Read and chunk the Phase 3 file behind `legacy`; SourceError if it cannot be
     read safely or changes while being read."""
@@ -150,7 +155,7 @@ def _read_and_chunk(
                 whole.update(piece)
                 n = len(piece)
                 if d not in m.records and not has_chunk(d):  # (spilled ones: in the store)
-                    rec = codec.encode(piece, level)
+                    rec = codec.encode(piece, level, dictionary)
                     m.records[d] = rec
                     held += len(rec)
                 m.extents.append((m.size, d, n))
@@ -185,7 +190,7 @@ def stage_chunks(s: Host, records: dict[bytes, bytes]) -> None:
 def stage_records(txn: Txn, records: dict[bytes, bytes]) -> None:
     for d, rec in records.items():
         if txn.get("chunks", d) is None:
-            txn.put("chunks", d, rec)
+            cas.put(txn, d, rec)
         txn.put("pending", d, b"")
 
 
@@ -194,7 +199,7 @@ def free_pending(txn: Txn) -> int:
     freed = 0
     for d, _ in list(txn.range("pending", b"")):
         txn.delete("pending", d)
-        if txn.get("refs", d) is None and txn.delete("chunks", d):
+        if txn.get("refs", d) is None and cas.free(txn, d):
             freed += 1
     return freed
 
@@ -205,7 +210,7 @@ def unstage(txn: Txn, m: Migration) -> None:
     for d in m.staged:
         txn.delete("pending", d)
         if txn.get("refs", d) is None:
-            txn.delete("chunks", d)
+            cas.free(txn, d)
 
 
 def commit_extents(txn: Txn, m: Migration) -> None:
@@ -359,7 +364,7 @@ def heal(s: Host, ino: int, bad: bytes) -> bool:
 
 
 def _put_chunk(txn: Txn, digest: bytes, record: bytes) -> None:
-    txn.put("chunks", digest, record)
+    cas.put(txn, digest, record)
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from . import codec, content
+from . import cas, codec, content
 from .cas import ChunkCache
 from .errors import CorruptChunk
 from .kv import Backend
@@ -84,7 +84,7 @@ class ReadAhead:
                             continue
                         plain = None
                         try:
-                            rec = txn.get("chunks", d)
+                            rec = cas.record(txn, d)
                             if rec is not None:
                                 plain = codec.decode(rec, d, n)
                         except CorruptChunk:

@@ -16,7 +16,12 @@ from hashlib import blake2b
 DIGEST_SIZE = 32
 
 ROOT_INO = 1
-SCHEMA_VERSION = 1
+# Version 2: a chunk record may lie in a pack (packs.py) or name a dictionary
+# (dictionaries.py). Version 1 stores have only records alone and no dictionary;
+# they read as they are, and opening one for writing marks it version 2 (their
+# small records move into packs in idle time: no stop-the-world step).
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 
 U64 = struct.Struct(">Q")
 

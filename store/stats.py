@@ -4,13 +4,14 @@ of the filesystem the store is on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import index
+from . import cas, codec, index, packs
 from . import namespace as ns
-from .kv import Backend
+from .kv import Backend, Txn
 from .records import U64, Inode
 
 
@@ -24,10 +25,21 @@ class Stats:
     bytes_logical: int = 0
     bytes_migrated: int = 0
     bytes_legacy: int = 0
-    bytes_unique: int = 0
-    bytes_compressed: int = 0
-    bytes_stored: int = 0
+    bytes_unique: int = 0  # (the same as bytes_after_dedup; kept for older readers)
+    bytes_after_dedup: int = 0  # plain bytes of the distinct chunks
+    bytes_compressed: int = 0  # what the chunk records take (alone or in packs)
+    bytes_stored: int = 0  # the database on disk (du of data.mdb, a sparse file)
+    bytes_overhead: int = 0  # bytes_stored - bytes_compressed: pages, dead pack bytes
+    bytes_store_dir: int = 0  # du of the whole store directory (database and index)
     chunks: int = 0
+    chunks_packed: int = 0
+    packs: int = 0
+    bytes_packs: int = 0  # the packs' bytes, live and dead
+    bytes_packs_dead: int = 0
+    dictionaries: int = 0
+    chunks_dict: int = 0  # chunks compressed with a dictionary
+    bytes_cold_plain: int = 0  # plain bytes of chunks recompressed cold
+    bytes_cold_compressed: int = 0  # what those take now
     errors: int = 0
     files_indexed: int = 0  # files whose current content the search index holds
     index_pending: int = 0  # files and directories marked for the index to look at
@@ -53,15 +65,52 @@ def stats(backend: Backend, path: str | None = None) -> Stats:
                 else:
                     s.files_legacy += 1
                     s.bytes_legacy += node.size
-        for _, v in txn.range("chunks", b""):
-            s.chunks += 1
-            s.bytes_compressed += len(v)
+        _chunk_figures(txn, s)
         for k, _ in txn.range("errors", b""):
             s.errors += ns.error_applies(txn, U64.unpack(k)[0])
         s.files_indexed, s.index_pending = index.counts(txn)
     s.bytes_stored = backend.disk_bytes()
+    s.bytes_overhead = max(0, s.bytes_stored - s.bytes_compressed)
     s.bytes_index = index.bytes_on_disk(path)
+    s.bytes_store_dir = _du(path) if path is not None else s.bytes_stored
     return s
+
+
+def _chunk_figures(txn: Txn, s: Stats) -> None:
+    for k, v in txn.range("chunks", b""):
+        s.chunks += 1
+        if packs.is_pointer(v):
+            loc = packs.locate(v)
+            n, kind = loc.length, loc.codec
+            s.chunks_packed += 1
+            rec = packs.record(txn, k)
+        else:
+            n, kind, rec = len(v), v[0] if len(v) else 0, v
+        plain = cas.plain_length(rec) if rec else None
+        s.bytes_compressed += n
+        s.bytes_after_dedup += plain or 0
+        if kind & codec.KIND == codec.ZSTD_DICT:
+            s.chunks_dict += 1
+        if kind & codec.COLD:
+            s.bytes_cold_plain += plain or 0
+            s.bytes_cold_compressed += n
+    s.bytes_unique = s.bytes_after_dedup
+    for _pack, i in packs.all_info(txn):
+        if i is not None:
+            s.packs += 1
+            s.bytes_packs += i.size
+            s.bytes_packs_dead += i.dead_bytes
+    s.dictionaries = sum(1 for _ in txn.range("dicts", b""))
+
+
+def _du(path: str) -> int:
+    """Bytes allocated under `path`, as `du -B1 -s` counts them."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):  # gone meanwhile
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+    return total
 
 
 def iter_inodes(backend: Backend) -> Iterator[Inode]:

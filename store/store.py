@@ -27,17 +27,18 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from . import cas, content, files, migration
+from . import cas, content, dictionaries, files, migration
 from . import namespace as ns
 from . import stats as figures
 from .chunker import Chunker
+from .dictionaries import Dictionary
 from .errors import NoSpace, ReadOnly, SchemaMismatch, StoreMissing
 from .kv import Backend, LmdbBackend, MapFull, Txn
 from .kvmem import MemoryBackend
 from .migration import LIST_AHEAD, Migration, Spill
 from .phase3 import Phase3File, Phase3Tree
 from .readahead import ReadAhead
-from .records import SCHEMA_VERSION, U64, Inode
+from .records import READABLE_SCHEMAS, SCHEMA_VERSION, U64, Inode
 from .stats import Stats
 from .storedir import StoreDir
 
@@ -69,6 +70,8 @@ class Store:
         self.commits = 0
         self.dir: StoreDir | None = None  # the store directory, when on disk
         self.chunker = Chunker()
+        # The zstd dictionary new text chunks are compressed with (dictionaries.py).
+        self.dictionary: Dictionary | None = None
 
     # -- opening -------------------------------------------------------------
 
@@ -136,12 +139,16 @@ class Store:
                 lambda txn: ns.init_root(txn, st, self.tree is not None, t, sizes, source)
             )
             return
-        if existing != SCHEMA_VERSION:
+        if existing not in READABLE_SCHEMAS:
             raise SchemaMismatch(
-                f"store has schema version {existing}; this ferryfs reads version "
-                f"{SCHEMA_VERSION} only"
+                f"store has schema version {existing}; this ferryfs reads versions "
+                f"{', '.join(map(str, READABLE_SCHEMAS))} only"
             )
+        if existing != SCHEMA_VERSION and not self.readonly:
+            # Old records stay readable as they are: only the version moves on.
+            self.transact(lambda txn: txn.put("meta", b"schema", U64.pack(SCHEMA_VERSION)))
         with self.backend.read() as txn:
+            self.dictionary = dictionaries.load_all(txn)
             params = txn.get("meta", b"chunker")
             if params is not None:
                 # The sizes a store was made with stay its sizes: other cut points

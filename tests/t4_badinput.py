@@ -26,6 +26,7 @@ from pathlib import Path
 import lmdb
 import pytest
 from conftest import NOW_NS
+from ferryfs.store.records import SCHEMA_VERSION
 from ferryfs.tools.mounts import fs_type
 from ferryfs.tools.sampletree import generate
 from helpers.mount import cli, ferry, mounted, require_fuse, snapshot, snapshot_diff
@@ -103,7 +104,7 @@ def other_schema(made: tuple[Path, Path], to: Path) -> Path:
     try:
         meta = env.open_db(b"meta", create=False)
         with env.begin(write=True) as txn:
-            assert struct.unpack(">Q", txn.get(b"schema", db=meta)) == (1,)
+            assert struct.unpack(">Q", txn.get(b"schema", db=meta)) == (SCHEMA_VERSION,)
             txn.put(b"schema", struct.pack(">Q", FOREIGN_SCHEMA), db=meta)
     finally:
         env.close()

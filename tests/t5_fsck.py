@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from ferryfs.store import codec
+from ferryfs.store import codec, packs
 from ferryfs.store.chunker import digest
 from ferryfs.store.errors import CorruptChunk
 from ferryfs.store.fsck import Checker
@@ -128,8 +128,23 @@ def test_a_clean_store_is_clean_and_deep_prints_its_rate(
 
 
 def flip(rng: random.Random, t: lmdb.Transaction, db: lmdb._Database, key: bytes) -> None:
-    """Damage chunk record `key` with one random bit (helpers.damage)."""
-    t.put(key, damaged(key, bytes(t.get(key, db=db)), rng), db=db)
+    """Damage chunk record `key` with one random bit (helpers.damage): the record
+    itself, whether alone or a slice of a pack."""
+    v = bytes(t.get(key, db=db))
+    if not packs.is_pointer(v):
+        t.put(key, damaged(key, v, rng), db=db)
+        return
+    loc = packs.locate(v)
+    pdb = env_of[id(t)].open_db(b"packs", txn=t)
+    pk = packs.pack_key(loc.pack)
+    p = bytearray(t.get(pk, db=pdb))
+    p[loc.offset : loc.offset + loc.length] = damaged(
+        key, bytes(p[loc.offset : loc.offset + loc.length]), rng
+    )
+    t.put(pk, bytes(p), db=pdb)
+
+
+env_of: dict[int, lmdb.Environment] = {}  # a write transaction's environment, for flip
 
 
 def test_every_kind_of_damage_is_found_and_repaired(
@@ -144,6 +159,7 @@ def test_every_kind_of_damage_is_found_and_repaired(
     db = {n: e.open_db(n.encode()) for n in ("chunks", "refs", "dirents", "inodes", "extents")}
     expect: set[tuple[str, str]] = set()  # (kind, path or chunk hex) fsck must report
     with e.begin(write=True) as t:
+        env_of[id(t)] = e
         # Bit flips in random chunk records.
         flipped = rng.sample(sorted(lay.holders), 4)
         for d in flipped:
@@ -235,6 +251,7 @@ def test_a_changed_file_with_a_bad_chunk_is_named_as_lost(
     e = env(store)
     chunks = e.open_db(b"chunks")
     with e.begin(write=True) as t:
+        env_of[id(t)] = e
         for d in only_it:  # every chunk of it
             flip(rng, t, chunks, d)
     e.close()

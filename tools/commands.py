@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "points": ("points_cmd", "rollback points: create, list, verify, delete, expire"),
     "rollback": ("rollback_cmd", "back out: show the untouched Phase 3 tree read-only in place"),
     "search": ("search_cmd", "search the files' text"),
+    "recompress": ("recompress_cmd", "recompress cold files' chunks (Step 4), store not mounted"),
 }
 
 

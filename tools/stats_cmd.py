@@ -30,7 +30,18 @@ def run(args: argparse.Namespace) -> int:
         ("directories", f"{s.dirs_total} ({s.dirs_listed} listed)"),
         ("logical bytes", mb(s.bytes_logical)),
         ("migrated bytes", mb(s.bytes_migrated)),
+        ("after dedup", mb(s.bytes_after_dedup)),
         ("chunks", f"{s.chunks} ({mb(s.bytes_compressed)} after dedup and compression)"),
+        (
+            "packs",
+            f"{s.packs} ({mb(s.bytes_packs)}, {mb(s.bytes_packs_dead)} dead; "
+            f"{s.chunks_packed} chunks packed)",
+        ),
+        (
+            "cold",
+            f"{mb(s.bytes_cold_plain)} recompressed to {mb(s.bytes_cold_compressed)}; "
+            f"{s.dictionaries} dictionaries, {s.chunks_dict} chunks use one",
+        ),
         ("on disk", on_disk_text(s.bytes_stored, s.bytes_compressed)),
         ("saved", saved_text(s.bytes_stored, s.bytes_compressed, s.bytes_migrated)),
         (

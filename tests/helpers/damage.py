@@ -16,21 +16,33 @@ from pathlib import Path
 
 import blake3
 import zstandard
-from ferryfs.store import cas
+from ferryfs.store import cas, packs
+from ferryfs.store.codec import decode
+from ferryfs.store.errors import CorruptChunk
+from ferryfs.store.kv import LmdbBackend, Txn
 from ferryfs.store.store import Store
 
 HEADER = struct.Struct(">BI")  # codec, dictionary id: what ferryfs writes first
-RAW, ZSTD = 0, 1
+RAW, ZSTD, ZSTD_DICT = 0, 1, 2
+COLD = 0x10  # the codec byte's "recompressed cold" bit: decoded alike
 BIGGEST = 1 << 24  # bytes; the chunker's largest chunk is far smaller
 
 
 def chunk_damaged(key: bytes, record: bytes) -> bool:
-    """Is `record` not what ferryfs writes for the chunk `key`? Only codecs 0 and 1
-    are known here (a record naming a dictionary counts as damaged)."""
+    """Is `record` not what ferryfs writes for the chunk `key`? Codecs 0 and 1, with
+    or without the cold bit, are known here; a record naming a dictionary is
+    decoded by ferryfs itself (its dictionaries are known to this process)."""
     if len(record) < HEADER.size:
         return True
     codec, dict_id = HEADER.unpack_from(record)
     body = record[HEADER.size :]
+    if codec & ~COLD == ZSTD_DICT and dict_id != 0:
+        try:
+            decode(record, key)
+        except CorruptChunk:
+            return True
+        return False
+    codec &= ~COLD
     if dict_id != 0 or codec not in (RAW, ZSTD):
         return True
     if codec == RAW:
@@ -81,27 +93,38 @@ def damage_chunk(
     checksum flag, say) change nothing a decoder checks."""
     if isinstance(where, Store):
         with where.backend.write() as txn:
-            old = bytes(txn.get("chunks", digest) or b"")
-            txn.put("chunks", digest, damaged(digest, old, rng, lo, hi))
+            old = bytes(cas.record(txn, digest) or b"")
+            overwrite_record(txn, digest, damaged(digest, old, rng, lo, hi))
         where.cache = cas.ChunkCache()
         return old
-    import lmdb
-
-    env = lmdb.open(str(Path(where) / "db"), max_dbs=32)
+    backend = LmdbBackend(str(Path(where) / "db"))
     try:
-        chunks = env.open_db(b"chunks", create=False)
-        with env.begin(write=True) as t:
-            rec = t.get(digest, db=chunks)
+        with backend.write() as txn:
+            rec = cas.record(txn, digest)
             assert rec is not None, f"no chunk {digest.hex()[:12]} in {where}"
             old = bytes(rec)
-            t.put(digest, damaged(digest, old, rng, lo, hi), db=chunks)
-        env.sync(True)
+            overwrite_record(txn, digest, damaged(digest, old, rng, lo, hi))
+        backend.sync()
     finally:
-        env.close()
+        backend.close()
     return old
+
+
+def overwrite_record(txn: Txn, digest: bytes, new: bytes) -> None:
+    """Put `new` where chunk `digest`'s record lies (alone, or in its pack's slice, of
+    the same length), touching nothing else: damage, not a store's write."""
+    v = txn.get("chunks", digest)
+    if v is None or not packs.is_pointer(v):
+        txn.put("chunks", digest, new)
+        return
+    loc = packs.locate(v)
+    assert len(new) == loc.length
+    p = bytearray(txn.get("packs", packs.pack_key(loc.pack)) or b"")
+    p[loc.offset : loc.offset + loc.length] = new
+    txn.put("packs", packs.pack_key(loc.pack), p)
 
 
 def stored_chunk(store: Store, digest: bytes) -> bytes:
     """The record of chunk `digest` as it is now in an open store."""
     with store.backend.read() as txn:
-        return bytes(txn.get("chunks", digest) or b"")
+        return bytes(cas.record(txn, digest) or b"")

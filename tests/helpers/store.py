@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from ferryfs.store import cas
 from ferryfs.store import namespace as ns
 from ferryfs.store.kv import Txn
 from ferryfs.store.records import HOLE, ROOT_INO, STORED, U64, Inode, unpack_extent
@@ -194,7 +195,7 @@ def raw(store: Store) -> Raw:
         for k, v in txn.range("extents", b""):
             extents.setdefault(U64.unpack_from(k, 0)[0], []).append(unpack_extent(k, v))
         refs = {bytes(k): U64.unpack(v)[0] for k, v in txn.range("refs", b"")}
-        chunks = {bytes(k): bytes(v) for k, v in txn.range("chunks", b"")}
+        chunks = {bytes(k): bytes(cas.record(txn, k) or b"") for k, _ in txn.range("chunks", b"")}
         pending = {bytes(k) for k, _ in txn.range("pending", b"")}
         orphans = {U64.unpack_from(k, 7)[0] for k, _ in txn.range("meta", b"orphan:", b"orphan;")}
     return Raw(inodes, dirents, extents, refs, chunks, pending, orphans)

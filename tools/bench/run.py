@@ -2,18 +2,19 @@
 sample tree, printed as markdown tables to paste into docs/benchmarks.md.
 
     .venv/bin/python tools/bench/run.py [--out DIR] [--mb 200] [--quick] [--repeat 3]
-                                        [--only migrate,read,sweep,cli,search,live]
+                                        [--only migrate,read,sweep,cli,search,live,stored]
                                         [--live-seconds 150]
 
-(`make bench BENCH_ARGS="..."` runs it.) Five sections, each printed as soon as
+(`make bench BENCH_ARGS="..."` runs it.) Seven sections, each printed as soon as
 it is done: `migrate` (bench_migrate.py: migrate against borg create and restic
 backup, memory against file count), `read` (bench_read.py: the read table of
 issue 3), `sweep` (bench_sweep.py: sweep time and read latency, issue 4) and
 `cli` (bench_cli.py: the command's start-up time), `search` (bench_search.py:
 ferryfs search against ripgrep and grep, issue 13), `live` (bench_live.py: an
 app's appends, renames and reads through the mount under load, and scattered
-1-byte writes, against fuse-overlayfs, issue 15). What they share is in
-bench_common.py, their mounts in bench_mounts.py. This module owns only the
+1-byte writes, against fuse-overlayfs, issue 15), `stored` (bench_stored.py:
+stored bytes against borg after ingest and after cold recompression, issue 14).
+What they share is in bench_common.py, their mounts in bench_mounts.py. This module owns only the
 command line, the header lines and running the chosen sections in order.
 """
 
@@ -34,6 +35,7 @@ from bench_live import live_section
 from bench_migrate import migrate_section
 from bench_read import read_section
 from bench_search import search_section
+from bench_stored import stored_section
 from bench_sweep import sweep_section
 
 
@@ -74,7 +76,7 @@ def machine_line() -> str:
     )
 
 
-SECTIONS = ("migrate", "read", "sweep", "cli", "search", "live")
+SECTIONS = ("migrate", "read", "sweep", "cli", "search", "live", "stored")
 
 
 def parse_only(text: str) -> list[str]:
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             lines = search_section(out, work, tree, mb, args.repeat)
         elif section == "live":
             lines = live_section(work, tree, args.live_seconds)
+        elif section == "stored":
+            lines = stored_section(out, work, tree, args.quick)
         else:
             lines = cli_section(work, tree, args.quick)
         print()
