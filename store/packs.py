@@ -25,7 +25,7 @@ transaction's `local`): records are appended to it, their pointers written at
 once, and the buffer is written as the pack's value just before the commit
 (Txn.on_commit), so a transaction adding a thousand small chunks writes each
 pack once. The pack being filled carries on in the next transaction (meta
-`packs.open`) until it is full.
+`packs.open`) while it is under `CARRY_MAX`: a small commit rewrites little.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ from .records import U64
 
 PACK_TARGET = 512 << 10
 PACK_MAX = 256 << 10
+# A transaction carries on the open pack only while it is smaller than this: the
+# pack is rewritten whole at each commit, and a close through the mount that adds
+# one small chunk must not rewrite (and sync) half a megabyte. A transaction that
+# adds much (a migration batch) still fills its packs to PACK_TARGET.
+CARRY_MAX = 64 << 10
 # A pack is compacted once this fraction of it is dead.
 DEAD_RATIO = 0.25
 
@@ -158,7 +163,7 @@ class _Fill:
     def _start(self, pack: int | None) -> None:
         if pack is not None:
             have = self.txn.get("packs", pack_key(pack))
-            if have is not None and len(have) < PACK_TARGET:
+            if have is not None and len(have) < CARRY_MAX:
                 self.pack, self.buf = pack, bytearray(have)
                 return
         nv = self.txn.get("meta", NEXT_KEY)

@@ -105,6 +105,39 @@ def test_records_of_every_size_round_trip_through_packs(store: Store) -> None:
     assert problems(store, deep=True) == []
 
 
+def test_a_small_commit_does_not_rewrite_a_big_open_pack(store: Store) -> None:
+    """A close through the mount adds one small chunk in its own transaction: it must
+    not rewrite (and sync) the open pack whole once that is big. Small commits carry
+    on a small open pack; past CARRY_MAX the next one starts a new pack."""
+    rng = random.Random(5)
+
+    def open_size() -> tuple[int, int]:
+        with store.backend.read() as txn:
+            pack = packs.open_pack(txn)
+            assert pack is not None
+            v = txn.get("packs", packs.pack_key(pack))
+            return pack, 0 if v is None else len(v)
+
+    put_file(store, "a", rng.randbytes(1000))
+    first, size = open_size()
+    put_file(store, "b", rng.randbytes(1000))
+    carried, carried_size = open_size()
+    assert carried == first and carried_size > size, "a small open pack was not carried on"
+    # One transaction of many small chunks fills its pack past CARRY_MAX.
+    ino = store.create(ROOT_INO, b"big", REG, 0, 0).ino
+    store.write(ino, 0, rng.randbytes(packs.CARRY_MAX * 2))
+    big, big_size = open_size()
+    assert big_size >= packs.CARRY_MAX
+    with store.backend.read() as txn:
+        before = bytes(txn.get("packs", packs.pack_key(big)) or b"")
+    put_file(store, "c", rng.randbytes(1000))
+    after, after_size = open_size()
+    assert after != big and after_size < 2000, "a small commit went on the big pack"
+    with store.backend.read() as txn:
+        assert bytes(txn.get("packs", packs.pack_key(big)) or b"") == before
+    assert problems(store) == []
+
+
 def test_a_packed_read_is_a_view_of_the_pack_not_a_copy(tmp_path: Path) -> None:
     with Store.open(str(tmp_path / "s"), create=True) as s:
         ino = put_file(s, "a", b"hello packs" * 100)

@@ -374,6 +374,7 @@ async def test_a_group_that_cannot_commit_runs_each_job_alone(tmp_path: Path) ->
         real_grow()
 
     st.backend.grow = grow  # type: ignore[method-assign]
+
     def fills_the_map() -> str:
         def op(txn: object) -> str:
             if not grown:  # full until grown
