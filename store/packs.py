@@ -166,6 +166,7 @@ class _Fill:
             if have is not None and len(have) < CARRY_MAX:
                 self.pack, self.buf = pack, bytearray(have)
                 return
+            _drop_if_dead(self.txn, pack)  # free() keeps the open pack: it is open no more
         nv = self.txn.get("meta", NEXT_KEY)
         self.pack = U64.unpack(nv)[0] if nv is not None else 1
         self.txn.put("meta", NEXT_KEY, U64.pack(self.pack + 1))
@@ -177,7 +178,9 @@ class _Fill:
         """Append `rec` (accounted live); the pack and offset it went to."""
         if self.buf and len(self.buf) + len(rec) > PACK_TARGET:
             self.flush()
+            full = self.pack
             self._start(None)
+            _drop_if_dead(self.txn, full)  # its chunks may have died in this transaction
         off = len(self.buf)
         self.buf += rec
         i = info(self.txn, self.pack) or Info(0, 0, 0)
@@ -188,6 +191,15 @@ class _Fill:
 
     def flush(self) -> None:
         self.txn.put("packs", pack_key(self.pack), memoryview(self.buf))
+
+
+def _drop_if_dead(txn: Txn, pack: int) -> None:
+    """Delete `pack` if no live chunk is left in it (a pack that stops being the one
+    filled: free() never drops that one)."""
+    i = info(txn, pack)
+    if i is not None and i.live_chunks == 0:
+        txn.delete("packs", pack_key(pack))
+        txn.delete("packinfo", pack_key(pack))
 
 
 def _fill(txn: Txn) -> _Fill:

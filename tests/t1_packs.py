@@ -138,6 +138,24 @@ def test_a_small_commit_does_not_rewrite_a_big_open_pack(store: Store) -> None:
     assert problems(store) == []
 
 
+def test_an_open_pack_whose_chunks_all_died_goes_when_a_new_one_opens(store: Store) -> None:
+    """free() keeps the open pack even when its last chunk dies (more may come);
+    once a new pack is opened in its place, the dead one must go (fsck: dead-pack)."""
+    rng = random.Random(6)
+    ino = put_file(store, "b", rng.randbytes(packs.CARRY_MAX + 1000))
+    with store.backend.read() as txn:
+        dead = packs.open_pack(txn)
+    store.unlink(ROOT_INO, b"b")
+    store.forget(ino)
+    with store.backend.read() as txn:
+        assert dead is not None and packs.info(txn, dead) is not None, "the open pack went"
+    put_file(store, "c", rng.randbytes(1000))  # too big to carry on: a new pack opens
+    with store.backend.read() as txn:
+        assert packs.open_pack(txn) != dead
+        assert packs.info(txn, dead) is None and txn.get("packs", packs.pack_key(dead)) is None
+    assert problems(store) == []
+
+
 def test_a_packed_read_is_a_view_of_the_pack_not_a_copy(tmp_path: Path) -> None:
     with Store.open(str(tmp_path / "s"), create=True) as s:
         ino = put_file(s, "a", b"hello packs" * 100)
