@@ -110,7 +110,7 @@ def _iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
-def _uuid(rng: random.Random) -> str:
+def random_uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
@@ -118,7 +118,7 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
-class _Log:
+class SessionLog:
     """Builds one session's turns; `events` for .jsonl, `messages` for .json."""
 
     def __init__(self, rng: random.Random, sid: str, start: datetime) -> None:
@@ -138,7 +138,7 @@ class _Log:
         return _iso(self.t)
 
     def _event(self, **fields: Any) -> bytes:
-        uid = _uuid(self.rng)
+        uid = random_uuid(self.rng)
         ev = {
             "uuid": uid,
             "parentUuid": self.parent,
@@ -170,7 +170,7 @@ class _Log:
         calls = []
         for _ in range(rng.choice((0, 0, 1, 1, 2, 3))):
             tool, path = rng.choice(sampletext.TOOLS), rng.choice(self.files)
-            call_id = "call_" + _uuid(rng).replace("-", "")[:24]
+            call_id = "call_" + random_uuid(rng).replace("-", "")[:24]
             parts.append({"type": "tool_use", "id": call_id, "name": tool, "input": {"path": path}})
             calls.append((call_id, tool, path))
         out.append(
@@ -244,7 +244,7 @@ def _turn_count(rng: random.Random) -> int:
     return max(1, int(rng.lognormvariate(2.0, 1.0)))
 
 
-def _title(rng: random.Random) -> str:
+def random_title(rng: random.Random) -> str:
     return " ".join(rng.choices(sampletext.WORDS, k=rng.randint(2, 7))).capitalize()
 
 
@@ -307,9 +307,9 @@ def _plan_sessions(rng: random.Random, sessions: int) -> tuple[list[_Session], i
     resumed = 0
     for off in starts:
         start = REFERENCE_END - SPAN + timedelta(seconds=off)
-        sid = _uuid(rng)
-        s = _Session(sid, start, start, _title(rng), "jsonl")
-        log = _Log(rng, sid, start)
+        sid = random_uuid(rng)
+        s = _Session(sid, start, start, random_title(rng), "jsonl")
+        log = SessionLog(rng, sid, start)
         parents = [p for p in plan if p.ext == "jsonl"]
         big = [p for p in parents if len(p.data) >= RESUME_MIN_PARENT]
         if len(parents) >= 2 and rng.random() < RESUME_RATE:
@@ -358,7 +358,7 @@ def _plan_attachments(rng: random.Random, plan: list[_Session]) -> list[_Blob]:
     return blobs
 
 
-class _Writer:
+class TreeWriter:
     """Writes files by bytes path (names need not be UTF-8) and remembers mtimes."""
 
     def __init__(self, root: Path, now_ns: int) -> None:
@@ -417,7 +417,7 @@ def _odd_files(rng: random.Random) -> tuple[list[_Odd], list[_Odd]]:
     d = b"sessions/imported/"
 
     def small(name: bytes, title: str) -> _Odd:
-        log = _Log(rng, _uuid(rng), REFERENCE_END - timedelta(days=rng.uniform(2, 89)))
+        log = SessionLog(rng, random_uuid(rng), REFERENCE_END - timedelta(days=rng.uniform(2, 89)))
         turns = rng.randint(1, 4)
         data = log.export(title, turns) if name.endswith(b".json") else log.jsonl(turns)
         return d + name, data, log.t
@@ -474,7 +474,7 @@ def generate(
         b.size = max(64, round(b.base_size * scale))
 
     root.mkdir(parents=True, exist_ok=True)
-    w = _Writer(root, now_ns if now_ns is not None else time.time_ns())
+    w = TreeWriter(root, now_ns if now_ns is not None else time.time_ns())
     attachments = duplicates = 0
     seen: set[int] = set()
     for s in plan:
