@@ -142,24 +142,24 @@ def _read_and_chunk(
         m = Migration(ino, version, 0, before.st_mtime_ns, before.st_ctime_ns, legacy)
         whole = blake3.blake3()
         held = 0
-        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-            for piece in chunker.stream(f):
-                if stop is not None and stop():
-                    raise Preempted()
-                d = digest(piece)
+        for piece in _pieces(fd, before.st_size, chunker):
+            if stop is not None and stop():
+                raise Preempted()
+            d = digest(piece)
+            if m.extents or before.st_size > len(piece):  # else the file's hash is d
                 whole.update(piece)
-                n = len(piece)
-                if d not in m.records and not has_chunk(d):  # (spilled ones: in the store)
-                    rec = codec.encode(piece, level)
-                    m.records[d] = rec
-                    held += len(rec)
-                m.extents.append((m.size, d, n))
-                m.size += n
-                if held > STAGE_BYTES and spill is not None:
-                    spill(m.records)
-                    m.staged.extend(m.records)
-                    m.records = {}
-                    held = 0
+            n = len(piece)
+            if d not in m.records and not has_chunk(d):  # (spilled ones: in the store)
+                rec = codec.encode(piece, level)
+                m.records[d] = rec
+                held += len(rec)
+            m.extents.append((m.size, d, n))
+            m.size += n
+            if held > STAGE_BYTES and spill is not None:
+                spill(m.records)
+                m.staged.extend(m.records)
+                m.records = {}
+                held = 0
         after = os.fstat(fd)
     except OSError as e:
         raise SourceError(os.strerror(e.errno or 5).lower()) from e
@@ -172,8 +172,39 @@ def _read_and_chunk(
     ) or m.size != after.st_size:
         raise SourceError("changed while being read")
     legacy.size, legacy.mtime_ns, legacy.ctime_ns = m.size, m.mtime_ns, m.ctime_ns
-    legacy.hashed, legacy.blake3 = True, whole.digest()
+    one = len(m.extents) == 1 and m.size == after.st_size
+    legacy.hashed, legacy.blake3 = True, m.extents[0][1] if one else whole.digest()
     return m
+
+
+def _pieces(fd: int, size: int, chunker: Chunker) -> Iterator[bytes]:
+    """The chunks of the file open at `fd`, `size` bytes long by its fstat.
+
+    A file shorter than the minimum chunk is one chunk whatever the cut points
+    (FastCDC never cuts before `min_size`), so it is read with one pread and
+    no chunker is made for it: most files of a session store are that small,
+    and the chunker's set-up was a fixed cost per file. One byte more than
+    `size` is asked for, so a file that grew is read past its stat and the
+    caller's size check sees it."""
+    if size < chunker.min_size:
+        data = _read_small(fd, size + 1)
+        if data:
+            yield data
+        return
+    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+        yield from chunker.stream(f)
+
+
+def _read_small(fd: int, want: int) -> bytes:
+    parts = []
+    got = 0
+    while got < want:
+        b = os.pread(fd, want - got, got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
 def stage_chunks(s: Host, records: dict[bytes, bytes]) -> None:
