@@ -118,6 +118,25 @@ def prepare_migration(
     return _read_and_chunk(s.tree, ino, node.version, leg, s.chunker, has_chunk, spill, stop)
 
 
+def prepare_batch(
+    s: Host, inos: list[int], spill: Spill | None = None
+) -> list[Migration | SourceError | None]:
+    """`prepare_migration` of several files in one call, each one's result (a
+    SourceError in its place rather than raised): one task of a worker pool
+    for many small files instead of one each. The files of a batch are
+    siblings (they come in path order), so this thread keeps the Phase 3
+    directory fds it opens (`cached_walks`) and each file is one open, not a
+    walk from the root."""
+    out: list[Migration | SourceError | None] = []
+    with _walks(s):
+        for ino in inos:
+            try:
+                out.append(prepare_migration(s, ino, None, spill))
+            except SourceError as e:
+                out.append(e)
+    return out
+
+
 def _read_and_chunk(
     tree: Phase3Tree,
     ino: int,
@@ -445,40 +464,46 @@ def prune_errors(s: Host) -> int:
 
 
 def legacy_files_by_path(s: Host) -> Iterator[int]:
-    """LEGACY files of the listed tree, depth first with names in byte order:
+    """See `legacy_files_sized`: the inodes alone."""
+    for ino, _size in legacy_files_sized(s):
+        yield ino
+
+
+def legacy_files_sized(s: Host) -> Iterator[tuple[int, int]]:
+    """(inode, size) of the LEGACY files of the listed tree, depth first with names in byte order:
     the order of `sorted(paths)`, and of an app reading a session's files
     together. Migrating in this order lays each session's chunks side by side
     in the store, so a cold read of a session is one run of the disk, not
     seeks to wherever a hash or inode order put each file. One directory's
     entries are held at a time (per level of the walk)."""
-    stack: list[Iterator[tuple[bytes, int, int]]] = [iter(_sorted_entries(s, ROOT_INO))]
+    stack: list[Iterator[tuple[bytes, int, int, int]]] = [iter(_sorted_entries(s, ROOT_INO))]
     linked: set[int] = set()  # files of several names: yielded at the first
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
             stack.pop()
             continue
-        _, ino, nlink = entry
+        _, ino, nlink, size = entry
         if nlink == 0:
             stack.append(iter(_sorted_entries(s, ino)))
         elif nlink == 1:
-            yield ino
+            yield ino, size
         elif ino not in linked:
             linked.add(ino)
-            yield ino
+            yield ino, size
 
 
-def _sorted_entries(s: Host, d: int) -> list[tuple[bytes, int, int]]:
-    """(name, ino, link count, or 0 for a directory) of `d`'s directories and
-    LEGACY files, by name."""
+def _sorted_entries(s: Host, d: int) -> list[tuple[bytes, int, int, int]]:
+    """(name, ino, link count or 0 for a directory, size) of `d`'s directories
+    and LEGACY files, by name."""
     out = []
     with s.backend.read() as txn:
         for _, name, c in ns.entries(txn, d):
             node = ns.get(txn, c)
             if node.is_dir:
-                out.append((name, c, 0))
+                out.append((name, c, 0, 0))
             elif node.is_legacy:
-                out.append((name, c, max(1, node.nlink)))
+                out.append((name, c, max(1, node.nlink), node.size))
     out.sort()
     return out
 

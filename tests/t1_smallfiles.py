@@ -5,6 +5,7 @@ hash recorded."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +110,52 @@ def test_a_small_file_that_grows_while_read_is_not_migrated(
     monkeypatch.setattr(ingest, "_read_small", grow_first)
     with pytest.raises(ingest.SourceError):
         store.prepare_migration(ino)
+
+
+@pytest.fixture
+def deep(tmp_path: Path) -> Iterator[Store]:
+    """40 small files four directories down, and one that vanishes from Phase 3."""
+    src = tmp_path / "deep"
+    leaf = src / "a" / "b" / "c" / "d"
+    leaf.mkdir(parents=True)
+    for i in range(40):
+        (leaf / f"f{i:02d}.json").write_bytes(b'{"i": %d}\n' % i * (i + 1))
+    (leaf / "gone.json").write_bytes(b"{}")
+    s = Store.open(str(tmp_path / "deep.store"), source=str(src), create=True)
+    s.import_all()
+    (leaf / "gone.json").unlink()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_a_batch_prepares_each_file_and_opens_its_directory_once(
+    deep: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inos = list(ingest.legacy_files_by_path(deep))
+    assert len(inos) == 41
+    opens: list[object] = []
+    real_open = os.open
+
+    def counting(path: object, *a: object, **k: object) -> int:
+        opens.append(path)
+        return real_open(path, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", counting)
+    out = ingest.prepare_batch(deep, inos)
+    monkeypatch.undo()
+    # Without the cached walk, each file was 5 directory opens and its own.
+    assert len(opens) < 2 * len(inos), len(opens)
+    assert [type(m) for m in out] == [ingest.Migration] * 40 + [ingest.SourceError]
+    ms = [m for m in out if isinstance(m, ingest.Migration)]
+    assert [n.ino for n in deep.commit_migrations(ms)] == inos[:40]
+    for i, ino in enumerate(inos[:40]):
+        assert bytes(deep.read(ino, 0, 10**6)) == b'{"i": %d}\n' % i * (i + 1)
+    check_invariants(deep, deep=True)
+
+
+def test_legacy_files_come_with_their_sizes_in_path_order(deep: Store) -> None:
+    sized = list(ingest.legacy_files_sized(deep))
+    assert [ino for ino, _ in sized] == list(ingest.legacy_files_by_path(deep))
+    assert [n for _, n in sized] == [len(b'{"i": %d}\n' % i) * (i + 1) for i in range(40)] + [2]
