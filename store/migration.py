@@ -35,7 +35,7 @@ import blake3
 from . import cas, codec, content, phase3
 from . import namespace as ns
 from .chunker import Chunker, digest
-from .errors import FerryError, NotFound, SourceError
+from .errors import FerryError, NotFound, OpError, SourceError
 from .kv import Backend, Txn
 from .phase3 import Phase3File, Phase3Tree
 from .records import (
@@ -119,20 +119,31 @@ def prepare_migration(
 
 
 def prepare_batch(
-    s: Host, inos: list[int], spill: Spill | None = None
-) -> list[Migration | SourceError | None]:
-    """`prepare_migration` of several files in one call, each one's result (a
-    SourceError in its place rather than raised): one task of a worker pool
-    for many small files instead of one each. The files of a batch are
-    siblings (they come in path order), so this thread keeps the Phase 3
-    directory fds it opens (`cached_walks`) and each file is one open, not a
-    walk from the root."""
-    out: list[Migration | SourceError | None] = []
+    s: Host,
+    inos: list[int],
+    spill: Spill | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> list[Migration | OpError | None]:
+    """`prepare_migration` of several files in one call, each one's result (an
+    OpError, such as a SourceError or NotFound, in its place rather than
+    raised): one task of a worker thread for many small files instead of one
+    each. The files of a batch are usually siblings (they come in path order),
+    so this thread keeps the Phase 3 directory fds it opens (`cached_walks`)
+    and each file is one open, not a walk from the root.
+
+    `stop` is polled between chunks as in `prepare_migration`; when it says so
+    the list ends early: the files from the one given way on are not in it
+    (nothing of them was kept), and the caller has them to give back."""
+    out: list[Migration | OpError | None] = []
     with _walks(s):
         for ino in inos:
+            if stop is not None and stop():
+                break
             try:
-                out.append(prepare_migration(s, ino, None, spill))
-            except SourceError as e:
+                out.append(prepare_migration(s, ino, stop, spill))
+            except Preempted:
+                break
+            except OpError as e:
                 out.append(e)
     return out
 

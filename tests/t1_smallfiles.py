@@ -159,3 +159,19 @@ def test_legacy_files_come_with_their_sizes_in_path_order(deep: Store) -> None:
     sized = list(ingest.legacy_files_sized(deep))
     assert [ino for ino, _ in sized] == list(ingest.legacy_files_by_path(deep))
     assert [n for _, n in sized] == [len(b'{"i": %d}\n' % i) * (i + 1) for i in range(40)] + [2]
+
+
+def test_a_batch_given_way_ends_early_and_keeps_nothing_of_the_rest(deep: Store) -> None:
+    inos = list(ingest.legacy_files_by_path(deep))[:10]
+    polls = 0
+
+    def stop() -> bool:
+        nonlocal polls
+        polls += 1
+        return polls > 7  # some files in, then a foreground request
+
+    out = ingest.prepare_batch(deep, inos, stop=stop)
+    assert 0 < len(out) < len(inos)
+    assert all(isinstance(m, ingest.Migration) for m in out)
+    assert [m.ino for m in out if isinstance(m, ingest.Migration)] == inos[: len(out)]
+    assert all(deep.getattr(i).state == "legacy" for i in inos)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ferryfs.store import index_writer, migration, points
-from ferryfs.store.errors import SourceError, UsageError
+from ferryfs.store.errors import OpError, SourceError, UsageError
 from ferryfs.store.migration import Migration
 from ferryfs.store.store import Store
 
@@ -141,11 +141,11 @@ def migrate_all(store: Store, jobs: int) -> dict[str, int]:
     # process: LMDB takes its write transactions one at a time).
     spill = store.stage_chunks
 
-    def submit(inos: list[int]) -> Future[list[Migration | SourceError | None]]:
+    def submit(inos: list[int]) -> Future[list[Migration | OpError | None]]:
         return pool.submit(migration.prepare_batch, store, inos, spill)
 
     with ThreadPoolExecutor(jobs) as pool, Bar("migrating", total) as bar:
-        pending: deque[tuple[list[int], Future[list[Migration | SourceError | None]]]] = deque()
+        pending: deque[tuple[list[int], Future[list[Migration | OpError | None]]]] = deque()
         tasks = _tasks(store)
         for inos in tasks:
             pending.append((inos, submit(inos)))
@@ -157,6 +157,8 @@ def migrate_all(store: Store, jobs: int) -> dict[str, int]:
             if nxt is not None:
                 pending.append((nxt, submit(nxt)))
             for ino, m in zip(inos, fut.result(), strict=True):
+                if isinstance(m, OpError) and not isinstance(m, SourceError):
+                    raise m  # (as it was raised before files were prepared in batches)
                 if isinstance(m, SourceError):
                     store.record_error(ino, str(m))
                     done["errors"] += 1
