@@ -18,9 +18,9 @@ every SPACE_RETRY seconds). `cancel` is for the rest of the mount's life:
 
 Threads (docs/concurrency.md): the todo list and counters are touched only on
 the trio thread; the nice-19 threads (background.py) read, chunk and compress
-(`migration.prepare_batch`, several small files a call) and write nothing; every
-transaction, listing
-directories and committing each prepared batch, runs on the mount's writer.
+(`migration.prepare_batch`, several small files a call) and write nothing;
+every transaction, listing directories and committing each prepared batch,
+runs on the mount's writer.
 A committer task hands a batch to the writer while the next is being prepared.
 """
 

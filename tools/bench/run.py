@@ -2,14 +2,16 @@
 sample tree, printed as markdown tables to paste into docs/benchmarks.md.
 
     .venv/bin/python tools/bench/run.py [--out DIR] [--mb 200] [--quick] [--repeat 3]
-                                        [--only migrate,read,sweep,cli,search]
+                                        [--only migrate,read,sweep,cli,search,small]
+                                        [--small-scale 1.0]
 
 (`make bench BENCH_ARGS="..."` runs it.) Five sections, each printed as soon as
 it is done: `migrate` (bench_migrate.py: migrate against borg create and restic
 backup, memory against file count), `read` (bench_read.py: the read table of
 issue 3), `sweep` (bench_sweep.py: sweep time and read latency, issue 4) and
 `cli` (bench_cli.py: the command's start-up time), `search` (bench_search.py:
-ferryfs search against ripgrep and grep, issue 13). What they share is in
+ferryfs search against ripgrep and grep, issue 13), `small` (bench_small.py: the
+small-file tree of bench_smalltree.py against restic and borg, issue 15). What they share is in
 bench_common.py, their mounts in bench_mounts.py. This module owns only the
 command line, the header lines and running the chosen sections in order.
 """
@@ -30,12 +32,15 @@ from bench_common import drop_caches, sample_tree
 from bench_migrate import migrate_section
 from bench_read import read_section
 from bench_search import search_section
+from bench_small import small_section
 from bench_sweep import sweep_section
 
 
 def command_line(args: argparse.Namespace) -> str:
     flags = " --quick" if args.quick else f" --mb {args.mb:g}"
     flags += f" --repeat {args.repeat}"
+    if args.small_scale != 1.0 and "small" in args.only:
+        flags += f" --small-scale {args.small_scale:g}"
     if list(args.only) != list(SECTIONS):
         flags += f" --only {','.join(args.only)}"
     return f".venv/bin/python tools/bench/run.py --out {args.out}{flags}"
@@ -68,7 +73,7 @@ def machine_line() -> str:
     )
 
 
-SECTIONS = ("migrate", "read", "sweep", "cli", "search")
+SECTIONS = ("migrate", "read", "sweep", "cli", "search", "small")
 
 
 def parse_only(text: str) -> list[str]:
@@ -109,7 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         default=list(SECTIONS),
         help=f"sections to run, comma-separated (default: {','.join(SECTIONS)})",
     )
+    ap.add_argument(
+        "--small-scale",
+        type=float,
+        default=1.0,
+        help="share of the small-file tree's 20,000 sessions (default: 1; --quick: 0.1)",
+    )
     args = ap.parse_args(argv)
+    if not 0 < args.small_scale <= 1:
+        ap.error("--small-scale must be in (0, 1]")
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
     signal.signal(signal.SIGTERM, _stop)
@@ -136,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             lines = sweep_section(work, tree, args.quick, args.repeat)
         elif section == "search":
             lines = search_section(out, work, tree, mb, args.repeat)
+        elif section == "small":
+            lines = small_section(out, work, args.quick, args.repeat, args.small_scale)
         else:
             lines = cli_section(work, tree, args.quick)
         print()
