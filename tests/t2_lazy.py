@@ -4,6 +4,7 @@ a file written meanwhile is left to its writer."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -109,6 +110,57 @@ async def test_a_group_drops_a_file_written_meanwhile_and_commits_the_rest(
             assert st.read(ino, 0, 10**6) == want
             assert st.getattr(ino).state != "legacy"
         check_invariants(st, deep=True)
+    finally:
+        lazy.stop()
+        st.close()
+
+
+async def test_beside_an_app_that_never_pauses_migration_takes_a_quarter_of_the_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past PATIENCE, first-open migrations run beside a busy app, but each
+    group's work is followed by BESIDE times as long without one; every file
+    still migrates."""
+    import time
+
+    files = tree(tmp_path / "src", 40)
+    st = Store.open(str(tmp_path / "store"), source=str(tmp_path / "src"), create=True)
+
+    class Busy:
+        migrated_on_open = 0
+
+        @property
+        def last_request(self) -> float:
+            return time.monotonic()  # a request this very moment, always
+
+    monkeypatch.setattr(lazy_module, "PATIENCE", 0.0)
+    monkeypatch.setattr(lazy_module, "GROUP_FILES", 5)
+    lazy = LazyMigrator(st, OpenFiles(), Busy(), jobs=1)  # type: ignore[arg-type]
+    spans: list[tuple[float, float]] = []
+    real_run = lazy.background.run
+
+    async def timed(fn, *args):  # type: ignore[no-untyped-def]
+        t0 = time.monotonic()
+        try:
+            return await real_run(fn, *args)
+        finally:
+            spans.append((t0, time.monotonic()))
+
+    monkeypatch.setattr(lazy.background, "run", timed)
+    try:
+        d = st.lookup(1, b"d").ino
+        for name in sorted(files):
+            lazy.request(st.lookup(d, name).ino)
+        async with trio.open_nursery() as n:
+            await n.start(lazy.run)
+            await until(lambda: not lazy._queued, 60)
+            n.cancel_scope.cancel()
+        assert len(spans) == 8
+        for (a0, a1), (b0, _) in itertools.pairwise(spans):
+            # (the commit after each prepare counts in its work, so the gap is longer)
+            assert b0 - a1 >= lazy_module.BESIDE * (a1 - a0), spans
+        for name, data in files.items():
+            assert st.read(st.lookup(d, name).ino, 0, 10**6) == data
     finally:
         lazy.stop()
         st.close()
