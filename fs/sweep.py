@@ -18,8 +18,9 @@ every SPACE_RETRY seconds). `cancel` is for the rest of the mount's life:
 
 Threads (docs/concurrency.md): the todo list and counters are touched only on
 the trio thread; the nice-19 threads (background.py) read, chunk and compress
-(`Store.prepare_migration`) and write nothing; every transaction, listing
-directories and committing each prepared batch, runs on the mount's writer.
+(`migration.prepare_batch`, several small files a call) and write nothing;
+every transaction, listing directories and committing each prepared batch,
+runs on the mount's writer.
 A committer task hands a batch to the writer while the next is being prepared.
 """
 
@@ -36,9 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from ferryfs.store import upkeep
-from ferryfs.store.errors import NoSpace, NotFound, OpError, SourceError
-from ferryfs.store.migration import Migration, Preempted
+from ferryfs.store import migration, upkeep
+from ferryfs.store.errors import NoSpace, NotFound, OpError
+from ferryfs.store.migration import Migration
 from ferryfs.store.records import ROOT_INO, Inode
 from ferryfs.store.store import Store
 
@@ -51,8 +52,23 @@ log = logging.getLogger("ferryfs.sweep")
 
 # Plain bytes at which a batch stops taking files (see _next_batch).
 BATCH_BYTES = 64 << 20
+# A worker's task: small files go to the nice-19 threads this many at a time (or
+# this many bytes; a bigger file alone). One hop to a thread per file cost about
+# as much as migrating a small file (a thread hop is most of a millisecond here).
+GROUP_FILES = 16
+GROUP_BYTES = 1 << 20
 # Seconds between looks for space when files wait for the store's disk to have room.
 SPACE_RETRY = 30.0
+
+
+def _take_group(queue: deque[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The next worker task from `queue` of (inode, size): see GROUP_FILES."""
+    group = [queue.popleft()]
+    nbytes = group[0][1]
+    while queue and len(group) < GROUP_FILES and nbytes + queue[0][1] <= GROUP_BYTES:
+        group.append(queue.popleft())
+        nbytes += group[-1][1]
+    return group
 
 
 class SweepCancelled(OpError):
@@ -409,30 +425,27 @@ class Sweep:
 
             async def worker() -> None:
                 while queue:
-                    ino, size = queue.popleft()
+                    group = _take_group(queue)
                     if self._preempt.is_set():
-                        gave_way.append((ino, size))
+                        gave_way.extend(group)
                         continue
-                    try:
-                        m = await self.background.run(
-                            self.store.prepare_migration,
-                            ino,
-                            self._preempt.is_set,
-                            self._spill,  # a big file's chunks, as they are made
-                        )
-                    except Preempted:
-                        gave_way.append((ino, size))
-                        continue
-                    except NotFound:  # the app deleted it: not an error
-                        continue
-                    except NoSpace:  # staging its chunks: it waits for space
-                        self._wait_for_space([ino])
-                        continue
-                    except (SourceError, OpError) as e:
-                        await self._give_up([ino], e)
-                        continue
-                    if m is not None:
-                        done.append(m)
+                    results = await self.background.run(
+                        migration.prepare_batch,
+                        self.store,
+                        [ino for ino, _ in group],
+                        self._spill,  # a big file's chunks, as they are made
+                        self._preempt.is_set,
+                    )
+                    gave_way.extend(group[len(results) :])  # pre-empted: not prepared
+                    for (ino, _), m in zip(group, results, strict=False):
+                        if isinstance(m, NotFound):  # the app deleted it: not an error
+                            continue
+                        if isinstance(m, NoSpace):  # staging its chunks: it waits for space
+                            self._wait_for_space([ino])
+                        elif isinstance(m, OpError):
+                            await self._give_up([ino], m)
+                        elif m is not None:
+                            done.append(m)
 
             async with trio.open_nursery() as n:
                 for _ in range(max(1, self.cfg.jobs)):

@@ -36,7 +36,7 @@ from . import cas, codec, content, phase3
 from . import namespace as ns
 from .chunker import Chunker, digest
 from .dictionaries import Dictionary
-from .errors import FerryError, NotFound, SourceError
+from .errors import FerryError, NotFound, OpError, SourceError
 from .kv import Backend, Txn
 from .phase3 import Phase3File, Phase3Tree
 from .records import (
@@ -122,6 +122,36 @@ def prepare_migration(
     )
 
 
+def prepare_batch(
+    s: Host,
+    inos: list[int],
+    spill: Spill | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> list[Migration | OpError | None]:
+    """`prepare_migration` of several files in one call, each one's result (an
+    OpError, such as a SourceError or NotFound, in its place rather than
+    raised): one task of a worker thread for many small files instead of one
+    each. The files of a batch are usually siblings (they come in path order),
+    so this thread keeps the Phase 3 directory fds it opens (`cached_walks`)
+    and each file is one open, not a walk from the root.
+
+    `stop` is polled between chunks as in `prepare_migration`; when it says so
+    the list ends early: the files from the one given way on are not in it
+    (nothing of them was kept), and the caller has them to give back."""
+    out: list[Migration | OpError | None] = []
+    with _walks(s):
+        for ino in inos:
+            if stop is not None and stop():
+                break
+            try:
+                out.append(prepare_migration(s, ino, stop, spill))
+            except Preempted:
+                break
+            except OpError as e:
+                out.append(e)
+    return out
+
+
 def _read_and_chunk(
     tree: Phase3Tree,
     ino: int,
@@ -147,24 +177,24 @@ def _read_and_chunk(
         m = Migration(ino, version, 0, before.st_mtime_ns, before.st_ctime_ns, legacy)
         whole = blake3.blake3()
         held = 0
-        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-            for piece in chunker.stream(f):
-                if stop is not None and stop():
-                    raise Preempted()
-                d = digest(piece)
+        for piece in _pieces(fd, before.st_size, chunker):
+            if stop is not None and stop():
+                raise Preempted()
+            d = digest(piece)
+            if m.extents or before.st_size > len(piece):  # else the file's hash is d
                 whole.update(piece)
-                n = len(piece)
-                if d not in m.records and not has_chunk(d):  # (spilled ones: in the store)
-                    rec = codec.encode(piece, level, dictionary)
-                    m.records[d] = rec
-                    held += len(rec)
-                m.extents.append((m.size, d, n))
-                m.size += n
-                if held > STAGE_BYTES and spill is not None:
-                    spill(m.records)
-                    m.staged.extend(m.records)
-                    m.records = {}
-                    held = 0
+            n = len(piece)
+            if d not in m.records and not has_chunk(d):  # (spilled ones: in the store)
+                rec = codec.encode(piece, level, dictionary)
+                m.records[d] = rec
+                held += len(rec)
+            m.extents.append((m.size, d, n))
+            m.size += n
+            if held > STAGE_BYTES and spill is not None:
+                spill(m.records)
+                m.staged.extend(m.records)
+                m.records = {}
+                held = 0
         after = os.fstat(fd)
     except OSError as e:
         raise SourceError(os.strerror(e.errno or 5).lower()) from e
@@ -177,8 +207,39 @@ def _read_and_chunk(
     ) or m.size != after.st_size:
         raise SourceError("changed while being read")
     legacy.size, legacy.mtime_ns, legacy.ctime_ns = m.size, m.mtime_ns, m.ctime_ns
-    legacy.hashed, legacy.blake3 = True, whole.digest()
+    one = len(m.extents) == 1 and m.size == after.st_size
+    legacy.hashed, legacy.blake3 = True, m.extents[0][1] if one else whole.digest()
     return m
+
+
+def _pieces(fd: int, size: int, chunker: Chunker) -> Iterator[bytes]:
+    """The chunks of the file open at `fd`, `size` bytes long by its fstat.
+
+    A file shorter than the minimum chunk is one chunk whatever the cut points
+    (FastCDC never cuts before `min_size`), so it is read with one pread and
+    no chunker is made for it: most files of a session store are that small,
+    and the chunker's set-up was a fixed cost per file. One byte more than
+    `size` is asked for, so a file that grew is read past its stat and the
+    caller's size check sees it."""
+    if size < chunker.min_size:
+        data = _read_small(fd, size + 1)
+        if data:
+            yield data
+        return
+    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+        yield from chunker.stream(f)
+
+
+def _read_small(fd: int, want: int) -> bytes:
+    parts = []
+    got = 0
+    while got < want:
+        b = os.pread(fd, want - got, got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
 def stage_chunks(s: Host, records: dict[bytes, bytes]) -> None:
@@ -419,40 +480,46 @@ def prune_errors(s: Host) -> int:
 
 
 def legacy_files_by_path(s: Host) -> Iterator[int]:
-    """LEGACY files of the listed tree, depth first with names in byte order:
+    """See `legacy_files_sized`: the inodes alone."""
+    for ino, _size in legacy_files_sized(s):
+        yield ino
+
+
+def legacy_files_sized(s: Host) -> Iterator[tuple[int, int]]:
+    """(inode, size) of the LEGACY files of the listed tree, depth first with names in byte order:
     the order of `sorted(paths)`, and of an app reading a session's files
     together. Migrating in this order lays each session's chunks side by side
     in the store, so a cold read of a session is one run of the disk, not
     seeks to wherever a hash or inode order put each file. One directory's
     entries are held at a time (per level of the walk)."""
-    stack: list[Iterator[tuple[bytes, int, int]]] = [iter(_sorted_entries(s, ROOT_INO))]
+    stack: list[Iterator[tuple[bytes, int, int, int]]] = [iter(_sorted_entries(s, ROOT_INO))]
     linked: set[int] = set()  # files of several names: yielded at the first
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
             stack.pop()
             continue
-        _, ino, nlink = entry
+        _, ino, nlink, size = entry
         if nlink == 0:
             stack.append(iter(_sorted_entries(s, ino)))
         elif nlink == 1:
-            yield ino
+            yield ino, size
         elif ino not in linked:
             linked.add(ino)
-            yield ino
+            yield ino, size
 
 
-def _sorted_entries(s: Host, d: int) -> list[tuple[bytes, int, int]]:
-    """(name, ino, link count, or 0 for a directory) of `d`'s directories and
-    LEGACY files, by name."""
+def _sorted_entries(s: Host, d: int) -> list[tuple[bytes, int, int, int]]:
+    """(name, ino, link count or 0 for a directory, size) of `d`'s directories
+    and LEGACY files, by name."""
     out = []
     with s.backend.read() as txn:
         for _, name, c in ns.entries(txn, d):
             node = ns.get(txn, c)
             if node.is_dir:
-                out.append((name, c, 0))
+                out.append((name, c, 0, 0))
             elif node.is_legacy:
-                out.append((name, c, max(1, node.nlink)))
+                out.append((name, c, max(1, node.nlink), node.size))
     out.sort()
     return out
 

@@ -143,6 +143,23 @@ class Phase3Tree:
                 os.close(fds.popitem(last=False)[1])
         return fd
 
+    def _cached(self, parts: list[bytes]) -> int | None:
+        """This thread's cached fd of the directory at `parts` (see cached_walks),
+        or None; the root's own fd for no parts."""
+        if not parts:
+            return self.root_fd
+        fds: OrderedDict[bytes, int] | None = getattr(self._local, "fds", None)
+        if not fds:
+            return None
+        for part in parts:
+            if part in (b"", b".", b"..") or b"/" in part:
+                raise SourceError(f"bad path component {part!r}")
+        key = b"/".join(parts)
+        fd = fds.get(key)
+        if fd is not None:
+            fds.move_to_end(key)
+        return fd
+
     def listdir(self, rel: bytes) -> Iterator[Entry]:
         """The entries of directory `rel`, lstat'ed; entries that vanish are skipped, and
         so (logged) are entries that cannot be lstat'ed. A directory on another
@@ -174,7 +191,11 @@ class Phase3Tree:
         parts = split(rel)
         if not parts:
             raise SourceError("not a regular file")
-        dfd = self.walk_to(parts[:-1])
+        # Inside `cached_walks` the parent's cached fd serves as it is: it is only
+        # a dir_fd here, never read, so the reopen walk_to makes is not needed
+        # (a batch of sibling files is then one open each).
+        cached = self._cached(parts[:-1])
+        dfd = cached if cached is not None else self.walk_to(parts[:-1])
         try:
             try:
                 # Reading the rollback point should not even change its atimes.
@@ -184,7 +205,8 @@ class Phase3Tree:
         except OSError as e:
             raise SourceError(_why(e)) from e
         finally:
-            os.close(dfd)
+            if cached is None:
+                os.close(dfd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise SourceError("not a regular file")

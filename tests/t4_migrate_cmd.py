@@ -225,3 +225,30 @@ def test_default_store_beside_the_source(
         got = walk_store(s)
     for p, data in files.items():
         assert got[os.fsencode(p.relative_to(src))].body == data
+
+
+def test_small_files_go_to_the_workers_many_to_a_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker task is up to TASK_FILES small files, or TASK_BYTES: a big file
+    is a task alone, and every file is in exactly one task, in path order."""
+    from ferryfs.tools import migrate_cmd
+
+    monkeypatch.setattr(migrate_cmd, "TASK_FILES", 8)
+    monkeypatch.setattr(migrate_cmd, "TASK_BYTES", 10_000)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"s{i:02d}.json").write_bytes(b"x" * 100)
+    (src / "s10.json").write_bytes(b"y" * 50_000)
+    with Store.open(str(tmp_path / "store"), source=str(src), create=True) as s:
+        s.import_all()
+        tasks = list(migrate_cmd._tasks(s))
+        flat = [ino for t in tasks for ino in t]
+        assert flat == list(s.legacy_files_by_path())
+        big = s.lookup(1, b"s10.json").ino
+        assert [big] in tasks
+        assert [len(t) for t in tasks] == [8, 2, 1, 8, 1]
+        done = migrate_cmd.migrate_all(s, 2)
+        assert done == {"files": 20, "bytes": 19 * 100 + 50_000, "errors": 0}
+        check_invariants(s, deep=True)

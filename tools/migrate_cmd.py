@@ -13,10 +13,11 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ferryfs.store import index_writer, points
-from ferryfs.store.errors import SourceError, UsageError
+from ferryfs.store import index_writer, migration, points
+from ferryfs.store.errors import OpError, SourceError, UsageError
 from ferryfs.store.migration import Migration
 from ferryfs.store.store import Store
 
@@ -29,6 +30,9 @@ GROUP_BYTES = 32 << 20
 # more pages the bigger the store is.
 GROUP_FILES = 256
 GROUP_SECONDS = 0.5
+# A worker task: this many small files, or this many bytes (see `_tasks`).
+TASK_FILES = 64
+TASK_BYTES = 1 << 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,6 +104,23 @@ def check_source(store: Store, src: str) -> None:
         raise UsageError(f"store belongs to {recorded}, not {os.path.abspath(src)}")
 
 
+def _tasks(store: Store) -> Iterator[list[int]]:
+    """The LEGACY files in path order, cut into worker tasks: up to TASK_FILES
+    files or TASK_BYTES bytes each (a bigger file is a task alone). One file per
+    task made the wait on its future, the pool's queue and the GIL hand-offs a
+    fixed cost per file of the same order as a small file's own work."""
+    task: list[int] = []
+    size = 0
+    for ino, n in migration.legacy_files_sized(store):
+        if task and (len(task) >= TASK_FILES or size + n > TASK_BYTES):
+            yield task
+            task, size = [], 0
+        task.append(ino)
+        size += n
+    if task:
+        yield task
+
+
 def migrate_all(store: Store, jobs: int) -> dict[str, int]:
     """Migrate every LEGACY file of `store`. Returns files, bytes and errors counts."""
     total = store.stats().bytes_legacy
@@ -119,34 +140,39 @@ def migrate_all(store: Store, jobs: int) -> dict[str, int]:
     # A big file's chunks are written as they are made, from the pool's threads (one
     # process: LMDB takes its write transactions one at a time).
     spill = store.stage_chunks
+
+    def submit(inos: list[int]) -> Future[list[Migration | OpError | None]]:
+        return pool.submit(migration.prepare_batch, store, inos, spill)
+
     with ThreadPoolExecutor(jobs) as pool, Bar("migrating", total) as bar:
-        pending: deque[tuple[int, Future[Migration | None]]] = deque()
-        it = store.legacy_files_by_path()
-        for ino in it:
-            pending.append((ino, pool.submit(store.prepare_migration, ino, None, spill)))
+        pending: deque[tuple[list[int], Future[list[Migration | OpError | None]]]] = deque()
+        tasks = _tasks(store)
+        for inos in tasks:
+            pending.append((inos, submit(inos)))
             if len(pending) >= jobs * 4:
                 break
         while pending:
-            ino, fut = pending.popleft()
-            nxt = next(it, None)
+            inos, fut = pending.popleft()
+            nxt = next(tasks, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(store.prepare_migration, nxt, None, spill)))
-            try:
-                m = fut.result()
-            except SourceError as e:
-                store.record_error(ino, str(e))
-                done["errors"] += 1
-                continue
-            if m is None:
-                continue
-            group.append(m)
-            group_bytes += m.size
-            bar.advance(m.size)
-            if (
-                group_bytes >= GROUP_BYTES
-                or len(group) >= GROUP_FILES
-                or time.monotonic() - last > GROUP_SECONDS
-            ):
-                flush()
+                pending.append((nxt, submit(nxt)))
+            for ino, m in zip(inos, fut.result(), strict=True):
+                if isinstance(m, OpError) and not isinstance(m, SourceError):
+                    raise m  # (as it was raised before files were prepared in batches)
+                if isinstance(m, SourceError):
+                    store.record_error(ino, str(m))
+                    done["errors"] += 1
+                    continue
+                if m is None:
+                    continue
+                group.append(m)
+                group_bytes += m.size
+                bar.advance(m.size)
+                if (
+                    group_bytes >= GROUP_BYTES
+                    or len(group) >= GROUP_FILES
+                    or time.monotonic() - last > GROUP_SECONDS
+                ):
+                    flush()
         flush()
     return done

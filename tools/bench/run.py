@@ -2,10 +2,10 @@
 sample tree, printed as markdown tables to paste into docs/benchmarks.md.
 
     .venv/bin/python tools/bench/run.py [--out DIR] [--mb 200] [--quick] [--repeat 3]
-                                        [--only migrate,read,sweep,cli,search,live,stored]
-                                        [--live-seconds 150]
+                                        [--only migrate,read,sweep,cli,search,live,stored,small]
+                                        [--live-seconds 150] [--small-scale 1.0]
 
-(`make bench BENCH_ARGS="..."` runs it.) Seven sections, each printed as soon as
+(`make bench BENCH_ARGS="..."` runs it.) Eight sections, each printed as soon as
 it is done: `migrate` (bench_migrate.py: migrate against borg create and restic
 backup, memory against file count), `read` (bench_read.py: the read table of
 issue 3), `sweep` (bench_sweep.py: sweep time and read latency, issue 4) and
@@ -13,8 +13,10 @@ issue 3), `sweep` (bench_sweep.py: sweep time and read latency, issue 4) and
 ferryfs search against ripgrep and grep, issue 13), `live` (bench_live.py: an
 app's appends, renames and reads through the mount under load, and scattered
 1-byte writes, against fuse-overlayfs, issue 15), `stored` (bench_stored.py:
-stored bytes against borg after ingest and after cold recompression, issue 14).
-What they share is in bench_common.py, their mounts in bench_mounts.py. This module owns only the
+stored bytes against borg after ingest and after cold recompression, issue 14),
+`small` (bench_small.py: the small-file tree of bench_smalltree.py against
+restic and borg, issue 15). What they share is in bench_common.py, their mounts
+in bench_mounts.py. This module owns only the
 command line, the header lines and running the chosen sections in order.
 """
 
@@ -35,6 +37,7 @@ from bench_live import live_section
 from bench_migrate import migrate_section
 from bench_read import read_section
 from bench_search import search_section
+from bench_small import small_section
 from bench_stored import stored_section
 from bench_sweep import sweep_section
 
@@ -42,6 +45,8 @@ from bench_sweep import sweep_section
 def command_line(args: argparse.Namespace) -> str:
     flags = " --quick" if args.quick else f" --mb {args.mb:g}"
     flags += f" --repeat {args.repeat}"
+    if args.small_scale != 1.0 and "small" in args.only:
+        flags += f" --small-scale {args.small_scale:g}"
     if list(args.only) != list(SECTIONS):
         flags += f" --only {','.join(args.only)}"
     if "live" in args.only:
@@ -76,7 +81,7 @@ def machine_line() -> str:
     )
 
 
-SECTIONS = ("migrate", "read", "sweep", "cli", "search", "live", "stored")
+SECTIONS = ("migrate", "read", "sweep", "cli", "search", "live", "stored", "small")
 
 
 def parse_only(text: str) -> list[str]:
@@ -123,9 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         default=150.0,
         help="how long the live-app load runs on each target (default: %(default)g)",
     )
+    ap.add_argument(
+        "--small-scale",
+        type=float,
+        default=1.0,
+        help="share of the small-file tree's 20,000 sessions (default: 1; --quick: 0.1)",
+    )
     args = ap.parse_args(argv)
     if args.live_seconds <= 0:
         ap.error("--live-seconds must be positive")
+    if not 0 < args.small_scale <= 1:
+        ap.error("--small-scale must be in (0, 1]")
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
     signal.signal(signal.SIGTERM, _stop)
@@ -156,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             lines = live_section(work, tree, args.live_seconds)
         elif section == "stored":
             lines = stored_section(out, work, tree, args.quick)
+        elif section == "small":
+            lines = small_section(out, work, args.quick, args.repeat, args.small_scale)
         else:
             lines = cli_section(work, tree, args.quick)
         print()
