@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from . import cas, content, dictionaries, files, migration
+from . import cas, content, dictionaries, file_errors, files, migration
 from . import namespace as ns
 from . import stats as figures
 from .chunker import Chunker
@@ -388,13 +388,13 @@ class Store:
         return migration.heal(self, ino, bad)
 
     def record_error(self, ino: int, message: str) -> None:
-        migration.record_error(self, ino, message)
+        file_errors.record_error(self, ino, message)
 
     def errors(self) -> list[tuple[int, str]]:
-        return migration.errors(self)
+        return file_errors.errors(self)
 
     def prune_errors(self) -> int:
-        return migration.prune_errors(self)
+        return file_errors.prune_errors(self)
 
     def legacy_files_by_path(self) -> Iterator[int]:
         return migration.legacy_files_by_path(self)

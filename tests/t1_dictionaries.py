@@ -21,22 +21,7 @@ from ferryfs.store.fsck_repair import repair
 from ferryfs.store.records import ROOT_INO, U64
 from ferryfs.store.store import Store
 from helpers.store import check_invariants
-
-WORDS = [
-    "session",
-    "agent",
-    "token",
-    "chunk",
-    "store",
-    "migrate",
-    "commit",
-    "branch",
-    "error",
-    "retry",
-    "cache",
-    "the",
-    "of",
-]
+from helpers.trees import prose
 
 
 def text(rng: random.Random, n: int) -> bytes:
@@ -45,7 +30,7 @@ def text(rng: random.Random, n: int) -> bytes:
     while size < n:
         line = '{{"role": "{}", "text": "{}"}}\n'.format(
             rng.choice(["user", "assistant"]),
-            " ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 40))),
+            prose(rng, rng.randrange(3, 40)),
         )
         out.append(line)
         size += len(line)

@@ -21,28 +21,14 @@ from ferryfs.store.fsck import Checker
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 from helpers.store import check_invariants
+from helpers.trees import prose
 
 DAY = 86400 * 10**9
 NOW = 1_800_000_000 * 10**9
-WORDS = [
-    "session",
-    "agent",
-    "token",
-    "chunk",
-    "store",
-    "migrate",
-    "commit",
-    "branch",
-    "error",
-    "retry",
-    "cache",
-    "of",
-]
 
 
 def text(rng: random.Random, n: int) -> bytes:
-    words = [rng.choice(WORDS) for _ in range(n // 5 + 1)]
-    return " ".join(words).encode()[:n]
+    return prose(rng, n // 5 + 1).encode()[:n]
 
 
 def make(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:

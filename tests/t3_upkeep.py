@@ -13,6 +13,7 @@ from ferryfs.store import cas, codec, content
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 from helpers.mount import mounted, wait_for
+from helpers.trees import prose
 
 FAST = ("--idle-ms", "50", "--max-load", "64", "--batch-delay-ms", "0")
 DAY = 86400
@@ -22,23 +23,11 @@ def test_idle_sweep_recompresses_cold_files_only(tmp_path: Path) -> None:
     rng = random.Random(50)
     src = tmp_path / "src"
     src.mkdir()
-    words = [
-        "session",
-        "agent",
-        "token",
-        "chunk",
-        "store",
-        "migrate",
-        "commit",
-        "branch",
-        "error",
-        "retry",
-    ]
     files = {}
     now = time.time()
     for i in range(12):
         name = f"{'cold' if i < 8 else 'hot'}{i:02d}.jsonl"
-        body = " ".join(rng.choice(words) for _ in range(rng.randrange(2000, 20000))).encode()
+        body = prose(rng, rng.randrange(2000, 20000)).encode()
         (src / name).write_bytes(body)
         age = 60 if name.startswith("cold") else 1
         os.utime(src / name, (now - age * DAY, now - age * DAY))

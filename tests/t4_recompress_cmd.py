@@ -10,22 +10,7 @@ from pathlib import Path
 
 from ferryfs.store.store import Store
 from helpers.mount import ferry
-from helpers.trees import files_of
-
-WORDS = [
-    "session",
-    "agent",
-    "token",
-    "chunk",
-    "store",
-    "migrate",
-    "commit",
-    "branch",
-    "error",
-    "retry",
-    "cache",
-    "of",
-]
+from helpers.trees import files_of, prose
 
 
 def tree(tmp_path: Path) -> Path:
@@ -33,7 +18,7 @@ def tree(tmp_path: Path) -> Path:
     src = tmp_path / "src"
     src.mkdir()
     for i in range(30):
-        body = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(500, 40_000)))
+        body = prose(rng, rng.randrange(500, 40_000))
         (src / f"s{i:02d}.jsonl").write_text(body)
     (src / "shot.png").write_bytes(rng.randbytes(60_000))
     return src

@@ -337,15 +337,28 @@ TARGETS: list[tuple[str, str, Target]] = [
 
 def run_reads(tree: ReadTree, work: Path, repeat: int) -> list[ReadRow]:
     """Every target `repeat` times, in rounds; a target that fails once is a failed row."""
-    rows = [ReadRow(name, command) for name, command, _ in TARGETS]
+    return read_rounds(tree, work, repeat, TARGETS, run_passes, "reads")
+
+
+def read_rounds(
+    tree: ReadTree,
+    work: Path,
+    repeat: int,
+    targets: list[tuple[str, str, Target]],
+    passes: Callable[[ReadTree, View], dict[str, float]],
+    what: str,
+) -> list[ReadRow]:
+    """`passes` through every target (name, command, mount) `repeat` times, in
+    rounds; a target that fails once is a failed row."""
+    rows = [ReadRow(name, command) for name, command, _ in targets]
     for i in range(repeat):
-        for row, (name, _, target) in zip(rows, TARGETS, strict=True):
+        for row, (name, _, target) in zip(rows, targets, strict=True):
             if row.error:
                 continue
-            print(f"bench: reads through {name} ({i + 1}/{repeat})", file=sys.stderr)
+            print(f"bench: {what} through {name} ({i + 1}/{repeat})", file=sys.stderr)
             try:
                 with target(tree, work) as view:
-                    times = run_passes(tree, view)
+                    times = passes(tree, view)
             except (ToolFailed, OSError, subprocess.SubprocessError) as e:
                 row.error = str(e).splitlines()[0] if str(e) else type(e).__name__
                 continue

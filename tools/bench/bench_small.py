@@ -18,15 +18,12 @@ a fresh store, `--no-sweep`, every first open the lazy path). Rows:
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench_common import (
     Result,
-    ToolFailed,
     bench_ferryfs,
     check,
     drop_caches,
@@ -40,12 +37,14 @@ from bench_migrate import INGEST, RSS_FLAT, RSS_LIMIT, Job, ingest_table, run_jo
 from bench_read import (
     ReadRow,
     ReadTree,
+    Target,
     View,
     borg,
     ferryfs_after,
     ferryfs_lazy,
     plain,
     read_files,
+    read_rounds,
     wait_migrated,
 )
 from bench_smalltree import small_tree
@@ -64,11 +63,11 @@ def bench_ferryfs_no_index(tree: Path, work: Path) -> Result:
     return finish(r, run, store)
 
 
-READ_TARGETS = [
-    ("plain tree", plain),
-    ("borg mount", borg),
-    ("ferryfs after migration", ferryfs_after),
-    ("ferryfs before migration (lazy)", ferryfs_lazy),
+READ_TARGETS: list[tuple[str, str, Target]] = [
+    ("plain tree", "", plain),
+    ("borg mount", "", borg),
+    ("ferryfs after migration", "", ferryfs_after),
+    ("ferryfs before migration (lazy)", "", ferryfs_lazy),
 ]
 
 
@@ -82,26 +81,6 @@ def _files(root: Path) -> tuple[tuple[bytes, ...], int]:
                 rels.append(os.path.relpath(os.path.join(dirpath, name), base))
                 total += st.st_size
     return tuple(sorted(rels)), total
-
-
-def read_rounds(tree: ReadTree, work: Path, repeat: int) -> list[ReadRow]:
-    """Every file read once, cold, through each target, in rounds. The lazy
-    row also times until every file it read is migrated (`all_migrated`)."""
-    rows = [ReadRow(name, "") for name, _ in READ_TARGETS]
-    for i in range(repeat):
-        for row, (name, target) in zip(rows, READ_TARGETS, strict=True):
-            if row.error:
-                continue
-            print(f"bench: small-file reads through {name} ({i + 1}/{repeat})", file=sys.stderr)
-            try:
-                with target(tree, work) as view:
-                    times = _read_pass(tree, view)
-            except (ToolFailed, OSError, subprocess.SubprocessError) as e:
-                row.error = str(e).splitlines()[0] if str(e) else type(e).__name__
-                continue
-            for cell, seconds in times.items():
-                row.times.setdefault(cell, []).append(seconds)
-    return rows
 
 
 def _read_pass(tree: ReadTree, view: View) -> dict[str, float]:
@@ -150,7 +129,7 @@ def small_section(out: Path, work: Path, quick: bool, repeat: int, scale: float)
     (small,) = run_jobs([Job("ferryfs migrate", bench_ferryfs, quarter)], swork, repeat)
     files, nbytes = _files(root)
     tree = ReadTree(root, files, nbytes, b"", 0)
-    reads = read_rounds(tree, swork, repeat)
+    reads = read_rounds(tree, swork, repeat, READ_TARGETS, _read_pass, "small-file reads")
     load_mid = os.getloadavg()[0]
     sweeps = run_sweeps(root, swork, repeat)
     fresh(after)
