@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import stat
-import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from ferryfs.store.fsck import Checker
 from ferryfs.store.fsck_repair import repair
 from ferryfs.store.records import ROOT_INO, SCHEMA_VERSION, U64
 from ferryfs.store.store import Store
+from helpers.damage import kill_midway
 from helpers.store import check_invariants
 
 REG = stat.S_IFREG | 0o644
@@ -365,18 +365,7 @@ def test_compaction_under_kill_9(tmp_path: Path) -> None:
     for attempt in range(3):
         copy = tmp_path / f"copy{attempt}"
         shutil.copytree(path, copy)
-        p = subprocess.Popen(
-            [sys.executable, "-c", KILLED, str(copy)], stdout=subprocess.PIPE, text=True
-        )
-        try:
-            assert p.stdout is not None
-            for _ in range(rng.randrange(1, 8)):
-                line = p.stdout.readline()
-                if not line or line.startswith("done"):
-                    break
-            p.kill()
-        finally:
-            p.wait()
+        kill_midway([sys.executable, "-c", KILLED, str(copy)], rng, 8)
         with Store.open(str(copy)) as s:
             gone = [i for i in range(0, 600, 3) if _gone(s, i)]
             _check_some(s, src, set(gone))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ferryfs.store import cas, codec, content, recompress, upkeep
 from ferryfs.store.fsck import Checker
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
+from helpers.damage import kill_midway
 from helpers.store import check_invariants
 from helpers.trees import prose
 
@@ -166,18 +166,7 @@ def test_recompression_survives_kill_9(tmp_path: Path) -> None:
     _src, path, files = make(tmp_path)
     rng = random.Random(31)
     for _attempt in range(3):
-        p = subprocess.Popen(
-            [sys.executable, "-c", KILLED, str(path), str(NOW)], stdout=subprocess.PIPE, text=True
-        )
-        try:
-            assert p.stdout is not None
-            for _ in range(rng.randrange(1, 6)):
-                line = p.stdout.readline()
-                if not line or line.startswith("done"):
-                    break
-            p.kill()
-        finally:
-            p.wait()
+        kill_midway([sys.executable, "-c", KILLED, str(path), str(NOW)], rng, 6)
         with Store.open(str(path)) as s:
             all_read(s, files)
             check_invariants(s, deep=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
 from pathlib import Path
 
 import blake3
@@ -128,3 +129,19 @@ def stored_chunk(store: Store, digest: bytes) -> bytes:
     """The record of chunk `digest` as it is now in an open store."""
     with store.backend.read() as txn:
         return bytes(cas.record(txn, digest) or b"")
+
+
+def kill_midway(argv: list[str], rng: random.Random, most: int) -> None:
+    """Run `argv`, a script that prints a line after each step it commits (and
+    "done" at the end), and kill -9 it after 1 to `most` - 1 of them, drawn from
+    `rng`: a crash between two transactions, at a point the test cannot steer."""
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        for _ in range(rng.randrange(1, most)):
+            line = p.stdout.readline()
+            if not line or line.startswith("done"):
+                break
+        p.kill()
+    finally:
+        p.wait()
