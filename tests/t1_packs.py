@@ -26,7 +26,7 @@ from ferryfs.store.fsck import Checker
 from ferryfs.store.fsck_repair import repair
 from ferryfs.store.records import ROOT_INO, SCHEMA_VERSION, U64
 from ferryfs.store.store import Store
-from helpers.damage import kill_midway
+from helpers.damage import Crash, crash_at_transaction, kill_midway
 from helpers.store import check_invariants
 
 REG = stat.S_IFREG | 0o644
@@ -270,10 +270,6 @@ def test_fsck_finds_overlapping_chunks(tmp_path: Path) -> None:
 # -- compaction --------------------------------------------------------------------------------
 
 
-class Crash(Exception):
-    """Stands for a kill between, or inside, the transactions of a compaction."""
-
-
 def test_compaction_survives_a_crash_at_every_transaction(tmp_path: Path) -> None:
     rng = random.Random(11)
     src = tmp_path / "src"
@@ -290,30 +286,13 @@ def test_compaction_survives_a_crash_at_every_transaction(tmp_path: Path) -> Non
     crashed_at = 0
     for k in range(1, 200):
         with Store.open(path) as s:
-            real = s.transact
-            calls = 0
-
-            def crashing(fn, real=real, k=k):  # type: ignore[no-untyped-def]
-                nonlocal calls
-                calls += 1
-                if calls == k:
-
-                    def boom(txn):  # type: ignore[no-untyped-def]
-                        fn(txn)  # the whole transaction's work, then no commit
-                        raise Crash()
-
-                    return real(boom)
-                return real(fn)
-
-            s.transact = crashing  # type: ignore[method-assign]
             try:
-                upkeep.compact(s)
+                with crash_at_transaction(s, k):
+                    upkeep.compact(s)
             except Crash:
                 crashed_at += 1
             else:
                 break
-            finally:
-                s.transact = real  # type: ignore[method-assign]
         with Store.open(path) as s:
             check_files(s, src, gone=range(0, 600, 3))
     assert crashed_at > 1

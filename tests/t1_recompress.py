@@ -19,7 +19,7 @@ from ferryfs.store import cas, codec, content, recompress, upkeep
 from ferryfs.store.fsck import Checker
 from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
-from helpers.damage import kill_midway
+from helpers.damage import Crash, crash_at_transaction, kill_midway
 from helpers.store import check_invariants
 from helpers.trees import prose
 
@@ -104,10 +104,6 @@ def test_cold_chunks_are_recompressed_and_hot_ones_are_not(tmp_path: Path) -> No
         assert again.chunks_recompressed == 0 and again.chunks_already == r.chunks_recompressed
 
 
-class Crash(Exception):
-    pass
-
-
 def test_a_crash_in_any_batch_loses_nothing_and_the_next_run_finishes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -116,29 +112,12 @@ def test_a_crash_in_any_batch_loses_nothing_and_the_next_run_finishes(
     crashes = 0
     for k in range(1, 100):
         with Store.open(str(path)) as s:
-            real = s.transact
-            calls = 0
-
-            def crashing(fn, real=real, k=k):  # type: ignore[no-untyped-def]
-                nonlocal calls
-                calls += 1
-                if calls == k:
-
-                    def boom(txn):  # type: ignore[no-untyped-def]
-                        fn(txn)
-                        raise Crash()
-
-                    return real(boom)
-                return real(fn)
-
-            s.transact = crashing  # type: ignore[method-assign]
             try:
-                r = recompress.run(s, cold_days=30, now_ns=NOW)
+                with crash_at_transaction(s, k):
+                    r = recompress.run(s, cold_days=30, now_ns=NOW)
             except Crash:
                 crashes += 1
                 r = None
-            finally:
-                s.transact = real  # type: ignore[method-assign]
         with Store.open(str(path)) as s:
             all_read(s, files)
             check_invariants(s)

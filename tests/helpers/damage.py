@@ -10,9 +10,11 @@ directly, not with `ferryfs.store.codec.decode`, the code under test.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import struct
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
@@ -145,3 +147,33 @@ def kill_midway(argv: list[str], rng: random.Random, most: int) -> None:
         p.kill()
     finally:
         p.wait()
+
+
+class Crash(Exception):
+    """Stands for a kill inside a transaction: its work done, its commit never made."""
+
+
+@contextlib.contextmanager
+def crash_at_transaction(s: Store, k: int) -> Iterator[None]:
+    """Inside the block, the `k`-th transaction `s.transact` runs does all its work
+    and then raises Crash instead of committing (the ones before it commit)."""
+    real = s.transact
+    calls = 0
+
+    def crashing(fn):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == k:
+
+            def boom(txn):  # type: ignore[no-untyped-def]
+                fn(txn)
+                raise Crash()
+
+            return real(boom)
+        return real(fn)
+
+    s.transact = crashing  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        s.transact = real  # type: ignore[method-assign]
