@@ -26,6 +26,10 @@ from typing import NoReturn
 
 from ferryfs.store.errors import FerryError
 
+# Imported here, not where an error is printed: a command that has dropped its
+# privileges (or whose checkout has become unreadable) must still say its one line.
+from ._common import shown
+
 # Name on the command line -> (module in ferryfs.tools, one line for `ferryfs --help`).
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("plan_cmd", "estimate a migration: files, bytes, savings, time, disk"),
@@ -125,8 +129,6 @@ def run(argv: list[str]) -> int:
     except BrokenPipeError:
         return reader_gone()
     except FerryError as e:
-        from ._common import shown  # a message may quote a damaged or hostile name
-
         print(f"ferryfs: {shown(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -135,8 +137,6 @@ def run(argv: list[str]) -> int:
     except OSError as e:
         if os.environ.get("FERRYFS_DEBUG"):
             raise
-        from ._common import shown
-
         name = e.filename
         where = f": {os.fsdecode(name) if isinstance(name, bytes) else name}" if name else ""
         print(f"ferryfs: {shown(str(e.strerror or e) + where)}", file=sys.stderr)
