@@ -121,11 +121,6 @@ class Operations(pyfuse3.Operations):
         self.counters.corrupt_reads += 1
         log.error("corrupt chunk %s: read answered EIO", e.digest.hex()[:16])
 
-    def _unlisted(self, ino: int) -> bool:
-        """Listing `ino` would write (import its entries): do it on the writer."""
-        d = self.store.getattr(ino)
-        return d.is_dir and not d.stored
-
     async def _migrate(self, ino: int) -> Inode:
         """Make sure `ino` is not LEGACY: migrate it now (before a write)."""
         node = self.store.getattr(ino)
@@ -152,9 +147,10 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._touch()
-        if self._unlisted(parent_inode):
-            return self._entry(await self.writer.run(self.store.lookup, parent_inode, name))
-        return self._entry(self.store.lookup(parent_inode, name))
+        node = self.store.lookup_listed(parent_inode, name)
+        if node is None:  # listing the parent writes: on the writer
+            node = await self.writer.run(self.store.lookup, parent_inode, name)
+        return self._entry(node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         gone = []
@@ -219,12 +215,13 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self._touch()
-        if self._unlisted(fh):  # listed with what lies ahead, on the writer; then only reads
+        d = self.store.getattr(fh)
+        if d.is_unlisted:  # listed with what lies ahead, on the writer; then only reads
             await self.writer.run(self.store.readdir, fh, 0, 1)
+            d = self.store.getattr(fh)
         # "." and ".." first, under cookies 1 and 2 (a name's cookie is a 63-bit
         # hash: one of 2**63 collides with them). No lookup count for either.
         if start_id < DOTDOT_COOKIE:
-            d = self.store.getattr(fh)
             dots = [
                 (b".", d, DOT_COOKIE),
                 (b"..", self.store.getattr(d.parent or fh), DOTDOT_COOKIE),

@@ -236,6 +236,16 @@ class Store:
         with self.backend.read() as txn:
             return ns.get(txn, ns.lookup(txn, parent, name))
 
+    def lookup_listed(self, parent: int, name: bytes) -> Inode | None:
+        """`lookup` in one read transaction, or None if `parent` must be listed
+        first (a write: the caller runs `lookup` on the writer). The hot path of a
+        mount's lookups, so it reads the parent once."""
+        ns.check_name(name)
+        with self.backend.read() as txn:
+            if ns.get(txn, parent).is_unlisted:
+                return None
+            return ns.get(txn, ns.lookup(txn, parent, name))
+
     def readdir(
         self, ino: int, after: int = 0, limit: int = 1024
     ) -> list[tuple[int, bytes, Inode]]:
