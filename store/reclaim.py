@@ -83,6 +83,22 @@ class Plan:
     psize: int
     runs: list[tuple[int, int, int]]  # (first page, pages, newest freeing txnid; 0: past the end)
     data_bytes: int  # of those pages on disk now
+    freed_by: dict[int, int]  # page -> the transaction that freed it (runs' pages, tail aside)
+
+    def pieces(self, run: tuple[int, int, int], limit: int) -> list[tuple[int, int]]:
+        """The parts of `run` whose pages were freed before transaction `limit`."""
+        pg, n, newest = run
+        if newest < limit:
+            return [(pg, n)]
+        out: list[tuple[int, int]] = []
+        for p in range(pg, pg + n):
+            if self.freed_by[p] >= limit:
+                continue
+            if out and out[-1][0] + out[-1][1] == p:
+                out[-1] = (out[-1][0], out[-1][1] + 1)
+            else:
+                out.append((p, 1))
+        return out
 
 
 def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
@@ -197,17 +213,19 @@ def _plan(fd: int, psize: int, ms: list[Meta]) -> Plan:
         n = min(MAX_RUN, npages - tail)
         runs.append((tail, n, 0))
         tail += n
-    used = _merge([r for m in ms for r in lmdbfile.in_use(fd, psize, m)])
-    both = _overlap(runs, used)
-    if both is not None:
-        raise lmdbfile.FormatError(f"page {both} is on the freelist and in use")
     kept, total = [], 0
     for r in runs:
         b = data_bytes(fd, r[0] * psize, (r[0] + r[1]) * psize)
         if b:
             kept.append(r)
             total += b
-    return Plan(new.txnid, psize, kept, total)
+    if total < MIN_BYTES:
+        return Plan(new.txnid, psize, [], total, {})  # not worth the walk below
+    used = _merge([r for m in ms for r in lmdbfile.in_use(fd, psize, m)])
+    both = _overlap(kept, used)
+    if both is not None:
+        raise lmdbfile.FormatError(f"page {both} is on the freelist and in use")
+    return Plan(new.txnid, psize, kept, total, newest)
 
 
 class _Stale(Exception):
@@ -231,8 +249,8 @@ def _punch_batch(backend: LmdbBackend, p: Plan, start: int) -> tuple[int, int]:
         deadline = time.monotonic() + BATCH_SECONDS
         i = start
         while i < len(p.runs) and (i == start or time.monotonic() < deadline):
-            pg, n, key = p.runs[i]
-            if key < limit:  # else a reader that began since the plan may read them
+            # (A reader that began since the plan may read the pages freed since it.)
+            for pg, n in p.pieces(p.runs[i], limit):
                 punch(fd, pg * psize, n * psize)
             i += 1
         return i, max(0, before - os.fstat(fd).st_blocks) * 512
