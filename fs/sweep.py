@@ -85,6 +85,7 @@ class SweepStats:
     bytes: int = 0
     batches: int = 0
     errors: int = 0
+    idle_rounds: int = 0  # times the idle upkeep ran out of work (status: it has settled)
     started: float = field(default_factory=time.monotonic)
     window: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 
@@ -188,6 +189,7 @@ class Sweep:
             "sweep_bytes": self.stats.bytes,
             "sweep_batches": self.stats.batches,
             "sweep_errors": self.stats.errors,
+            "sweep_idle_rounds": self.stats.idle_rounds,
             "sweep_waiting_for_space": len(self._no_space),
             "sweep_rate": round(rate, 1),
             "sweep_eta_seconds": None if eta is None else round(eta, 1),
@@ -239,6 +241,7 @@ class Sweep:
                         continue
                     if await self._upkeep():
                         continue
+                    self.stats.idle_rounds += 1
                     self.state = "done"
                     log.info(
                         "sweep done: %d files, %.1f MB migrated in the background, %d errors",
@@ -277,6 +280,7 @@ class Sweep:
                 pass
             if self._paused or self._cancelled:
                 continue
+            self.stats.idle_rounds += 1
             self.state = "done"
             seen = self.store.commits
 
