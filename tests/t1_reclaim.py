@@ -6,6 +6,7 @@ punched pages; a kill -9 while punching leaves a clean store."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -13,12 +14,15 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 from ferryfs.store import cas, lmdbfile, reclaim, upkeep
+from ferryfs.store.errors import NoSpace
 from ferryfs.store.fsck import Checker
 from ferryfs.store.kv import DBS, LmdbBackend
 from ferryfs.store.records import ROOT_INO, U64
 from ferryfs.store.store import Store
 from helpers.damage import kill_midway
+from helpers.mount import small_tmpfs
 from helpers.store import check_invariants
 
 REG = 0o100644
@@ -221,3 +225,37 @@ def test_a_kill_9_while_punching_leaves_a_clean_store(tmp_path: Path) -> None:
             idle_until_done(s)  # and it carries on to the end
             assert du(copy) < killed_at
             check_clean(s, src, gone)
+
+
+def test_a_full_disk_after_punching_fails_the_write_cleanly(tmp_path: Path) -> None:
+    """Punched pages take disk again when LMDB reuses them: on a full disk that
+    write gets NoSpace and the store stays whole (and works once there is room)."""
+    src = make_tree(tmp_path)
+    with small_tmpfs(tmp_path / "small", 40) as small:
+        path = migrated_store(small, src)
+        gone = set(range(0, N, 2))
+        with Store.open(path) as s:
+            for i in gone:
+                s.unlink(ROOT_INO, f"f{i:03d}".encode())
+            idle_until_done(s)
+            assert isinstance(s.backend, LmdbBackend) and s.backend.given_back > 1 << 20
+            filler = small / "filler"
+            with open(filler, "wb") as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\xff" * (1 << 16))
+                    f.flush()
+            rng = random.Random(4)
+            written = {}
+            with pytest.raises(NoSpace):
+                for i in range(1000):
+                    data = rng.randbytes(20_000)
+                    ino = s.create(ROOT_INO, f"n{i}".encode(), REG, 0, 0).ino
+                    s.write(ino, 0, data)
+                    written[f"n{i}"] = data
+            filler.unlink()
+            check_clean(s, src, gone)
+            for name, data in written.items():
+                assert read_all(s, s.lookup(ROOT_INO, name.encode()).ino) == data
+            ino = s.create(ROOT_INO, b"after", REG, 0, 0).ino
+            s.write(ino, 0, b"x" * 100_000)
+            assert read_all(s, ino) == b"x" * 100_000
