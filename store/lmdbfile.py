@@ -9,6 +9,10 @@ each named one, and the freelist): it is in the file, its header names its own
 page number, it is the kind of page its parent expects, and its nodes lie inside
 it. `walk()` returns the first thing wrong, or None.
 
+For reclaim.py, which gives free pages back to the filesystem: `metas()` (both
+meta pages), `free_records()` (the freelist: which transaction freed which
+pages) and `in_use()` (every page a snapshot references, overflow runs whole).
+
 The layout is LMDB 0.9's on a 64-bit machine (lmdb.h, mdb.c): a page header of
 16 bytes (pgno u64, pad u16, flags u16, lower and upper u16, or an overflow
 page's count u32), then u16 node offsets; a node is lo, hi, flags, ksize (u16
