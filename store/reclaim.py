@@ -60,7 +60,7 @@ log = logging.getLogger("ferryfs.reclaim")
 
 T = TypeVar("T")
 
-MIN_BYTES = 1 << 20  # less than this on disk in free pages is not worth a walk
+MIN_BYTES = 256 << 10  # less than this on disk in free pages is not worth a walk
 BATCH_SECONDS = 0.005  # the writer is held at most about this long at a time
 MAX_RUN = 4096  # pages punched by one call (16 MiB): each call stays short
 

@@ -193,7 +193,7 @@ def compact_section(out: Path, work: Path, tree: Path, quick: bool) -> list[str]
             "after delete + idle MB (db)",
             "fresh migrate of the rest MB (db)",
             "live/fresh",
-            "given back MB",
+            "punched MB (all rounds)",
             "settle s",
         ],
         [
