@@ -59,6 +59,8 @@ GROUP_FILES = 16
 GROUP_BYTES = 1 << 20
 # Seconds between looks for space when files wait for the store's disk to have room.
 SPACE_RETRY = 30.0
+# Once done, how often to look whether the store changed (upkeep to do again).
+RECHECK_CHANGES = 1.0
 
 
 def _take_group(queue: deque[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -83,6 +85,7 @@ class SweepStats:
     bytes: int = 0
     batches: int = 0
     errors: int = 0
+    idle_rounds: int = 0  # times the idle upkeep ran out of work (status: it has settled)
     started: float = field(default_factory=time.monotonic)
     window: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 
@@ -186,10 +189,13 @@ class Sweep:
             "sweep_bytes": self.stats.bytes,
             "sweep_batches": self.stats.batches,
             "sweep_errors": self.stats.errors,
+            "sweep_idle_rounds": self.stats.idle_rounds,
             "sweep_waiting_for_space": len(self._no_space),
             "sweep_rate": round(rate, 1),
             "sweep_eta_seconds": None if eta is None else round(eta, 1),
             "other_load": round(self._load.value, 2),
+            # Free database pages given back to the filesystem (store/reclaim.py).
+            "reclaimed_bytes": getattr(self.store.backend, "given_back", 0),
         }
 
     # -- the task ----------------------------------------------------------------
@@ -235,6 +241,7 @@ class Sweep:
                         continue
                     if await self._upkeep():
                         continue
+                    self.stats.idle_rounds += 1
                     self.state = "done"
                     log.info(
                         "sweep done: %d files, %.1f MB migrated in the background, %d errors",
@@ -242,7 +249,7 @@ class Sweep:
                         self.stats.bytes / 1e6,
                         self.stats.errors,
                     )
-                    await self._wait_wake()
+                    await self._rest()
                     if self.state == "done":
                         self.state = "waiting"
                     continue
@@ -255,6 +262,27 @@ class Sweep:
         self.state = "upkeep"  # what status shows meanwhile
         host = upkeep.OnWriter(self.store, self.writer.call)
         return await self.background.run(upkeep.idle, host, self._preempt.is_set)
+
+    async def _rest(self) -> None:
+        """Done: wait for a resume. Meanwhile, whenever the store changed (deletes and
+        writes through the mount leave dead packs and free pages), do the idle upkeep
+        again once the mount is quiet, then rest again."""
+        self._wake = trio.Event()
+        seen = self.store.commits
+        while not self._wake.is_set():
+            with trio.move_on_after(RECHECK_CHANGES):
+                await self._wake.wait()
+            if self._wake.is_set() or self._paused or self._cancelled:
+                continue  # paused: as before, the state stays until resumed
+            if self.store.commits == seen:
+                continue
+            while await self._wait_quiet() and await self._upkeep():
+                pass
+            if self._paused or self._cancelled:
+                continue
+            self.stats.idle_rounds += 1
+            self.state = "done"
+            seen = self.store.commits
 
     async def _wait_wake(self) -> None:
         self._wake = trio.Event()

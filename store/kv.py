@@ -299,6 +299,10 @@ class LmdbBackend:
         self._growing = False
         self._local = threading.local()
         self._dbs: dict[str, lmdb._Database] = {}
+        # reclaim.py's, for this process: bytes given back to the filesystem, and the
+        # transaction whose free pages it last found nothing left to give back of.
+        self.given_back = 0
+        self.reclaim_looked = -1
         try:
             self._check_length(data)
             damage = self.verify() if verify else None
@@ -311,6 +315,22 @@ class LmdbBackend:
         except BaseException:
             self._env.close()
             raise
+
+    def data_file(self) -> tuple[str, int]:
+        """data.mdb's path and LMDB's page size (reclaim.py reads the file itself)."""
+        psize: int = self._env.stat()["psize"]
+        return self._data, psize
+
+    def oldest_reader(self) -> int | None:
+        """The oldest snapshot a read transaction of any process holds now (lock.mdb's
+        reader table, once the slots of dead processes are cleared), or None."""
+        self._env.reader_check()
+        ids = []
+        for line in self._env.readers().splitlines()[1:]:
+            f = line.split()
+            if len(f) == 3 and f[2].isdigit():  # "-": a slot kept for reuse, no snapshot
+                ids.append(int(f[2]))
+        return min(ids, default=None)
 
     def _open_dbs(self) -> None:
         if self.readonly:

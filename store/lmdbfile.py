@@ -9,6 +9,10 @@ each named one, and the freelist): it is in the file, its header names its own
 page number, it is the kind of page its parent expects, and its nodes lie inside
 it. `walk()` returns the first thing wrong, or None.
 
+For reclaim.py, which gives free pages back to the filesystem: `metas()` (both
+meta pages), `free_records()` (the freelist: which transaction freed which
+pages) and `in_use()` (every page a snapshot references, overflow runs whole).
+
 The layout is LMDB 0.9's on a 64-bit machine (lmdb.h, mdb.c): a page header of
 16 bytes (pgno u64, pad u16, flags u16, lower and upper u16, or an overflow
 page's count u32), then u16 node offsets; a node is lo, hi, flags, ksize (u16
@@ -66,6 +70,7 @@ class _Walk:
         self.psize = psize
         self.npages = os.fstat(fd).st_size // psize
         self.seen: set[int] = set()
+        self.spans: list[tuple[int, int]] | None = None  # overflow runs, when asked for
 
     def page(self, pg: int, n: int | None = None) -> bytes:
         return os.pread(self.fd, n or self.psize, pg * self.psize)
@@ -162,4 +167,91 @@ class _Walk:
             return Damage(ov, f"{pages} overflow pages cannot hold {size} bytes")
         if ov + pages > self.npages:
             return Damage(self.npages, "past the end of the file (cut short)", past_end=True)
+        if self.spans is not None:
+            self.spans.append((ov, pages))
         return None
+
+
+# -- what reclaim.py needs: the meta pages, the freelist, the pages in use --------
+
+
+@dataclass(frozen=True)
+class Meta:
+    page: int  # 0 or 1
+    txnid: int
+    last_pg: int
+    free_root: int  # the freelist tree's root page (INVALID: empty)
+    main_root: int
+
+
+def metas(fd: int, psize: int) -> list[Meta]:
+    """The file's valid meta pages, newest last."""
+    out = []
+    for i in (0, 1):
+        m = os.pread(fd, psize, i * psize)
+        if len(m) < META_TXNID + 8 or struct.unpack_from("<I", m, META)[0] != MAGIC:
+            continue
+        roots = [struct.unpack_from("<Q", m, META_DBS + db * DB_SIZE + DB_ROOT)[0] for db in (0, 1)]
+        last, txnid = struct.unpack_from("<QQ", m, META_LAST_PG)
+        out.append(Meta(i, txnid, last, roots[0], roots[1]))
+    return sorted(out, key=lambda m: m.txnid)
+
+
+class FormatError(Exception):
+    """A page is not what LMDB's format says it should be (a parsing bug, or damage)."""
+
+
+def free_records(fd: int, psize: int, meta: Meta) -> dict[int, list[int]]:
+    """The freelist of snapshot `meta`: for each record, the id of the transaction
+    that freed the pages (its key) -> the page numbers. A record's value is an IDL:
+    a count, then that many page numbers, u64 each (mdb.c, mdb_freelist_save); a
+    long one sits in overflow pages."""
+    out: dict[int, list[int]] = {}
+    stack = [meta.free_root]
+    while stack:
+        pg = stack.pop()
+        if pg == INVALID:
+            continue
+        p = os.pread(fd, psize, pg * psize)
+        if len(p) < psize:
+            raise FormatError(f"freelist page {pg} is past the end of the file")
+        own, flags, lower, _upper = struct.unpack_from("<QxxHHH", p, 0)
+        kind = flags & _KINDS
+        if own != pg or kind not in (P_BRANCH, P_LEAF):
+            raise FormatError(f"freelist page {pg}: header says page {own}, flags {flags:#x}")
+        for i in range((lower - PAGEHDR) // 2):
+            off: int = struct.unpack_from("<H", p, PAGEHDR + 2 * i)[0]
+            lo, hi, nflags, ksize = struct.unpack_from("<HHHH", p, off)
+            if kind == P_BRANCH:
+                stack.append(lo | hi << 16 | nflags << 32)
+                continue
+            if ksize != 8:
+                raise FormatError(f"freelist page {pg}: node {i} has a {ksize}-byte key")
+            (key,) = struct.unpack_from("<Q", p, off + NODEHDR)
+            size = lo | hi << 16
+            at = off + NODEHDR + ksize
+            if nflags & F_BIGDATA:
+                (ov,) = struct.unpack_from("<Q", p, at)
+                value = os.pread(fd, size, ov * psize + PAGEHDR)
+            else:
+                value = p[at : at + size]
+            if len(value) != size or size % 8 or size < 8:
+                raise FormatError(f"freelist record {key}: {size} bytes is not an IDL")
+            n = struct.unpack_from("<Q", value, 0)[0]
+            if (n + 1) * 8 > size:
+                raise FormatError(f"freelist record {key}: {n} pages in {size} bytes")
+            out[key] = list(struct.unpack_from(f"<{n}Q", value, 8))
+    return out
+
+
+def in_use(fd: int, psize: int, meta: Meta) -> list[tuple[int, int]]:
+    """Every page snapshot `meta` references (the meta pages, every tree's pages,
+    overflow runs whole), as sorted (first page, count) runs. FormatError if the
+    walk finds damage: nothing may then be called free."""
+    w = _Walk(fd, psize)
+    w.spans = []
+    bad = w.run(meta.txnid)
+    if bad is not None:
+        raise FormatError(str(bad))
+    runs = sorted([(0, 2), *((pg, 1) for pg in w.seen), *w.spans])
+    return runs

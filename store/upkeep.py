@@ -19,7 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from . import dictionaries, packs, recompress
+from . import dictionaries, packs, reclaim, recompress
 from .dictionaries import Dictionary
 from .kv import Backend, LmdbBackend, Txn
 from .records import U64
@@ -141,7 +141,8 @@ def idle(
 ) -> bool:
     """All the idle work on chunk records, for a sweep with nothing left to migrate:
     `step`, then cold recompression (its full walk at most once per `WALK_EVERY`
-    seconds). True if there was work (done, or left for next time by `stop`)."""
+    seconds), then giving the database's free pages back to the filesystem
+    (reclaim.py). True if there was work (done, or left for next time by `stop`)."""
     if step(s, stop):
         return True
     if stop():
@@ -149,14 +150,19 @@ def idle(
     now_ns = time.time_ns() if now_ns is None else now_ns
     with s.backend.read() as txn:
         v = txn.get("meta", WALKED)
-        if v is not None and now_ns - U64.unpack(v)[0] < WALK_EVERY * 1e9:
-            return False
-    r = recompress.run(s, cold_days, stop=stop, now_ns=now_ns)
-    if r.done:
-        s.transact(lambda txn: txn.put("meta", WALKED, U64.pack(now_ns)))
-    if r.chunks_recompressed:
-        compact(s, stop)
-    return not r.done or r.chunks_recompressed > 0
+        due = v is None or now_ns - U64.unpack(v)[0] >= WALK_EVERY * 1e9
+    if due:
+        r = recompress.run(s, cold_days, stop=stop, now_ns=now_ns)
+        if r.done:
+            s.transact(lambda txn: txn.put("meta", WALKED, U64.pack(now_ns)))
+        if r.chunks_recompressed:
+            compact(s, stop)
+        if not r.done or r.chunks_recompressed > 0:
+            return True
+    if stop():
+        return False
+    # Last: compaction and recompression free the pages this gives back.
+    return reclaim.run(s, stop) > 0
 
 
 def shrink_file(s: Store) -> tuple[int, int] | None:

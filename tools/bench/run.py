@@ -2,10 +2,11 @@
 sample tree, printed as markdown tables to paste into docs/benchmarks.md.
 
     .venv/bin/python tools/bench/run.py [--out DIR] [--mb 200] [--quick] [--repeat 3]
-                                        [--only migrate,read,sweep,cli,search,live,stored,small]
+                                        [--only migrate,read,sweep,cli,search,live,stored,
+                                                small,compact]
                                         [--live-seconds 150] [--small-scale 1.0]
 
-(`make bench BENCH_ARGS="..."` runs it.) Eight sections, each printed as soon as
+(`make bench BENCH_ARGS="..."` runs it.) Nine sections, each printed as soon as
 it is done: `migrate` (bench_migrate.py: migrate against borg create and restic
 backup, memory against file count), `read` (bench_read.py: the read table of
 issue 3), `sweep` (bench_sweep.py: sweep time and read latency, issue 4) and
@@ -15,7 +16,9 @@ app's appends, renames and reads through the mount under load, and scattered
 1-byte writes, against fuse-overlayfs, issue 15), `stored` (bench_stored.py:
 stored bytes against borg after ingest and after cold recompression, issue 14),
 `small` (bench_small.py: the small-file tree of bench_smalltree.py against
-restic and borg, issue 15). What they share is in bench_common.py, their mounts
+restic and borg, issue 15), `compact` (bench_compact.py: stored bytes after
+deleting half the files through a live mount and letting it go idle, against a
+fresh migrate of what is left, issue 14). What they share is in bench_common.py, their mounts
 in bench_mounts.py. This module owns only the
 command line, the header lines and running the chosen sections in order.
 """
@@ -33,6 +36,7 @@ from pathlib import Path
 
 from bench_cli import cli_section
 from bench_common import drop_caches, sample_tree
+from bench_compact import compact_section
 from bench_live import live_section
 from bench_migrate import migrate_section
 from bench_read import read_section
@@ -81,7 +85,7 @@ def machine_line() -> str:
     )
 
 
-SECTIONS = ("migrate", "read", "sweep", "cli", "search", "live", "stored", "small")
+SECTIONS = ("migrate", "read", "sweep", "cli", "search", "live", "stored", "small", "compact")
 
 
 def parse_only(text: str) -> list[str]:
@@ -171,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             lines = stored_section(out, work, tree, args.quick)
         elif section == "small":
             lines = small_section(out, work, args.quick, args.repeat, args.small_scale)
+        elif section == "compact":
+            lines = compact_section(out, work, tree, args.quick)
         else:
             lines = cli_section(work, tree, args.quick)
         print()
