@@ -13,11 +13,18 @@ and fsck checks each one named exists (fsck_packs.py). `packs.place` stores a
 dictionary a record names if the store lacks it (a record encoded in a process
 that trained it for another store), so no write can leave a chunk naming a
 dictionary its store does not hold (`packs.place` does it: see there).
+
+An offline `migrate` trains the store's first dictionary from the chunks it
+makes itself (`Learner`): no scan of the store, and every text chunk after the
+first `TRAIN_MIN` bytes of text is compressed with it (the idle upkeep and
+`recompress` train from the store instead, and redo the chunks written before).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
 
 import zstandard
@@ -105,7 +112,11 @@ def train(s: Host, force: bool = False) -> Dictionary | None:
         zd = zstandard.train_dictionary(DICT_SIZE, pieces)
     except zstandard.ZstdError:
         return None  # too little to learn from
-    data = zd.as_bytes()
+    return keep(s, zd.as_bytes())
+
+
+def keep(s: Host, data: bytes) -> Dictionary:
+    """Store the dictionary `data` as the store's current one (one transaction)."""
     dict_id = codec.dictionary_id(data)
     codec.register(dict_id, data)
 
@@ -115,3 +126,96 @@ def train(s: Host, force: bool = False) -> Dictionary | None:
 
     s.transact(op)
     return dict_id, codec.register(dict_id, data)
+
+
+class TrainHost(Host, Protocol):
+    dictionary: Dictionary | None
+
+
+class Learner:
+    """Dictionaries trained from the records an offline migration makes (before
+    they are committed), from the text it has just seen.
+
+    The first once `TRAIN_MIN` bytes of text were seen, then each time the text
+    seen has doubled (at most log2 of the text over TRAIN_MIN dictionaries, 110
+    KB each), each from the last `SAMPLE_MAX` bytes of text: a tree is migrated
+    in path order, so what comes next looks most like what came last (a tree of
+    documentation and then of sessions wants a dictionary of each). Each one
+    becomes the store's current dictionary, so the text chunks after it are
+    compressed with it; the idle upkeep and `recompress` redo the others.
+
+    Only the first 4 KiB of a record is decoded to tell text from the rest, so
+    a tree of large binary files costs little; a text record is decoded whole
+    (it was just compressed at zstd 3: hundreds of MB/s). A training takes
+    about a second of this thread."""
+
+    def __init__(self, s: TrainHost) -> None:
+        self.s = s
+        self.recent: deque[bytes] = deque()  # the last pieces of text, SAMPLE_MAX at most
+        self.held = 0
+        self.seen = 0
+        self.next_at = TRAIN_MIN
+        # The dictionaries records may be made with: this learner's, and the one
+        # the store already had (a run resumed).
+        self.mine: dict[int, zstandard.ZstdCompressionDict] = {}
+        if s.dictionary is not None:
+            self.mine[s.dictionary[0]] = s.dictionary[1]
+
+    def feed(self, records: Iterable[bytes | memoryview]) -> Dictionary | None:
+        """Look at new chunk records; when due, train a dictionary, store it, make it
+        the store's current one (`s.dictionary`) and return it."""
+        for rec in records:
+            plain = _text_of(rec, self.mine)
+            if plain is None:
+                continue
+            self.seen += len(plain)
+            for i in range(0, len(plain), PIECE):
+                piece = plain[i : i + PIECE]
+                self.recent.append(piece)
+                self.held += len(piece)
+            while self.held - len(self.recent[0]) >= SAMPLE_MAX:
+                self.held -= len(self.recent.popleft())
+        if self.seen < self.next_at or len(self.recent) < 8:
+            return None
+        while self.next_at <= self.seen:
+            self.next_at *= 2
+        try:
+            zd = zstandard.train_dictionary(DICT_SIZE, list(self.recent))
+        except zstandard.ZstdError:
+            return None  # too little to learn from: the next one, or the idle upkeep
+        d = keep(self.s, zd.as_bytes())
+        self.mine[d[0]] = d[1]
+        self.s.dictionary = d
+        return d
+
+
+def _text_of(
+    rec: bytes | memoryview, dicts: dict[int, zstandard.ZstdCompressionDict]
+) -> bytes | None:
+    """The plain bytes of a record, if they are text (a record made with a
+    dictionary not in `dicts` is not looked at)."""
+    try:
+        kind, dict_id = codec.header(rec)
+    except struct.error:
+        return None
+    kind &= codec.KIND
+    body = memoryview(rec)[codec.HEADER_SIZE :]
+    if kind == codec.RAW:
+        plain = bytes(body)
+        return plain if codec.is_text(plain) else None
+    if kind == codec.ZSTD and not dict_id:
+        zd = None
+    elif kind == codec.ZSTD_DICT and dict_id in dicts:
+        zd = dicts[dict_id]
+    else:
+        return None
+    try:
+        dec = zstandard.ZstdDecompressor(dict_data=zd)
+        with dec.stream_reader(body) as r:
+            head = r.read(4096)
+        if not codec.is_text(head):
+            return None
+        out: bytes = dec.decompress(body)
+    except zstandard.ZstdError:
+        return None
+    return out

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ferryfs.store import index_writer, migration, points
+from ferryfs.store import dictionaries, index_writer, migration, points
 from ferryfs.store.errors import OpError, SourceError, UsageError
 from ferryfs.store.migration import Migration
 from ferryfs.store.store import Store
@@ -128,10 +128,14 @@ def migrate_all(store: Store, jobs: int) -> dict[str, int]:
     group: list[Migration] = []
     group_bytes = 0
     last = time.monotonic()
+    # The store's first dictionary, from this run's own text chunks once there are
+    # enough: the text chunks after those are compressed with it (dictionaries.py).
+    learner = dictionaries.Learner(store)
 
     def flush() -> None:
         nonlocal group, group_bytes, last
         if group:
+            learner.feed(r for m in group for r in m.records.values())
             for node in store.commit_migrations(group):
                 done["files"] += 1
                 done["bytes"] += node.size
