@@ -129,3 +129,30 @@ def test_a_tree_of_tiny_files_costs_little_database_per_file(
     with Store.open(str(store), readonly=True) as s:
         got = {k.decode(): e.body for k, e in walk_store(s).items()}
     assert {k: v for k, v in got.items() if k.endswith(".json")} == files_of(src)
+
+
+def test_no_rewrite_without_room_for_a_second_copy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ferryfs.tools import migrate_cmd
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    session_tree(src, 200_000)
+    rewrites: list[object] = []
+    monkeypatch.setattr(migrate_cmd.upkeep, "shrink_file", rewrites.append)
+    real = migrate_cmd.shutil.disk_usage
+
+    def nearly_full(path: str) -> object:
+        total, used, _free = real(path)
+        return type(real(path))(total, used, 1 << 20)
+
+    monkeypatch.setattr(migrate_cmd.shutil, "disk_usage", nearly_full)
+    code, _out, err = ferry(capsys, "migrate", str(src), "--store", str(store), "--no-index")
+    assert code == 0, err
+    assert rewrites == []
+    monkeypatch.setattr(migrate_cmd.shutil, "disk_usage", real)
+    code, _out, err = ferry(
+        capsys, "migrate", str(src), "--store", str(tmp_path / "roomy"), "--no-index"
+    )
+    assert code == 0, err
+    assert len(rewrites) == 1  # with room
