@@ -540,8 +540,9 @@ class LmdbBackend:
         page in the middle unless the key goes at the very end of the database: keys
         inserted at random (digests, hashed names) or in ascending runs that end
         before other keys (a rollback point's rows, sorted 4096 at a time, before
-        its header) leave pages 50-70% full; measured, a fresh migration of 24,000
-        small files had 13 MB of its 31 MB of records in the half-empty room. So
+        its header) leave pages 50-70% full: after a migration of 24,000 small files
+        the tables other than packs took 26.0 MB of pages, and 4.3 MB more were
+        free; this copy of them takes 20.0 MB. So
         every named database is copied in key order, appended (MDB_APPEND), which
         fills each page; in transactions of at most COPY_TXN_BYTES, so that a copy
         of a large store never holds it all as dirty pages."""
