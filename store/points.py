@@ -291,7 +291,10 @@ def _record_manifest(store: Store, tree: Phase3Tree, p: Point) -> None:
         rows = sorted((row_key(p.id, path), _row_value(path, r)) for path, r in batch)
 
         def op(txn: Txn) -> None:
-            for k, v in rows:  # in key order: LMDB appends instead of splitting pages
+            # In key order, though LMDB still splits pages in the middle here (the rows
+            # are not the last keys of the db: its header follows): half full pages,
+            # until migrate rewrites the database at its end (kv.copy_compact).
+            for k, v in rows:
                 txn.put("points", k, v)
 
         store.transact(op)

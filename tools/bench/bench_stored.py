@@ -12,6 +12,7 @@ search index) and of borg's repository; the database alone is shown beside.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -58,7 +59,26 @@ class Row:
     ingest_s: float = 0.0
     cold_s: float = 0.0
     borg_s: float = 0.0
+    # From `ferryfs stats --json` after ingest and after recompression: what the
+    # chunk records take, and what the search index takes (the database's rest
+    # is LMDB's: the other records, page headroom and free pages).
+    ingest_chunks: int = 0
+    ingest_index: int = 0
+    cold_chunks: int = 0
+    cold_index: int = 0
     error: str = ""
+
+
+def chunk_and_index_bytes(store: Path) -> tuple[int, int]:
+    """(bytes_compressed, bytes_index) of `ferryfs stats STORE --json`."""
+    out = subprocess.run(
+        [*ferryfs_command(), "stats", str(store), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    figures = json.loads(out)
+    return int(figures["bytes_compressed"]), int(figures["bytes_index"])
 
 
 def measure_tree(name: str, tree: Path, work: Path) -> Row:
@@ -85,11 +105,13 @@ def measure_tree(name: str, tree: Path, work: Path) -> Row:
             disk_usage(store / "db"),
             run.seconds,
         )
+        row.ingest_chunks, row.ingest_index = chunk_and_index_bytes(store)
         run = check(
             [*ferryfs_command(), "recompress", str(store), "--cold-days", "0"],
             work / f"stored-{tag}-recompress.log",
         )
         row.cold, row.cold_db, row.cold_s = disk_usage(store), disk_usage(store / "db"), run.seconds
+        row.cold_chunks, row.cold_index = chunk_and_index_bytes(store)
     except (subprocess.SubprocessError, OSError, Exception) as e:  # a failed row, not a crash
         row.error = str(e).splitlines()[0] if str(e) else type(e).__name__
     return row
@@ -136,12 +158,30 @@ def stored_section(out: Path, work: Path, tree: Path, quick: bool) -> list[str]:
             for r in rows
         ],
     )
+    parts = markdown_table(
+        ["tree", "", "chunks MB", "other records and LMDB pages MB", "search index MB"],
+        [
+            [r.tree, when, mb(chunks), mb(db - chunks), mb(index)]
+            for r in rows
+            if not r.error
+            for when, chunks, db, index in (
+                ("ingest", r.ingest_chunks, r.ingest_db, r.ingest_index),
+                ("recompressed", r.cold_chunks, r.cold_db, r.cold_index),
+            )
+        ],
+    )
     lines = [
         f"Stored bytes (du -B1 of the store directory, database and search index; the"
         f" database alone in brackets) against borg's repository of the same tree;"
         f" load average {load:.1f} before, {os.getloadavg()[0]:.1f} after.",
         "",
         table,
+        "",
+        "Where the store's bytes go (chunks: `bytes_compressed` of `ferryfs stats --json`;"
+        " the database's rest: every other record, LMDB's page headroom and free pages;"
+        " the search index: `bytes_index`):",
+        "",
+        parts,
         "",
         "- borg: `borg init --encryption=none R && borg create --compression zstd,3 R::a SRC`",
         "- ingest: `ferryfs migrate SRC --store S`;"
