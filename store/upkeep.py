@@ -12,22 +12,29 @@ in meta; compaction looks for victims afresh).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+import lmdb
+
 from . import dictionaries, packs, reclaim, recompress
 from .dictionaries import Dictionary
-from .kv import Backend, LmdbBackend, Txn
+from .kv import DBS, Backend, LmdbBackend, Txn
 from .records import U64
 
 if TYPE_CHECKING:
     from .store import Store
 
 T = TypeVar("T")
+log = logging.getLogger("ferryfs.upkeep")
 
 # A store without enough text to train a dictionary is looked at again once this
 # many packs (512 KiB each) were made since.
@@ -166,13 +173,24 @@ def idle(
 
 
 def shrink_file(s: Store) -> tuple[int, int] | None:
-    """Rewrite the store's database without its free pages, for an offline command
-    that holds the store's writer lock and writes nothing after (the Store must be
-    closed right after). LMDB never gives pages back to the filesystem, and a large
-    value needs contiguous free pages, so after a recompression or a mass delete
-    the file keeps the old records' pages. The copy replaces data.mdb by rename:
-    a crash leaves the old file or the new one. (before, after) bytes on disk, or
-    None for a store not on disk."""
+    """Rewrite the store's database without its free pages and with full B-tree
+    pages (kv.copy_compact), for an offline command that holds the store's writer
+    lock and writes nothing after: the Store's database is closed here (only
+    `close()` may follow). LMDB never gives pages back to the filesystem, and a
+    large value needs contiguous free pages, so after a recompression or a mass
+    delete the file keeps the old records' pages. The copy replaces data.mdb by
+    rename: a crash leaves the old file or the new one. (before, after) bytes on
+    disk, or None for a store not on disk or one another process has open.
+
+    Another process with the environment open (`ferryfs stats` or `search`
+    beside the command) shares lock.mdb, whose record of the last transaction
+    decides which of the two meta pages a reader reads: the new file's
+    transactions are numbered afresh, so after a swap under it that process, and
+    any process opening the store while it still has lock.mdb, would read the
+    wrong meta page. So the swap happens only while no other process has the
+    environment open (LMDB's own test: an exclusive lock on lock.mdb's first
+    byte, which every open environment holds shared), holding that lock until
+    LMDB, opening the new file as its first user, has reset lock.mdb."""
     if not isinstance(s.backend, LmdbBackend) or s.readonly:
         return None
     db = s.backend.path
@@ -190,12 +208,43 @@ def shrink_file(s: Store) -> tuple[int, int] | None:
             after = os.fstat(fd).st_blocks * 512
         finally:
             os.close(fd)
-        os.rename(new, os.path.join(db, "data.mdb"))
-        dfd = os.open(db, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        s.readahead.close()  # (its thread reads the environment)
+        s.backend.close()  # this process's own locks on lock.mdb go with it
+        with _alone(db) as alone:
+            if not alone:
+                log.warning("database not rewritten: another process has the store open")
+                return None
+            os.rename(new, os.path.join(db, "data.mdb"))
+            dfd = os.open(db, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            # First user of the new file (the lock above is this process's, so LMDB's
+            # own exclusive lock succeeds): LMDB resets lock.mdb from its meta pages.
+            lmdb.open(db, readonly=True, max_dbs=len(DBS) + 1, lock=True).close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return before, after
+
+
+@contextlib.contextmanager
+def _alone(db: str) -> Iterator[bool]:
+    """Whether no other process has the LMDB environment in `db` open, holding
+    lock.mdb's first byte exclusively meanwhile (a process opening it waits)."""
+    try:
+        fd = os.open(os.path.join(db, "lock.mdb"), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield True  # no lock file: nobody has it open
+        return
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # (releases the lock: POSIX record locks go with any close)
