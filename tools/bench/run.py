@@ -2,10 +2,11 @@
 sample tree, printed as markdown tables to paste into docs/benchmarks.md.
 
     .venv/bin/python tools/bench/run.py [--out DIR] [--mb 200] [--quick] [--repeat 3]
-                                        [--only migrate,read,sweep,cli,search,live,stored,small]
+                                        [--only migrate,read,sweep,cli,search,live,stored,small,
+                                               recompress]
                                         [--live-seconds 150] [--small-scale 1.0]
 
-(`make bench BENCH_ARGS="..."` runs it.) Eight sections, each printed as soon as
+(`make bench BENCH_ARGS="..."` runs it.) Nine sections, each printed as soon as
 it is done: `migrate` (bench_migrate.py: migrate against borg create and restic
 backup, memory against file count), `read` (bench_read.py: the read table of
 issue 3), `sweep` (bench_sweep.py: sweep time and read latency, issue 4) and
@@ -15,9 +16,10 @@ app's appends, renames and reads through the mount under load, and scattered
 1-byte writes, against fuse-overlayfs, issue 15), `stored` (bench_stored.py:
 stored bytes against borg after ingest and after cold recompression, issue 14),
 `small` (bench_small.py: the small-file tree of bench_smalltree.py against
-restic and borg, issue 15). What they share is in bench_common.py, their mounts
-in bench_mounts.py. This module owns only the
-command line, the header lines and running the chosen sections in order.
+restic and borg, issue 15), `recompress` (bench_recompress_read.py: cold reads
+through a mount before and after `ferryfs recompress`, issue 14). What they
+share is in bench_common.py, their mounts in bench_mounts.py. This module owns
+only the command line, the header lines and running the chosen sections in order.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from bench_common import drop_caches, sample_tree
 from bench_live import live_section
 from bench_migrate import migrate_section
 from bench_read import read_section
+from bench_recompress_read import recompress_section
 from bench_search import search_section
 from bench_small import small_section
 from bench_stored import stored_section
@@ -81,7 +84,17 @@ def machine_line() -> str:
     )
 
 
-SECTIONS = ("migrate", "read", "sweep", "cli", "search", "live", "stored", "small")
+SECTIONS = (
+    "migrate",
+    "read",
+    "sweep",
+    "cli",
+    "search",
+    "live",
+    "stored",
+    "small",
+    "recompress",
+)
 
 
 def parse_only(text: str) -> list[str]:
@@ -171,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             lines = stored_section(out, work, tree, args.quick)
         elif section == "small":
             lines = small_section(out, work, args.quick, args.repeat, args.small_scale)
+        elif section == "recompress":
+            lines = recompress_section(out, work, tree, args.quick, args.repeat)
         else:
             lines = cli_section(work, tree, args.quick)
         print()
