@@ -34,6 +34,7 @@ import time
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -44,6 +45,7 @@ from ferryfs.store.records import ROOT_INO, Inode
 from ferryfs.store.store import Store
 
 from .background import Background
+from .counters import RecompressProgress
 from .load import OtherLoad
 from .sweep_config import SweepConfig
 from .writer import Writer
@@ -104,6 +106,7 @@ class Sweep:
         self._own_writer = writer is None
         self.state = "waiting"
         self.stats = SweepStats()
+        self.recompress = RecompressProgress()  # the idle cold recompression's, for status
         # No foreground request has come yet: the first quiet period is now.
         self.last_request = -float("inf")
         self._preempt = threading.Event()
@@ -190,6 +193,7 @@ class Sweep:
             "sweep_rate": round(rate, 1),
             "sweep_eta_seconds": None if eta is None else round(eta, 1),
             "other_load": round(self._load.value, 2),
+            **self.recompress.status(),
         }
 
     # -- the task ----------------------------------------------------------------
@@ -254,7 +258,12 @@ class Sweep:
         the dictionary, cold recompression), pre-empted as a batch is. True if any."""
         self.state = "upkeep"  # what status shows meanwhile
         host = upkeep.OnWriter(self.store, self.writer.call)
-        return await self.background.run(upkeep.idle, host, self._preempt.is_set)
+        idle = partial(upkeep.idle, progress=self.recompress.report)
+        self.recompress.begin()
+        try:
+            return await self.background.run(idle, host, self._preempt.is_set)
+        finally:
+            self.recompress.end()
 
     async def _wait_wake(self) -> None:
         self._wake = trio.Event()
