@@ -7,12 +7,13 @@ read is the large text file the dictionary and zstd 19 are for.
 Per tree: `ferryfs migrate TREE --store B` once; a copy of B (`cp -a`) is then
 recompressed with `ferryfs recompress A --cold-days 0` (zstd 19, the store's
 trained dictionary), so B and A hold the same files and differ only in their
-chunk records. Each round mounts B, then A (`ferryfs mount TREE MNT --store S
+chunk records. Each round mounts B and A in turn (`ferryfs mount TREE MNT --store S
 --no-sweep`: nothing changes the records while they are read), and through
 each: drops the page cache and reads every file once (sorted path order, 1 MiB
 reads: bench_read.read_files), then drops it again and reads the tree's largest
-file sequentially. The rounds alternate the two stores (bench_read.read_rounds)
-so drift in the machine's load falls on both alike; each cell is the median.
+file sequentially. Each round reads through both stores (bench_read.read_rounds),
+so drift in the machine's load falls on both alike, and their order swaps from one
+round to the next (before-after, after-before); each cell is the median.
 
 The target: after recompression, both reads at least 0.9x the speed of before.
 """
@@ -108,8 +109,18 @@ def measure(tree: ReadTree, work: Path, repeat: int) -> tuple[list[ReadRow], lis
         return [ReadRow(BEFORE, "", error=failed), ReadRow(AFTER, "", error=failed)], []
     mnt = work / "mnt"
     targets = [(BEFORE, "", _target(before, mnt)), (AFTER, "", _target(after, mnt))]
-    rows = read_rounds(tree, work, repeat, targets, passes, f"recompress reads of {tree.root}")
-    return rows, setup
+    rows = {BEFORE: ReadRow(BEFORE, ""), AFTER: ReadRow(AFTER, "")}
+    for i in range(repeat):
+        # Before then after, then after then before: whatever the second mount of a
+        # round gains or loses (the first one's leftovers) falls on both alike.
+        order = targets if i % 2 == 0 else targets[::-1]
+        what = f"recompress reads of {tree.root}, round {i + 1}/{repeat}:"
+        for got in read_rounds(tree, work, 1, order, passes, what):
+            row = rows[got.target]
+            row.error = row.error or got.error
+            for cell, seconds in got.times.items():
+                row.times.setdefault(cell, []).append(seconds)
+    return [rows[BEFORE], rows[AFTER]], setup
 
 
 def _mbps(nbytes: int, seconds: float | None) -> str:
