@@ -118,8 +118,8 @@ def measure(tree: ReadTree, work: Path, repeat: int) -> tuple[list[ReadRow], lis
         for got in read_rounds(tree, work, 1, order, passes, what):
             row = rows[got.target]
             row.error = row.error or got.error
-            for cell, seconds in got.times.items():
-                row.times.setdefault(cell, []).append(seconds)
+            for cell, values in got.times.items():
+                row.times.setdefault(cell, []).extend(values)
     return [rows[BEFORE], rows[AFTER]], setup
 
 
