@@ -21,6 +21,7 @@ The target: after recompression, both reads at least 0.9x the speed of before.
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -204,6 +205,10 @@ def _verdicts(name: str, before: ReadRow | None, after: ReadRow | None) -> Seque
         ok = "PASS" if ratio >= TARGET else "SHORT"
         # Each round's pair ran back to back: its ratio shows the spread load makes.
         pairs = zip(before.times[cell], after.times[cell], strict=False)
-        rounds = ", ".join(f"{tb / ta:.2f}" for tb, ta in pairs if ta)
-        out.append(f"- {name}, {what}: {ok} (speed after/before {ratio:.2f}; by round {rounds})")
+        paired = [tb / ta for tb, ta in pairs if ta]
+        rounds = ", ".join(f"{x:.2f}" for x in paired)
+        out.append(
+            f"- {name}, {what}: {ok} (speed after/before {ratio:.2f}; by round {rounds};"
+            f" their median {statistics.median(paired):.2f})"
+        )
     return out
