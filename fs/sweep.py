@@ -34,11 +34,10 @@ import time
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import trio
-from ferryfs.store import migration, upkeep
+from ferryfs.store import migration, recompress, upkeep
 from ferryfs.store.errors import NoSpace, NotFound, OpError
 from ferryfs.store.migration import Migration
 from ferryfs.store.records import ROOT_INO, Inode
@@ -258,10 +257,17 @@ class Sweep:
         the dictionary, cold recompression), pre-empted as a batch is. True if any."""
         self.state = "upkeep"  # what status shows meanwhile
         host = upkeep.OnWriter(self.store, self.writer.call)
-        idle = partial(upkeep.idle, progress=self.recompress.report)
         self.recompress.begin()
         try:
-            return await self.background.run(idle, host, self._preempt.is_set)
+            # (Positional: Background.run passes no keywords. cold_days, now_ns, progress.)
+            return await self.background.run(
+                upkeep.idle,
+                host,
+                self._preempt.is_set,
+                recompress.COLD_DAYS,
+                None,
+                self.recompress.report,
+            )
         finally:
             self.recompress.end()
 
