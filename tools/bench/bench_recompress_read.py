@@ -21,6 +21,7 @@ The target: after recompression, both reads at least 0.9x the speed of before.
 from __future__ import annotations
 
 import os
+import stat
 import statistics
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -30,7 +31,6 @@ from pathlib import Path
 from bench_common import ToolFailed, check, drop_caches, ferryfs_command, fresh, markdown_table
 from bench_mounts import ferryfs_mount
 from bench_read import ReadRow, ReadTree, Target, View, read_files, read_rounds, write_jsonl
-from bench_small import _files
 from bench_smalltree import small_tree
 from bench_stored import sessions_tree
 
@@ -48,10 +48,15 @@ BEFORE, AFTER = "before recompression", "after recompression"
 
 def tree_of(root: Path) -> ReadTree:
     """Every regular file of `root` (sorted), and the largest as the sequential one."""
-    files, total = _files(root)
     base = os.fsencode(root)
-    big = max(files, key=lambda rel: (os.lstat(os.path.join(base, rel)).st_size, rel))
-    return ReadTree(root, files, total, big, os.lstat(os.path.join(base, big)).st_size)
+    sizes: dict[bytes, int] = {}
+    for dirpath, _dirs, names in os.walk(base):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                sizes[os.path.relpath(os.path.join(dirpath, name), base)] = st.st_size
+    big = max(sizes, key=lambda rel: (sizes[rel], rel))
+    return ReadTree(root, tuple(sorted(sizes)), sum(sizes.values()), big, sizes[big])
 
 
 def long_log(out: Path, nbytes: int) -> Path:
