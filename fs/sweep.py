@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from ferryfs.store import migration, upkeep
+from ferryfs.store import migration, recompress, upkeep
 from ferryfs.store.errors import NoSpace, NotFound, OpError
 from ferryfs.store.migration import Migration
 from ferryfs.store.records import ROOT_INO, Inode
 from ferryfs.store.store import Store
 
 from .background import Background
+from .counters import RecompressProgress
 from .load import OtherLoad
 from .sweep_config import SweepConfig
 from .writer import Writer
@@ -107,6 +108,7 @@ class Sweep:
         self._own_writer = writer is None
         self.state = "waiting"
         self.stats = SweepStats()
+        self.recompress = RecompressProgress()  # the idle cold recompression's, for status
         # No foreground request has come yet: the first quiet period is now.
         self.last_request = -float("inf")
         self._preempt = threading.Event()
@@ -196,6 +198,7 @@ class Sweep:
             "other_load": round(self._load.value, 2),
             # Free database pages given back to the filesystem (store/reclaim.py).
             "reclaimed_bytes": getattr(self.store.backend, "given_back", 0),
+            **self.recompress.status(),
         }
 
     # -- the task ----------------------------------------------------------------
@@ -261,7 +264,19 @@ class Sweep:
         the dictionary, cold recompression), pre-empted as a batch is. True if any."""
         self.state = "upkeep"  # what status shows meanwhile
         host = upkeep.OnWriter(self.store, self.writer.call)
-        return await self.background.run(upkeep.idle, host, self._preempt.is_set)
+        self.recompress.begin()
+        try:
+            # (Positional: Background.run passes no keywords. cold_days, now_ns, progress.)
+            return await self.background.run(
+                upkeep.idle,
+                host,
+                self._preempt.is_set,
+                recompress.COLD_DAYS,
+                None,
+                self.recompress.report,
+            )
+        finally:
+            self.recompress.end()
 
     async def _rest(self) -> None:
         """Done: wait for a resume. Meanwhile, whenever the store changed (deletes and

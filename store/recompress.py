@@ -17,6 +17,14 @@ the parameters it was for) in the transaction that writes the batch; after a
 crash the walk carries on from there, and chunks already cold are skipped
 anyway. `stop` is polled between chunks: what is done is committed and the
 walk returns, to carry on next time.
+
+Progress (`progress`, called at most every `REPORT_EVERY` seconds and after
+each batch; a Result): `bytes_walked` of `bytes_total`, the plain bytes of the
+cold files' chunks in the walk's order, each extent once (a chunk two cold
+files share counts twice, as the walk meets it twice). A resumed walk starts
+at the bytes of the files before its cursor, so a walk pre-empted many times
+still goes from 0 to 100% once. The offline command's bar and a mount's status
+show these.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ COLD_DAYS = 30
 BATCH = 8 << 20
 BLOOM_BYTES = 8 << 20
 CURSOR = b"recompress.next"
+REPORT_EVERY = 0.25  # seconds between progress reports within a batch
 
 
 class Host(Protocol):
@@ -83,6 +92,8 @@ class Result:
     bytes_plain: int = 0
     bytes_before: int = 0
     bytes_after: int = 0  # in a dry run: as before (nothing is compressed)
+    bytes_total: int = 0  # plain bytes of the cold files' chunks: the walk's 100%
+    bytes_walked: int = 0  # of those, walked (see the module's docstring)
     done: bool = False  # the walk reached the end (not pre-empted)
     seconds: float = 0.0
 
@@ -106,6 +117,18 @@ def hot_chunks(txn: Txn, cutoff_ns: int) -> tuple[Bloom, int, int]:
         else:
             cold += 1
     return bloom, hot, cold
+
+
+def cold_bytes(txn: Txn, cutoff_ns: int, start: int) -> tuple[int, int]:
+    """(plain bytes of every cold file's chunks, those of the cold files before
+    inode `start`): the walk's total, and where a walk resumed at `start` is."""
+    total = before = 0
+    for node in _cold_files(txn, 0, cutoff_ns, 1 << 62):
+        n = sum(length for _d, length in _chunks_of(txn, node.ino))
+        total += n
+        if node.ino < start:
+            before += n
+    return total, before
 
 
 def run(
@@ -133,6 +156,11 @@ def run(
         cv = txn.get("meta", CURSOR)
         if cv is not None and not dry_run and bytes(cv[8:]) == U64.pack(level):
             start = U64.unpack_from(cv, 0)[0]
+        r.bytes_total, r.bytes_walked = cold_bytes(txn, cutoff, start)
+    reported = time.monotonic()
+    if progress is not None:
+        progress(r)
+    resume = (-1, 0)  # (file left half done, its plain bytes walked already)
     batch: list[tuple[bytes, bytes, bytes]] = []  # digest, value read, new record
     seen: set[bytes] = set()  # of this batch only: memory stays bounded
     ino = start
@@ -144,7 +172,14 @@ def run(
             if not files:
                 break
             for node in files:
+                pos = 0
                 for d, n in _chunks_of(txn, node.ino):
+                    pos += n
+                    if node.ino != resume[0] or pos > resume[1]:
+                        r.bytes_walked += n
+                    if progress is not None and time.monotonic() - reported >= REPORT_EVERY:
+                        progress(r)
+                        reported = time.monotonic()
                     if d in seen or d in bloom:
                         continue
                     seen.add(d)
@@ -163,6 +198,7 @@ def run(
                         held += n
                     if held >= BATCH or (stop is not None and stop()):
                         again = node.ino  # done chunks are cold: skipped then
+                        resume = (node.ino, max(pos, resume[1]) if node.ino == resume[0] else pos)
                         break
                 if again is not None:
                     break
@@ -178,6 +214,7 @@ def run(
             seen.clear()
         if progress is not None:
             progress(r)
+            reported = time.monotonic()
         if again is not None:
             if stop is not None and stop():
                 r.seconds = time.monotonic() - t0
@@ -187,6 +224,8 @@ def run(
         s.transact(partial(_write, batch=[], next_ino=None, level=level))
     r.done = True
     r.seconds = time.monotonic() - t0
+    if progress is not None:
+        progress(r)
     return r
 
 

@@ -145,11 +145,13 @@ def idle(
     stop: Callable[[], bool],
     cold_days: float = recompress.COLD_DAYS,
     now_ns: int | None = None,
+    progress: Callable[[recompress.Result], None] | None = None,
 ) -> bool:
     """All the idle work on chunk records, for a sweep with nothing left to migrate:
     `step`, then cold recompression (its full walk at most once per `WALK_EVERY`
-    seconds), then giving the database's free pages back to the filesystem
-    (reclaim.py). True if there was work (done, or left for next time by `stop`)."""
+    seconds; `progress` as recompress.run's), then giving the database's free pages
+    back to the filesystem (reclaim.py). True if there was work (done, or left for
+    next time by `stop`)."""
     if step(s, stop):
         return True
     if stop():
@@ -159,7 +161,7 @@ def idle(
         v = txn.get("meta", WALKED)
         due = v is None or now_ns - U64.unpack(v)[0] >= WALK_EVERY * 1e9
     if due:
-        r = recompress.run(s, cold_days, stop=stop, now_ns=now_ns)
+        r = recompress.run(s, cold_days, stop=stop, progress=progress, now_ns=now_ns)
         if r.done:
             s.transact(lambda txn: txn.put("meta", WALKED, U64.pack(now_ns)))
         if r.chunks_recompressed:

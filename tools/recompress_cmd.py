@@ -42,14 +42,12 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.level <= 22:
         raise UsageError("--level must be between 1 and 22")
     with Store.open(args.store, readonly=args.dry_run) as store:
-        with store.backend.read() as txn:
-            total = sum(1 for _ in txn.range("chunks", b""))
-        with Bar("recompressing", total) as bar:
-            done = [0]
+        # Plain bytes of the cold files, as a mount's status counts them (recompress.py):
+        # the total is known once the walk has found the cold files.
+        with Bar("recompressing", 0) as bar:
 
             def progress(r: recompress.Result) -> None:
-                bar.advance(r.chunks_cold - done[0])
-                done[0] = r.chunks_cold
+                bar.update(r.bytes_walked, r.bytes_total)
 
             r = recompress.run(
                 store, args.cold_days, args.level, dry_run=args.dry_run, progress=progress

@@ -1,4 +1,6 @@
-"""Show a live mount's migration progress: files and bytes, savings, sweep state, rate, ETA."""
+"""Show a live mount's migration progress: files and bytes, savings, sweep state, rate,
+ETA; and, once everything is migrated, the idle sweep's cold recompression (how far,
+rate, ETA)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 
 from ._common import mb, on_disk_text, saved_text
 from .mounts import status
+from .progress import eta_text, recompress_text
 
 JSON_KEYS = (
     "files_total",
@@ -40,10 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _eta(s: dict[str, Any]) -> str:
-    eta = s.get("sweep_eta_seconds")
-    if eta is None:
-        return "unknown"
-    return f"{int(eta) // 60}m{int(eta) % 60:02d}s"
+    return eta_text(s.get("sweep_eta_seconds"))
 
 
 def _sweep(s: dict[str, Any], sep: str = ", ") -> str:
@@ -52,6 +52,32 @@ def _sweep(s: dict[str, Any], sep: str = ", ") -> str:
     if s["sweep_state"] in ("cancelled", "off"):
         return str(s["sweep_state"])
     return f"{s['sweep_state']}{sep}{mb(s.get('sweep_rate', 0))}/s{sep}ETA {_eta(s)}"
+
+
+def _cold(s: dict[str, Any], sep: str = ", ") -> str | None:
+    """The idle sweep's cold recompression: None without a sweep (nothing to show)."""
+    state = s.get("recompress_state")
+    if state is None:
+        return None
+    if state == "not run":
+        return "not run yet in this mount (the sweep does it once nothing is left to migrate)"
+    text = recompress_text(
+        s["recompress_bytes_done"],
+        s["recompress_bytes_total"],
+        s["recompress_chunks"],
+        s["recompress_bytes_before"],
+        s["recompress_bytes_after"],
+    )
+    if state == "running":
+        rate = mb(s.get("recompress_rate", 0))
+        return f"{state}{sep}{text}{sep}{rate}/s{sep}ETA {eta_text(s['recompress_eta_seconds'])}"
+    return f"{state}{sep}{text}"
+
+
+def _finished(s: dict[str, Any]) -> bool:
+    """Nothing more for --watch to follow: migration over, recompression not running."""
+    migrated = s["sweep_state"] in ("done", "cancelled", "off") or not s["files_legacy"]
+    return migrated and s.get("recompress_state") != "running"
 
 
 def render(s: dict[str, Any]) -> str:
@@ -75,6 +101,9 @@ def render(s: dict[str, Any]) -> str:
         ),
         ("errors", f"{s['errors']} files, {s.get('corrupt_reads', 0)} corrupt reads"),
     ]
+    cold = _cold(s)
+    if cold is not None:
+        rows.insert(5, ("cold", cold))
     if s.get("failsafe"):
         rows.append(("FAILSAFE", f"{s['failsafe']}: run ferryfs fsck"))
     return "\n".join(f"{k:>8}  {v}" for k, v in rows)
@@ -85,7 +114,7 @@ def watch(mnt: str, interval: float) -> int:
         while True:
             s = status(mnt)
             print(render(s), flush=True)
-            if s["sweep_state"] in ("done", "cancelled", "off") or not s["files_legacy"]:
+            if _finished(s):
                 return 0
             time.sleep(interval)
     from rich.live import Live
@@ -96,6 +125,7 @@ def watch(mnt: str, interval: float) -> int:
     )
     files = prog.add_task("files", total=1, what="")
     data = prog.add_task("bytes", total=1, what="")
+    cold = prog.add_task("cold", total=1, what="", visible=False)
     try:
         with Live(prog, refresh_per_second=4):
             while True:
@@ -113,7 +143,15 @@ def watch(mnt: str, interval: float) -> int:
                     what=f"{mb(s['bytes_migrated'])} · sweep {_sweep(s, ' · ')} · "
                     f"{s['errors']} errors",
                 )
-                if s["sweep_state"] in ("done", "cancelled", "off") or not s["files_legacy"]:
+                if s.get("recompress_state", "not run") != "not run":
+                    prog.update(
+                        cold,
+                        visible=True,
+                        total=max(1, s["recompress_bytes_total"]),
+                        completed=s["recompress_bytes_done"],
+                        what=_cold(s, " · "),
+                    )
+                if _finished(s):
                     break
                 time.sleep(interval)
     except KeyboardInterrupt:

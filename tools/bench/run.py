@@ -3,10 +3,10 @@ sample tree, printed as markdown tables to paste into docs/benchmarks.md.
 
     .venv/bin/python tools/bench/run.py [--out DIR] [--mb 200] [--quick] [--repeat 3]
                                         [--only migrate,read,sweep,cli,search,live,stored,
-                                                small,compact]
+                                                small,compact,recompress]
                                         [--live-seconds 150] [--small-scale 1.0]
 
-(`make bench BENCH_ARGS="..."` runs it.) Nine sections, each printed as soon as
+(`make bench BENCH_ARGS="..."` runs it.) Ten sections, each printed as soon as
 it is done: `migrate` (bench_migrate.py: migrate against borg create and restic
 backup, memory against file count), `read` (bench_read.py: the read table of
 issue 3), `sweep` (bench_sweep.py: sweep time and read latency, issue 4) and
@@ -18,9 +18,11 @@ stored bytes against borg after ingest and after cold recompression, issue 14),
 `small` (bench_small.py: the small-file tree of bench_smalltree.py against
 restic and borg, issue 15), `compact` (bench_compact.py: stored bytes after
 deleting half the files through a live mount and letting it go idle, against a
-fresh migrate of what is left, issue 14). What they share is in bench_common.py, their mounts
-in bench_mounts.py. This module owns only the
-command line, the header lines and running the chosen sections in order.
+fresh migrate of what is left, issue 14), `recompress` (bench_recompress_read.py:
+cold reads through a mount before and after `ferryfs recompress`, issue 14). What
+they share is in bench_common.py, their mounts in bench_mounts.py. This module
+owns only the command line, the header lines and running the chosen sections in
+order.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from bench_compact import compact_section
 from bench_live import live_section
 from bench_migrate import migrate_section
 from bench_read import read_section
+from bench_recompress_read import recompress_section
 from bench_search import search_section
 from bench_small import small_section
 from bench_stored import stored_section
@@ -85,7 +88,18 @@ def machine_line() -> str:
     )
 
 
-SECTIONS = ("migrate", "read", "sweep", "cli", "search", "live", "stored", "small", "compact")
+SECTIONS = (
+    "migrate",
+    "read",
+    "sweep",
+    "cli",
+    "search",
+    "live",
+    "stored",
+    "small",
+    "compact",
+    "recompress",
+)
 
 
 def parse_only(text: str) -> list[str]:
@@ -177,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             lines = small_section(out, work, args.quick, args.repeat, args.small_scale)
         elif section == "compact":
             lines = compact_section(out, work, tree, args.quick)
+        elif section == "recompress":
+            lines = recompress_section(out, work, tree, args.quick, args.repeat)
         else:
             lines = cli_section(work, tree, args.quick)
         print()
