@@ -15,7 +15,7 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Protocol
 
@@ -552,7 +552,7 @@ class LmdbBackend:
         st = os.stat(os.path.join(self.path, "data.mdb"))
         return st.st_blocks * 512
 
-    def copy_compact(self, dest: str) -> None:
+    def copy_compact(self, dest: str, lead: Mapping[str, Iterable[bytes]] | None = None) -> None:
         """Write this database as `dest`/data.mdb (a new environment), without its
         free pages and with its B-tree pages full.
 
@@ -565,7 +565,13 @@ class LmdbBackend:
         free; this copy of them takes 20.0 MB. So
         every named database is copied in key order, appended (MDB_APPEND), which
         fills each page; in transactions of at most COPY_TXN_BYTES, so that a copy
-        of a large store never holds it all as dirty pages."""
+        of a large store never holds it all as dirty pages.
+
+        `lead`: for a database named there, those of its keys first, in that order,
+        then the others: a large value's pages are laid out in the order it is put,
+        and a file's chunks stored alone read fastest one after the other on disk
+        (in key order, the order of their digests, a cold read of a large file would
+        seek at every chunk). That database's pages are then not all full."""
         out = lmdb.open(
             dest,
             map_size=self.map_size(),
@@ -579,7 +585,12 @@ class LmdbBackend:
             with self._env.begin(buffers=True) as src:
                 names = [bytes(k) for k, _ in src.cursor()]  # the main db: db names
                 for name in names:
-                    _copy_db(src, self._env.open_db(name, txn=src, create=False), out, name)
+                    db = self._env.open_db(name, txn=src, create=False)
+                    first = (lead or {}).get(name.decode())
+                    if first is None:
+                        _copy_db(src, db, out, name)
+                    else:
+                        _copy_db_led(src, db, out, name, first)
             out.sync(True)
         finally:
             out.close()
@@ -602,6 +613,35 @@ def _copy_db(src: lmdb.Transaction, db: lmdb._Database, out: lmdb.Environment, n
                         raise StoreDamaged(f"keys out of order in database {name!r}")
                     size += len(k) + len(v)
                     more = cur.next()
+
+
+def _copy_db_led(
+    src: lmdb.Transaction, db: lmdb._Database, out: lmdb.Environment, name: bytes,
+    first: Iterable[bytes],
+) -> None:  # fmt: skip
+    """Put the items of `db` whose keys `first` names, in its order, then the
+    others in key order, into a new database `name` of `out` (see copy_compact)."""
+    dest = out.open_db(name)
+
+    def items() -> Iterator[tuple[bytes | memoryview, bytes | memoryview]]:
+        for k in first:
+            v = src.get(k, db=db)
+            if v is not None:
+                yield k, v
+        yield from src.cursor(db=db)
+
+    it = items()
+    more = True
+    while more:
+        more = False
+        with out.begin(write=True) as txn:
+            size = 0
+            for k, v in it:
+                txn.put(k, v, db=dest, overwrite=False)  # (a key led and met again: kept)
+                size += len(k) + len(v)
+                if size >= COPY_TXN_BYTES:
+                    more = True
+                    break
 
 
 def create_environment(path: str) -> None:

@@ -28,7 +28,7 @@ import lmdb
 from . import dictionaries, packs, reclaim, recompress
 from .dictionaries import Dictionary
 from .kv import DBS, Backend, LmdbBackend, Txn
-from .records import U64
+from .records import HOLE, U64, unpack_extent
 
 if TYPE_CHECKING:
     from .store import Store
@@ -201,7 +201,7 @@ def shrink_file(s: Store) -> tuple[int, int] | None:
     os.mkdir(tmp, 0o700)
     try:
         before = s.backend.disk_bytes()
-        s.backend.copy_compact(tmp)
+        s.backend.copy_compact(tmp, lead={"chunks": _alone_in_file_order(s)})
         new = os.path.join(tmp, "data.mdb")
         fd = os.open(new, os.O_RDONLY)
         try:
@@ -228,6 +228,25 @@ def shrink_file(s: Store) -> tuple[int, int] | None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return before, after
+
+
+def _alone_in_file_order(s: Store) -> list[bytes]:
+    """The digests of the chunks stored alone (not in a pack: the large ones), in
+    the order the files hold them, each once: the order the rewrite lays their
+    pages out in (kv.copy_compact), so that reading a file reads its pages in
+    turn."""
+    seen: set[bytes] = set()
+    out: list[bytes] = []
+    with s.backend.read() as txn:
+        for k, v in txn.range("extents", b""):
+            _off, digest, _n = unpack_extent(k, v)
+            if digest == HOLE or digest in seen:
+                continue
+            seen.add(digest)
+            rec = txn.get("chunks", digest)
+            if rec is not None and not packs.is_pointer(rec):
+                out.append(digest)
+    return out
 
 
 @contextlib.contextmanager
