@@ -33,6 +33,12 @@ log = logging.getLogger("ferryfs.index")
 # A batch of the indexer: one tantivy commit and one store transaction.
 BATCH_FILES = 512
 BATCH_BYTES = 32 << 20
+# Offline (`catch_up`), batches are grouped into one tantivy commit of up to
+# this many files or bytes: each commit closes a segment, and merging the
+# small segments of 512-file commits in the background doubled tantivy's CPU
+# time (measured on 24,000 small files).
+GROUP_FILES = 8192
+GROUP_BYTES = 256 << 20
 WRITER_HEAP = 48 << 20
 SNIFF = 8192
 
@@ -42,6 +48,8 @@ class Batch:
     # (ino, version or -1 for a non-file, kind, text.index_text or None: "only the mark")
     docs: list[tuple[int, int, int, str | None]] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)  # purged inodes
+    last: int = 0  # the last marked inode looked at
+    bytes: int = 0  # of the files read
 
 
 # Seconds before a parked file (see Indexer.parked) is tried again though it did
@@ -183,13 +191,14 @@ class Indexer:
         self.commit(batch)
         return True
 
-    def prepare(self, stop: Callable[[], bool] | None = None) -> Batch | None:
-        """Read and cut into words a batch of marked files (no lock held; `stop`
-        is polled between files). None if nothing is marked but parked files."""
+    def prepare(self, stop: Callable[[], bool] | None = None, after: int = 0) -> Batch | None:
+        """Read and cut into words a batch of marked files from inode `after` on
+        (no lock held; `stop` is polled between files). None if nothing is
+        marked there but parked files."""
         todo: list[int] = []
         now = time.monotonic()
         with self.store.backend.read() as txn:
-            for ino in dirty(txn):
+            for ino in dirty(txn, after):
                 if ino in self.parked and self._still_parked(txn, ino, now):
                     continue
                 todo.append(ino)
@@ -202,6 +211,7 @@ class Indexer:
         for ino in todo:
             if stop is not None and stop():
                 break
+            batch.last = ino
             with self.store.backend.read() as txn:
                 v = txn.get("inodes", ino_key(ino))
                 node = None if v is None else Inode.unpack(ino, v)
@@ -242,6 +252,7 @@ class Indexer:
                 if nbytes >= BATCH_BYTES:
                     break
         self.progress.parked = len(self.parked)
+        batch.bytes = nbytes
         return batch
 
     def _park(self, node: Inode) -> None:
@@ -292,6 +303,13 @@ class Indexer:
     def commit_index(self, batch: Batch) -> None:
         """The tantivy half of `commit`: no store transaction (a mount runs it on a
         worker thread, and `commit_rows` on its writer)."""
+        if self.add(batch):
+            self.writer.commit()  # durable before any row says so
+            private(index_dir(self.path))
+
+    def add(self, batch: Batch) -> bool:
+        """Hand a batch's documents to tantivy's writer, uncommitted (tantivy
+        cuts and writes them on its own threads). Whether anything changed."""
         import tantivy
 
         docs, gone = batch.docs, batch.gone
@@ -320,9 +338,7 @@ class Indexer:
             w.add_document(doc)
             changed = True
             self.progress.files += 1
-        if changed:
-            w.commit()  # durable before any row below says so
-            private(index_dir(self.path))
+        return changed
 
     def commit_rows(self, batch: Batch) -> None:
         """The store half of `commit`, after `commit_index`: one transaction."""
@@ -358,11 +374,35 @@ class Indexer:
         self.store.transact(rows)
 
     def catch_up(self, stop: Callable[[], bool] | None = None) -> Progress:
-        """Index until nothing is marked (or `stop` says so)."""
-        while self.step(stop):
+        """Index until nothing is marked (or `stop` says so), offline: batches
+        in groups of one tantivy commit (GROUP_FILES), each group's rows one
+        transaction after it. A pass goes once over the marked inodes in
+        order; the next pass takes what was marked again meanwhile."""
+        while True:
+            group = Batch()
+            after = files = nbytes = 0
+            changed = False
+            while files < GROUP_FILES and nbytes < GROUP_BYTES:
+                batch = self.prepare(stop, after)
+                if batch is None:
+                    break
+                changed |= self.add(batch)
+                # The texts are tantivy's now: the rows need only whether there was one.
+                group.docs.extend((i, v, k, None if t is None else "") for i, v, k, t in batch.docs)
+                group.gone.extend(batch.gone)
+                files += len(batch.docs) + len(batch.gone)
+                nbytes += batch.bytes
+                after = batch.last + 1
+                if stop is not None and stop():
+                    break
+            if after == 0:
+                return self.progress  # nothing marked but parked files
+            if changed:
+                self.writer.commit()  # durable before any row says so
+                private(index_dir(self.path))
+            self.commit_rows(group)
             if stop is not None and stop():
-                break
-        return self.progress
+                return self.progress
 
     def pending(self) -> int:
         with self.store.backend.read() as txn:
