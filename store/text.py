@@ -229,11 +229,14 @@ def _values_of_shallow(doc: Any, out: list[str]) -> int | None:
 def _literals(b: bytes) -> int:
     """The number of string literals (keys and values) in valid JSON `b`."""
     quotes = b.count(b'"')
+    escaped = b.count(b'\\"')
+    if not escaped:
+        return quotes // 2
     if b"\\\\" not in b:
         # Outside a literal a JSON text has no backslash, and inside one each
         # starts an escape: with no escaped backslash, every backslash-quote
         # is an escaped quote.
-        return (quotes - b.count(b'\\"')) // 2
+        return (quotes - escaped) // 2
     return len(_LITERAL.findall(b))
 
 
