@@ -41,13 +41,22 @@ INDEX_WORKERS = 1
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="the Phase 3 tree")
     p.add_argument("--store", help="the store directory (default: SRC.ferry beside SRC)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="reader threads")
+    p.add_argument(
+        "--jobs", type=int, default=default_jobs(), help="reader threads (default: %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument(
         "--no-index",
         action="store_true",
         help="leave the search index to the sweep of the next mount (search stays exact)",
     )
+
+
+def default_jobs() -> int:
+    """Two reader threads per CPU: on a cold page cache a small file's read is a
+    wait on the disk, not work (measured on 24,000 files and 2 CPUs, 4 threads
+    beat 2 by a tenth; 8 no more than 4, with more memory)."""
+    return min(16, 2 * (os.cpu_count() or 1))
 
 
 def run(args: argparse.Namespace) -> int:
