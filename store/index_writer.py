@@ -127,7 +127,7 @@ class Indexer:
 
             # spawn, not fork: this process has threads and LMDB maps open.
             ctx = multiprocessing.get_context("spawn")
-            self.pool = ProcessPoolExecutor(workers, mp_context=ctx)
+            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start)
         # A writer killed mid-batch leaves files no commit names (a segment's
         # `.del` at the next opstamp): the next writer would try to create the same
         # name and fail its batch (FileAlreadyExists). tantivy lists every file it
@@ -523,6 +523,14 @@ class _Cutter:
             for at, words in zip(where, texts, strict=True):
                 ino, ver, kind, _ = docs[at]
                 docs[at] = (ino, ver, kind, words)
+
+
+def _worker_start() -> None:
+    # ^C reaches the whole process group: the parent stops the workers itself,
+    # and a worker's own KeyboardInterrupt would print a traceback.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def cut_words(data: bytes | None, kind: int) -> str:

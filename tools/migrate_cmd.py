@@ -101,10 +101,14 @@ def migrate_indexing(store: Store, jobs: int) -> dict[str, int]:
     ix.phase3_first = True
     ix.open(workers=INDEX_WORKERS)
     try:
-        worker = threading.Thread(target=ix.catch_up, name="ferryfs-index")
+        halt = threading.Event()  # ^C or a failure: the thread stops too
+        worker = threading.Thread(target=ix.catch_up, args=(halt.is_set,), name="ferryfs-index")
         worker.start()
         try:
             result = migrate_all(store, jobs)
+        except BaseException:
+            halt.set()
+            raise
         finally:
             worker.join()
         result["indexed"] = ix.catch_up().files
