@@ -105,6 +105,9 @@ class Indexer:
         # for `migrate`, whose files are all such. Elsewhere the store's copy is
         # read, so that the index sees what a reader of the mount would.
         self.phase3_first = False
+        # Bytes of files a batch reads (and holds, with their words, until they
+        # are handed to tantivy): `migrate` takes less, beside its own memory.
+        self.batch_bytes = BATCH_BYTES
 
     def open(self, workers: int = 0) -> None:
         """Open the tantivy index, or start a new one (marking every file) if the
@@ -270,7 +273,7 @@ class Indexer:
                 cut.add(len(batch.docs), data, kind)
                 batch.docs.append((ino, node.version, kind, ""))
                 nbytes += node.size
-                if nbytes >= BATCH_BYTES:
+                if nbytes >= self.batch_bytes:
                     break
         cut.finish(batch.docs)
         self.progress.parked = len(self.parked)

@@ -156,3 +156,21 @@ def test_words_cut_by_a_worker_process_are_the_same(tmp_path: Path) -> None:
         assert inline is not None and sorted(inline.docs) == docs
     finally:
         s.close()
+
+
+def test_a_batch_reads_up_to_its_bytes(tmp_path: Path) -> None:
+    s = _store(tmp_path, 40)
+    try:
+        size = len('{"role": "user", "content": "word10 common"}\n')
+        ix = index_writer.Indexer(s)
+        ix.batch_bytes = size * 5
+        ix.open()
+        try:
+            batch = ix.prepare()
+        finally:
+            ix.close()
+        assert batch is not None
+        assert 5 <= sum(1 for _, ver, _, _ in batch.docs if ver >= 0) <= 6
+        assert batch.bytes < size * 7
+    finally:
+        s.close()
