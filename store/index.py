@@ -11,8 +11,7 @@ same transactions as the files themselves, holds:
   change to a file's content (its `version` goes up), to its names (a rename
   or link writes its ctime) or a file imported from Phase 3 leaves a mark in
   the very transaction that made it. Marks are over-approximate; only a
-  missing mark would be wrong. (Migrating a file writes its record unmarked:
-  it changes neither content nor names.)
+  missing mark would be wrong.
 - `V` + ino: the content version and text kind (text.kind) the tantivy
   index holds a document for. Written only after tantivy committed that
   document, in a transaction that drops the `D` mark only if the version and

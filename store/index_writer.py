@@ -5,8 +5,9 @@ into words (text.py), committing their documents to tantivy and then the rows
 One writer at a time: the store's (the daemon's IndexTask, or migrate and fsck
 offline), which holds the store's lock and tantivy's writer lock on
 `STORE/index/`. Offline, text may be cut into words by worker processes
-(`Indexer.open`'s `workers`), which see only bytes and return words. Tantivy commits durably before any row says so, so a crash
-leaves the rows behind the index, never ahead of it.
+(`Indexer.open`'s `workers`), which see only bytes and return words. Tantivy
+commits durably before any row says so, so a crash leaves the rows behind the
+index, never ahead of it.
 """
 
 from __future__ import annotations

@@ -305,12 +305,7 @@ def commit_migrations(s: Host, ms: list[Migration]) -> list[Inode]:
             # since then must not be undone.
             node.flags |= STORED
             node.size = m.size
-            # Not ns.put, which marks the file for the search index: migrating
-            # changes neither its content (`version`) nor its names, so a
-            # document made from its Phase 3 copy still holds, and a file not
-            # indexed yet is still marked from its import. (The mark made
-            # `migrate` visit every file twice, and was a put per file.)
-            txn.put("inodes", ino_key(node.ino), node.pack())
+            ns.put(txn, node)
             ns.put_legacy(txn, m.ino, m.legacy)
             txn.delete("errors", ino_key(m.ino))
             done.append(node)

@@ -98,8 +98,8 @@ def migrate_indexing(store: Store, jobs: int) -> dict[str, int]:
     files from Phase 3 (LEGACY or migrated unchanged, the same bytes) and hands
     them to a worker process that cuts them into words (which holds an
     interpreter lock, while chunking, hashing and compressing mostly do not),
-    then to tantivy's own thread. A migration does not mark a file again, so
-    the last pass only picks up files the thread could not read."""
+    then to tantivy's own thread. Migrated files come back marked; the last
+    pass mostly drops their marks."""
     ix = index_writer.Indexer(store)
     ix.phase3_first = True
     ix.batch_bytes = INDEX_BATCH_BYTES
