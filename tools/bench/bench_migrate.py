@@ -30,6 +30,7 @@ from bench_common import (
     borg_env,
     check,
     drop_caches,
+    ferryfs_command,
     finish,
     fresh,
     markdown_table,
@@ -96,6 +97,16 @@ def bench_restic(tree: Path, work: Path) -> Result:
     return finish(r, run, repo)
 
 
+def bench_ferryfs_no_index(tree: Path, work: Path) -> Result:
+    """`ferryfs migrate --no-index`: the migration alone, the search index left
+    to the next mount's sweep (restic and borg build no index either)."""
+    store = fresh(work / "ferryfs-noindex.store")
+    cmd = [*ferryfs_command(), "migrate", str(tree), "--store", str(store), "--no-index"]
+    r = Result("ferryfs migrate --no-index", "ferryfs migrate SRC --store S --no-index")
+    run = check(cmd, work / "ferryfs-noindex.log")
+    return finish(r, run, store)
+
+
 Tool = Callable[[Path, Path], Result]
 
 # The ingest table's rows: the name a failed row shows, and the function.
@@ -104,6 +115,33 @@ INGEST: list[tuple[str, Tool]] = [
     ("borg create", bench_borg),
     ("restic backup", bench_restic),
 ]
+# The same with `ferryfs migrate --no-index` after `ferryfs migrate`.
+INGEST_BOTH: list[tuple[str, Tool]] = [
+    *INGEST[:1],
+    ("ferryfs migrate --no-index", bench_ferryfs_no_index),
+    *INGEST[1:],
+]
+
+
+def speed_lines(ingest: Sequence[Result]) -> list[str]:
+    """`ferryfs migrate`, with and without the index, against restic's speed on
+    the same tree (target >= 1.0x), with files/s: PASS or SHORT."""
+    by = {r.tool: r for r in ingest}
+    restic = by.get("restic backup")
+    lines = []
+    for name in ("ferryfs migrate", "ferryfs migrate --no-index"):
+        ferry = by.get(name)
+        what = f"{name} >= 1.0x restic's speed"
+        if ferry and restic and ferry.ok and restic.ok and ferry.seconds:
+            ratio = restic.seconds / ferry.seconds
+            lines.append(
+                f"- {what}: {verdict(ratio >= 1, ratio, 'ferryfs/restic')}"
+                f" ({ferry.files_per_s:,.0f} against {restic.files_per_s:,.0f} files/s,"
+                f" {ferry.mb_per_s:.1f} against {restic.mb_per_s:.1f} MB/s)"
+            )
+        elif ferry is not None:
+            lines.append(f"- {what}: n/a (a run failed)")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -187,18 +225,13 @@ def memory_lines(results: Sequence[Result]) -> list[str]:
 
 def target_lines(ingest: Sequence[Result], tiny: Sequence[Result]) -> list[str]:
     """One line per target, PASS or SHORT with the ratio behind it."""
-    by = {r.tool.split()[0]: r for r in ingest}
-    ferry, borg, restic = by.get("ferryfs"), by.get("borg"), by.get("restic")
-    lines = []
+    by = {r.tool: r for r in ingest}
+    ferry, borg = by.get("ferryfs migrate"), by.get("borg create")
+    lines = speed_lines(ingest)
 
     def have(*rs: Result | None) -> bool:
         return all(r is not None and r.ok for r in rs)
 
-    if ferry and restic and have(ferry, restic) and restic.mb_per_s:
-        ratio = ferry.mb_per_s / restic.mb_per_s
-        lines.append(f"- throughput >= restic's: {verdict(ratio >= 1, ratio, 'ferryfs/restic')}")
-    else:
-        lines.append("- throughput >= restic's: n/a (a run failed)")
     if ferry and borg and have(ferry, borg) and borg.stored:
         ratio = ferry.stored / borg.stored
         lines.append(f"- stored <= borg's: {verdict(ratio <= 1, ratio, 'ferryfs/borg')}")
@@ -250,7 +283,7 @@ def migrate_section(
     """The ingest table, memory against file count, plan against measured: lines."""
     files, logical = tree_size(tree)
     load = os.getloadavg()[0]
-    ingest = run_jobs([Job(name, fn, tree) for name, fn in INGEST], work, repeat)
+    ingest = run_jobs([Job(name, fn, tree) for name, fn in INGEST_BOTH], work, repeat)
     tiny_trees = [tiny_tree(out, n) for n in (QUICK_TINY_COUNTS if quick else TINY_COUNTS)]
     tiny_jobs = [Job("ferryfs migrate", bench_ferryfs, t) for t in tiny_trees]
     tiny = run_jobs(tiny_jobs, work, repeat)

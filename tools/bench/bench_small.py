@@ -25,15 +25,20 @@ from pathlib import Path
 from bench_common import (
     Result,
     bench_ferryfs,
-    check,
     drop_caches,
-    ferryfs_command,
-    finish,
     fresh,
     markdown_table,
     verdict,
 )
-from bench_migrate import INGEST, RSS_FLAT, RSS_LIMIT, Job, ingest_table, run_jobs
+from bench_migrate import (
+    INGEST_BOTH,
+    RSS_FLAT,
+    RSS_LIMIT,
+    Job,
+    ingest_table,
+    run_jobs,
+    speed_lines,
+)
 from bench_read import (
     ReadRow,
     ReadTree,
@@ -51,16 +56,6 @@ from bench_smalltree import small_tree
 from bench_sweep import SweepRow, run_sweeps, sweep_table
 
 QUICK_SCALE = 0.1
-
-
-def bench_ferryfs_no_index(tree: Path, work: Path) -> Result:
-    """`ferryfs migrate --no-index`: the migration alone, the search index left
-    to the next mount's sweep (restic and borg build no index either)."""
-    store = fresh(work / "ferryfs-noindex.store")
-    cmd = [*ferryfs_command(), "migrate", str(tree), "--store", str(store), "--no-index"]
-    r = Result("ferryfs migrate --no-index", "ferryfs migrate SRC --store S --no-index")
-    run = check(cmd, work / "ferryfs-noindex.log")
-    return finish(r, run, store)
 
 
 READ_TARGETS: list[tuple[str, str, Target]] = [
@@ -120,8 +115,7 @@ def small_section(out: Path, work: Path, quick: bool, repeat: int, scale: float)
     swork = work / "small"
     swork.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
-    tools = [*INGEST[:1], ("ferryfs migrate --no-index", bench_ferryfs_no_index), *INGEST[1:]]
-    ingest = run_jobs([Job(name, fn, root) for name, fn in tools], swork, repeat)
+    ingest = run_jobs([Job(name, fn, root) for name, fn in INGEST_BOTH], swork, repeat)
     fresh(swork / "ferryfs-noindex.store")
     after = fresh(swork / "after.store")
     if (swork / "ferryfs.store").is_dir():  # the last round's: the store the reads mount
@@ -165,19 +159,7 @@ def target_lines(
 ) -> list[str]:
     """One line per target of issue 15's small-file table, PASS or SHORT."""
     by = {r.tool: r for r in ingest}
-    restic = by.get("restic backup")
-    lines = []
-    for name in ("ferryfs migrate", "ferryfs migrate --no-index"):
-        ferry = by.get(name)
-        what = f"{name} >= 1.0x restic's speed"
-        if ferry and restic and ferry.ok and restic.ok and ferry.seconds:
-            ratio = restic.seconds / ferry.seconds
-            lines.append(
-                f"- {what}: {verdict(ratio >= 1, ratio, 'ferryfs/restic')}"
-                f" ({ferry.files_per_s:,.0f} against {restic.files_per_s:,.0f} files/s)"
-            )
-        else:
-            lines.append(f"- {what}: n/a (a run failed)")
+    lines = speed_lines(ingest)
     ferry = by.get("ferryfs migrate")
     migrate, *runs = sweeps
     ran = [r for r in runs if not r.error and r.runs]
