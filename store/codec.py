@@ -61,6 +61,11 @@ def register(dict_id: int, data: bytes | memoryview) -> zstandard.ZstdCompressio
         return d
 
 
+def known(dict_id: int) -> bool:
+    """Whether a dictionary stored under `dict_id` is registered (cheap: per read)."""
+    return dict_id in _registry
+
+
 def registered(dict_id: int) -> bytes | None:
     """The bytes of a registered dictionary stored under `dict_id`, if any."""
     with _lock:

@@ -137,6 +137,8 @@ def record(txn: Txn, digest: bytes) -> Buf | None:
     empty record, which decodes as damage."""
     v = txn.get("chunks", digest)
     if v is None or not is_pointer(v):
+        if v is not None and len(v) >= _HEAD.size:
+            _know_dictionary(txn, _HEAD.unpack_from(v, 0)[1])
         return v
     loc = locate(v)
     p = pack_bytes(txn, loc.pack)
@@ -144,7 +146,19 @@ def record(txn: Txn, digest: bytes) -> Buf | None:
         return b""
     if _HEAD.unpack_from(p, loc.offset) != (loc.codec, loc.dict_id):
         return b""
+    _know_dictionary(txn, loc.dict_id)
     return memoryview(p)[loc.offset : loc.offset + loc.length]
+
+
+def _know_dictionary(txn: Txn, dict_id: int) -> None:
+    """Make the dictionary `dict_id` known to this process's decoders if it is not:
+    a process loads the store's dictionaries when it opens it, and another (the
+    mount's idle upkeep, a `migrate`) may train one later. Never deleted, so the
+    transaction that found the record finds it too (if not: damage, the decode's)."""
+    if dict_id and not codec.known(dict_id):
+        data = txn.get("dicts", U64.pack(dict_id))
+        if data is not None:
+            codec.register(dict_id, data)
 
 
 # -- writing ------------------------------------------------------------------------------

@@ -170,3 +170,25 @@ def test_two_dictionaries_with_one_id_each_decode_their_own(tmp_path: Path) -> N
         rec = codec.encode(plain, 3, (77, zd))
         assert rec[0] == codec.ZSTD_DICT
         assert codec.decode(rec, digest(plain)) == plain
+
+
+def test_a_dictionary_trained_after_a_reader_opened_is_found_by_it(
+    tmp_path: Path, small_min: None
+) -> None:
+    """A process loads the store's dictionaries when it opens it; one trained later
+    by another process (the mount's idle upkeep, a `migrate`, beside a `search`)
+    must still decode: found in the store by the first read that needs it."""
+    s, _src, _want = make_text_store(tmp_path)
+    with s:
+        assert upkeep.step(s)
+        assert s.dictionary is not None
+        dict_id = s.dictionary[0]
+        body = text(random.Random(5), 30_000)
+        ino = s.create(ROOT_INO, b"late.jsonl", 0o100644, 0, 0).ino
+        s.write(ino, 0, body)
+        assert kinds(s).get(codec.ZSTD_DICT, 0) >= 1
+        # As a reader that opened the store before the dictionary existed.
+        with codec._lock:
+            codec._registry.pop(dict_id)
+        s.cache = cas.ChunkCache()  # (nothing decoded kept from before)
+        assert read(s, "late.jsonl") == body
