@@ -15,7 +15,6 @@ import random
 import shutil
 import stat
 import sys
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,10 +26,9 @@ from ferryfs.store.fsck_repair import repair
 from ferryfs.store.records import ROOT_INO, SCHEMA_VERSION, U64
 from ferryfs.store.store import Store
 from helpers.damage import Crash, crash_at_transaction, kill_midway
-from helpers.store import check_invariants
+from helpers.store import check_invariants, migrate_everything, schema1_store
 
 REG = stat.S_IFREG | 0o644
-DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(params=["memory", "lmdb"])
@@ -195,21 +193,12 @@ def make_packed(tmp_path: Path) -> tuple[Store, dict[int, bytes]]:
     for i in range(120):
         (src / f"f{i:03d}").write_bytes(body(rng, rng.randrange(100, 9000)))
     s = Store.open(str(tmp_path / "s"), source=str(src), create=True)
-    _migrate_all(s)
+    migrate_everything(s)
     want = {}
     for i in range(120):
         ino = s.lookup(ROOT_INO, f"f{i:03d}".encode()).ino
         want[ino] = (src / f"f{i:03d}").read_bytes()
     return s, want
-
-
-def _migrate_all(s: Store) -> None:
-    s.import_all()
-    with s.backend.read() as txn:
-        inos = [U64.unpack(k)[0] for k, _v in txn.range("inodes", b"")]
-    for ino in inos:
-        if s.getattr(ino).is_legacy:
-            s.migrate(ino)
 
 
 def test_fsck_finds_and_repairs_wrong_pack_accounting(tmp_path: Path) -> None:
@@ -278,7 +267,7 @@ def test_compaction_survives_a_crash_at_every_transaction(tmp_path: Path) -> Non
         (src / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(500, 4000)))
     path = str(tmp_path / "s")
     with Store.open(path, source=str(src), create=True) as s:
-        _migrate_all(s)
+        migrate_everything(s)
         for i in range(0, 600, 3):  # a third dies: most packs are a third dead
             s.unlink(ROOT_INO, f"f{i:03d}".encode())
         with s.backend.read() as txn:
@@ -340,7 +329,7 @@ def test_compaction_under_kill_9(tmp_path: Path) -> None:
         (src / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(500, 4000)))
     path = tmp_path / "s"
     with Store.open(str(path), source=str(src), create=True) as s:
-        _migrate_all(s)
+        migrate_everything(s)
     for attempt in range(3):
         copy = tmp_path / f"copy{attempt}"
         shutil.copytree(path, copy)
@@ -374,17 +363,6 @@ def _check_some(s: Store, src: Path, gone: set[int]) -> None:
 # -- a store written before packs (schema 1) -----------------------------------------------------
 
 
-def old_store(tmp_path: Path) -> tuple[Path, Path]:
-    with tarfile.open(DATA / "store-a3f786f.tar.xz") as t:
-        # The "data" filter where this Python has it (3.11.4 on; Debian 12 has 3.11.2).
-        t.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    for root, _dirs, files in os.walk(tmp_path / "store"):
-        os.chmod(root, 0o700)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o600)
-    return tmp_path / "src", tmp_path / "store"
-
-
 def tree_files(src: Path) -> dict[bytes, bytes]:
     out = {}
     for root, _dirs, files in os.walk(src):
@@ -409,7 +387,7 @@ def store_files(s: Store) -> dict[bytes, bytes]:
 
 
 def test_a_store_written_before_packs_reads_exactly_and_upgrades(tmp_path: Path) -> None:
-    src, path = old_store(tmp_path)
+    src, path = schema1_store(tmp_path)
     want = tree_files(src)
     with Store.open(str(path), readonly=True) as s:
         with s.backend.read() as txn:
@@ -438,7 +416,7 @@ def test_compaction_leaves_a_pack_it_cannot_empty_and_does_not_spin(tmp_path: Pa
     for i in range(600):
         (src / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(500, 4000)))
     with Store.open(str(tmp_path / "s"), source=str(src), create=True) as s:
-        _migrate_all(s)
+        migrate_everything(s)
         for i in range(0, 600, 2):
             s.unlink(ROOT_INO, f"f{i:03d}".encode())
         with s.backend.write() as txn:  # a live chunk of a victim points past its pack

@@ -19,11 +19,11 @@ from ferryfs.store import cas, lmdbfile, reclaim, upkeep
 from ferryfs.store.errors import NoSpace
 from ferryfs.store.fsck import Checker
 from ferryfs.store.kv import DBS, LmdbBackend
-from ferryfs.store.records import ROOT_INO, U64
+from ferryfs.store.records import ROOT_INO
 from ferryfs.store.store import Store
 from helpers.damage import kill_midway
 from helpers.mount import small_tmpfs
-from helpers.store import check_invariants
+from helpers.store import check_invariants, migrate_everything
 
 REG = 0o100644
 N = 300
@@ -47,12 +47,7 @@ def make_tree(tmp_path: Path, seed: int = 1) -> Path:
 def migrated_store(tmp_path: Path, src: Path) -> str:
     path = str(tmp_path / "s")
     with Store.open(path, source=str(src), create=True) as s:
-        s.import_all()
-        with s.backend.read() as txn:
-            inos = [U64.unpack(k)[0] for k, _v in txn.range("inodes", b"")]
-        for ino in inos:
-            if s.getattr(ino).is_legacy:
-                s.migrate(ino)
+        migrate_everything(s)
     return path
 
 

@@ -7,29 +7,16 @@ exactly, and `fsck --deep` is clean."""
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 
 from ferryfs.store import packs
 from ferryfs.store.records import SCHEMA_VERSION, U64
 from ferryfs.store.store import Store
 from helpers.mount import ferry, mounted, wait_for
+from helpers.store import schema1_store
 from helpers.trees import files_of
 
-DATA = Path(__file__).parent / "data"
 FAST = ("--idle-ms", "50", "--max-load", "64", "--batch-delay-ms", "0")
-
-
-def old_store(tmp_path: Path) -> tuple[Path, Path]:
-    """The fixture unpacked: (its Phase 3 tree, its store)."""
-    with tarfile.open(DATA / "store-a3f786f.tar.xz") as t:
-        # The "data" filter where this Python has it (3.11.4 on; Debian 12 has 3.11.2).
-        t.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    for root, _dirs, files in os.walk(tmp_path / "store"):
-        os.chmod(root, 0o700)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o600)
-    return tmp_path / "src", tmp_path / "store"
 
 
 def records(path: Path) -> tuple[int, bool, int, int]:
@@ -48,7 +35,7 @@ def records(path: Path) -> tuple[int, bool, int, int]:
 def test_a_store_of_the_previous_format_upgrades_in_idle_time_through_a_mount(
     tmp_path: Path,
 ) -> None:
-    src, store = old_store(tmp_path)
+    src, store = schema1_store(tmp_path)
     want = files_of(src)
     assert len(want) > 40
     schema, upgraded, packed, alone = records(store)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -384,3 +385,29 @@ class SparseFile:
 
     def written(self) -> int:
         return len(self.pages) * self.PAGE
+
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+def migrate_everything(s: Store) -> None:
+    """Import the whole Phase 3 tree and migrate every LEGACY file, one by one."""
+    s.import_all()
+    with s.backend.read() as txn:
+        inos = [U64.unpack(k)[0] for k, _v in txn.range("inodes", b"")]
+    for ino in inos:
+        if s.getattr(ino).is_legacy:
+            s.migrate(ino)
+
+
+def schema1_store(tmp_path: Path) -> tuple[Path, Path]:
+    """The store written before packs (schema 1, by a3f786f's code) unpacked from
+    tests/data: (its Phase 3 tree, its store)."""
+    with tarfile.open(DATA / "store-a3f786f.tar.xz") as t:
+        # The "data" filter where this Python has it (3.11.4 on; Debian 12 has 3.11.2).
+        t.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    for root, _dirs, files in os.walk(tmp_path / "store"):
+        os.chmod(root, 0o700)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o600)
+    return tmp_path / "src", tmp_path / "store"
