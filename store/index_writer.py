@@ -132,7 +132,12 @@ class Indexer:
 
             # spawn, not fork: this process has threads and LMDB maps open.
             ctx = multiprocessing.get_context("spawn")
-            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start)
+            try:
+                self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start)
+            except OSError as e:
+                # No POSIX semaphores for this user (/dev/shm missing or not
+                # writable, as in some containers): the words are cut here.
+                log.info("indexing without a worker process: %s", e)
         # A writer killed mid-batch leaves files no commit names (a segment's
         # `.del` at the next opstamp): the next writer would try to create the same
         # name and fail its batch (FileAlreadyExists). tantivy lists every file it

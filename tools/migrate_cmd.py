@@ -122,19 +122,37 @@ def migrate_indexing(store: Store, jobs: int) -> dict[str, int]:
     ix.open(workers=INDEX_WORKERS)
     try:
         halt = threading.Event()  # ^C or a failure: the thread stops too
-        worker = threading.Thread(target=ix.catch_up, args=(halt.is_set,), name="ferryfs-index")
-        worker.start()
+        ended = threading.Event()  # (not Thread.join: a ^C inside it can leave it unsure)
+
+        def index() -> None:
+            try:
+                ix.catch_up(halt.is_set)
+            finally:
+                ended.set()
+
+        threading.Thread(target=index, name="ferryfs-index").start()
         try:
             result = migrate_all(store, jobs)
+            ended.wait()  # (a ^C here too: the thread must end before the store closes)
         except BaseException:
             halt.set()
+            _wait_regardless(ended)
             raise
-        finally:
-            worker.join()
         result["indexed"] = ix.catch_up().files
         return result
     finally:
         ix.close()
+
+
+def _wait_regardless(ended: threading.Event) -> None:
+    """Wait for the thread told to stop to end, whatever ^C comes meanwhile: it
+    reads the store, which is closed once this returns."""
+    while True:
+        try:
+            ended.wait()
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def check_source(store: Store, src: str) -> None:
