@@ -134,9 +134,7 @@ class Indexer:
             ctx = multiprocessing.get_context("spawn")
             try:
                 self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start)
-            except OSError as e:
-                # No POSIX semaphores for this user (/dev/shm missing or not
-                # writable, as in some containers): the words are cut here.
+            except OSError as e:  # no POSIX semaphores (/dev/shm not writable): cut here
                 log.info("indexing without a worker process: %s", e)
         # A writer killed mid-batch leaves files no commit names (a segment's
         # `.del` at the next opstamp): the next writer would try to create the same

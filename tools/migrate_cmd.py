@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import threading
 import time
 from collections import deque
@@ -130,18 +131,32 @@ def migrate_indexing(store: Store, jobs: int) -> dict[str, int]:
             finally:
                 ended.set()
 
-        threading.Thread(target=index, name="ferryfs-index").start()
+        worker = threading.Thread(target=index, name="ferryfs-index")
         try:
+            _start_whole(worker)
             result = migrate_all(store, jobs)
             ended.wait()  # (a ^C here too: the thread must end before the store closes)
         except BaseException:
             halt.set()
-            _wait_regardless(ended)
+            if worker.ident is not None:  # started (whole: see _start_whole)
+                _wait_regardless(ended)
             raise
         result["indexed"] = ix.catch_up().files
         return result
     finally:
         ix.close()
+
+
+def _start_whole(t: threading.Thread) -> None:
+    """Start `t` with ^C held back until it has started: a ^C inside start() could
+    leave a thread running that the caller does not know of (the pool's resource
+    tracker is a child process before this thread is, so a ^C aimed at the first
+    child can come here)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        t.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _wait_regardless(ended: threading.Event) -> None:
