@@ -31,6 +31,7 @@ from .kv import Txn, delete_first
 from .phase3 import Phase3File
 from .records import U64, Inode, ino_key
 from .store import Store
+from .storedir import fsync_dir
 
 log = logging.getLogger("ferryfs.index")
 
@@ -178,11 +179,7 @@ class Indexer:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, os.path.join(d, "ident"))
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(d)
         self._mark_everything()
         self.store.transact(lambda txn: txn.put(DB, IDENT, new.encode()))
 

@@ -513,6 +513,15 @@ def _init_database(dbfd: int) -> None:
             os.chmod(name, FILE_MODE, dir_fd=dbfd)
 
 
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new name in directory `path` durable."""
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 @contextlib.contextmanager
 def opened(path: str, create: bool = False) -> Iterator[StoreDir]:
     sd = StoreDir.open(path, create)

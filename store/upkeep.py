@@ -29,6 +29,7 @@ from . import dictionaries, packs, reclaim, recompress
 from .dictionaries import Dictionary
 from .kv import DBS, Backend, LmdbBackend, Txn
 from .records import HOLE, U64, unpack_extent
+from .storedir import fsync_dir
 
 if TYPE_CHECKING:
     from .store import Store
@@ -217,11 +218,7 @@ def shrink_file(s: Store) -> tuple[int, int] | None:
                 log.warning("database not rewritten: another process has the store open")
                 return None
             os.rename(new, os.path.join(db, "data.mdb"))
-            dfd = os.open(db, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(db)
             # First user of the new file (the lock above is this process's, so LMDB's
             # own exclusive lock succeeds): LMDB resets lock.mdb from its meta pages.
             lmdb.open(db, readonly=True, max_dbs=len(DBS) + 1, lock=True).close()
