@@ -47,17 +47,23 @@ def ino_of(store: Store, name: str) -> int:
     return store.lookup(d.ino, name.encode()).ino
 
 
-def test_a_file_under_the_minimum_chunk_is_one_chunk_without_the_chunker(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    streamed: list[int] = []
+@pytest.fixture
+def streamed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One item per file the chunker streams (Chunker.stream calls)."""
+    calls: list[int] = []
     real = Chunker.stream
 
     def counting(self: Chunker, f: object) -> Iterator[bytes]:
-        streamed.append(1)
+        calls.append(1)
         return real(self, f)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Chunker, "stream", counting)
+    return calls
+
+
+def test_a_file_under_the_minimum_chunk_is_one_chunk_without_the_chunker(
+    store: Store, streamed: list[int]
+) -> None:
     for name in ("empty", "one-byte", "small.jsonl", "just-under"):
         m = store.prepare_migration(ino_of(store, name))
         assert m is not None
@@ -71,16 +77,8 @@ def test_a_file_under_the_minimum_chunk_is_one_chunk_without_the_chunker(
 
 
 def test_files_from_the_minimum_chunk_up_are_still_cut_by_the_chunker(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, streamed: list[int]
 ) -> None:
-    streamed: list[int] = []
-    real = Chunker.stream
-
-    def counting(self: Chunker, f: object) -> Iterator[bytes]:
-        streamed.append(1)
-        return real(self, f)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Chunker, "stream", counting)
     for name in ("at-min", "big.bin"):
         data = FILES[name]
         m = store.prepare_migration(ino_of(store, name))
